@@ -1,0 +1,54 @@
+"""The paper's setup (SPEC §2, §3.3, §5, §9): CIFAR-100, batch 64, SGD 0.9 / 5e-4, per-epoch multi-step LR.
+
+Every number of the paper lives here once; other configs import and override.
+"""
+import ml_collections
+
+# Granularities of the self-analyzing module: (encoding dim, temperature).  Paper: 64-d at T=2, 256-d at T=8.
+PAPER_GRANULARITIES = ((64, 2.0), (256, 8.0))
+
+# Students whose backbone the reference trains with lr 0.01 instead of 0.05.
+LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+
+# Loss weights of the authors' scripts (scripts/cifar100_*.sh): ce_weight, div_weight (logit KD, T=4),
+# kd_weight (L_method).  The granularity terms always have weight 1.  'none' = a student without teacher.
+METHOD_WEIGHTS = {
+    "none": dict(ce=1.0, logit_kd=0.0, method=0.0),
+    "kd": dict(ce=0.2, logit_kd=0.8, method=1.0),
+}
+
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)  # data/cifar100.py (the teacher script's 0.4866/0.4409 differ by 1e-4)
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+
+
+def sgd(lr, milestones):
+    return ml_collections.ConfigDict(dict(lr=lr, momentum=0.9, weight_decay=5e-4, milestones=tuple(milestones),
+                                          gamma=0.1))
+
+
+def student_run(method: str, granularity: str, temperature: float = 4.0):
+    """One student of the table: method x granularity mode with the scripts' weights."""
+    w = METHOD_WEIGHTS[method]
+    return ml_collections.ConfigDict(dict(
+        method=method, granularity=granularity, temperature=temperature,
+        weights=dict(ce=w["ce"], logit_kd=w["logit_kd"], method=w["method"], granularity=1.0)))
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = dict(name="cifar100", data_dir=None)
+    # SPEC §5: zero-pad 4 in pixel space, random 32x32 crop, horizontal flip, normalise.
+    c.augment = dict(pad=4, flip=True, mean=CIFAR100_MEAN, std=CIFAR100_STD)
+    c.drop_remainder = False  # the reference keeps the last, smaller batch (782 steps / epoch)
+    c.eval_batch_size = 500
+    c.granularities = PAPER_GRANULARITIES
+    c.progress = True
+    # Stage 1 (teacher.py): 240 epochs, lr 0.05, x0.1 at 60/120/180.
+    c.teacher = dict(arch="resnet56", epochs=240, batch_size=64, optimizer=sgd(0.05, (60, 120, 180)))
+    # Stage 2 (train_teacher_wrapper.py): 60 epochs, lr 0.01 per granularity, x0.1 at 30/45.
+    c.analyzer = dict(epochs=60, batch_size=64, shared_pass=False, optimizer=sgd(0.01, (30, 45)))
+    # Stage 3 (student.py / student_stable.py): 240 epochs, lr 0.05, x0.1 at 150/180/210.
+    c.student = dict(arch="resnet20", epochs=240, batch_size=64, optimizer=sgd(0.05, (150, 180, 210)))
+    c.students = {"kd_mas": student_run("kd", "mas")}
+    return c

@@ -1,0 +1,77 @@
+"""Config checks that run before any data is read or anything is compiled; each error is one line naming the
+field and the value."""
+from __future__ import annotations
+
+from mgd_jax.analyzer import parse_granularities
+from mgd_jax.methods import known_methods
+from mgd_jax.models import ARCHITECTURES
+from mgd_jax.stages.student import GRANULARITY_MODES
+
+DATASETS = ("digits", "cifar100", "cifar10")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _fail(field, value, why):
+    raise ConfigError(f"config.{field}={value!r}: {why}")
+
+
+def _check_optimizer(prefix, opt, epochs):
+    if not opt.lr > 0:
+        _fail(f"{prefix}.optimizer.lr", opt.lr, "learning rate must be > 0")
+    if not 0 <= opt.momentum < 1:
+        _fail(f"{prefix}.optimizer.momentum", opt.momentum, "momentum must be in [0, 1)")
+    if opt.weight_decay < 0:
+        _fail(f"{prefix}.optimizer.weight_decay", opt.weight_decay, "weight decay must be >= 0")
+    if not 0 < opt.gamma <= 1:
+        _fail(f"{prefix}.optimizer.gamma", opt.gamma, "gamma must be in (0, 1]")
+    ms = list(opt.milestones)
+    if any(int(m) != m or m <= 0 for m in ms) or ms != sorted(set(ms)):
+        _fail(f"{prefix}.optimizer.milestones", tuple(ms), "milestones must be increasing positive epochs")
+    if ms and ms[-1] >= epochs:
+        _fail(f"{prefix}.optimizer.milestones", tuple(ms), f"a milestone lies beyond the last epoch ({epochs})")
+
+
+def _check_stage(prefix, cfg):
+    if int(cfg.epochs) != cfg.epochs or cfg.epochs < 1:
+        _fail(f"{prefix}.epochs", cfg.epochs, "must be an integer >= 1")
+    if int(cfg.batch_size) != cfg.batch_size or cfg.batch_size < 1:
+        _fail(f"{prefix}.batch_size", cfg.batch_size, "must be an integer >= 1")
+    _check_optimizer(prefix, cfg.optimizer, cfg.epochs)
+
+
+def validate_config(config) -> None:
+    if config.data.name not in DATASETS:
+        _fail("data.name", config.data.name, f"unknown dataset; known: {', '.join(DATASETS)}")
+    for who in ("teacher", "student"):
+        arch = config[who].arch
+        if arch not in ARCHITECTURES:
+            _fail(f"{who}.arch", arch, f"unknown architecture; known: {', '.join(ARCHITECTURES)}")
+    _check_stage("teacher", config.teacher)
+    _check_stage("analyzer", config.analyzer)
+    _check_stage("student", config.student)
+    try:
+        parse_granularities(config.granularities)
+    except ValueError as e:
+        raise ConfigError(f"config.granularities={tuple(map(tuple, config.granularities))!r}: {e}") from None
+    if len(config.augment.mean) != len(config.augment.std) or any(s <= 0 for s in config.augment.std):
+        _fail("augment.std", tuple(config.augment.std), "needs one positive value per channel of augment.mean")
+    if config.augment.pad < 0:
+        _fail("augment.pad", config.augment.pad, "must be >= 0")
+    if config.eval_batch_size < 1:
+        _fail("eval_batch_size", config.eval_batch_size, "must be >= 1")
+    if not config.students:
+        _fail("students", dict(config.students), "at least one student run is needed")
+    for name, s in config.students.items():
+        p = f"students.{name}"
+        if s.method not in known_methods():
+            _fail(f"{p}.method", s.method, f"unknown method; known: {', '.join(known_methods())}")
+        if s.granularity not in GRANULARITY_MODES:
+            _fail(f"{p}.granularity", s.granularity, f"unknown granularity mode; known: {', '.join(GRANULARITY_MODES)}")
+        if not s.temperature > 0:
+            _fail(f"{p}.temperature", s.temperature, "temperature must be > 0")
+        for k in ("ce", "logit_kd", "method", "granularity"):
+            if not s.weights[k] >= 0:
+                _fail(f"{p}.weights.{k}", s.weights[k], "weights must be >= 0")

@@ -1,0 +1,101 @@
+"""Datasets as in-memory uint8 arrays: scikit-learn's bundled digits (offline quickstart) and tfds CIFAR.
+
+CIFAR is read with ``tfds.data_source`` (ArrayRecord random access, decoded with PIL: no TensorFlow at train
+time).  TensorFlow is only needed once, to *build* the dataset from its archive (README: "CIFAR-100 recipe").
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+
+class DatasetNotFoundError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayDataset:
+    name: str
+    train_images: np.ndarray  # uint8 [N, H, W, C]
+    train_labels: np.ndarray  # int32 [N]
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+
+    @property
+    def image_shape(self):
+        return self.train_images.shape[1:]
+
+
+def load_digits(image_size: int = 16, test_size: int = 360, split_seed: int = 0) -> ArrayDataset:
+    """scikit-learn's 1797 8x8 handwritten digits (ships inside scikit-learn: no download).
+
+    Split: stratified, ``test_size`` images held out with ``split_seed`` (default 1437 train / 360 test).
+    Pixels 0..16 are scaled to 0..255 uint8, one channel, nearest-neighbour upsampled to ``image_size``.
+    """
+    from sklearn.datasets import load_digits as _load
+    from sklearn.model_selection import train_test_split
+
+    if image_size % 8:
+        raise ValueError(f"digits image_size must be a multiple of 8, got {image_size}")
+    d = _load()
+    imgs = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    r = image_size // 8
+    imgs = imgs.repeat(r, axis=1).repeat(r, axis=2)[..., None]
+    labels = d.target.astype(np.int32)
+    tr, te = train_test_split(np.arange(len(labels)), test_size=test_size, stratify=labels, random_state=split_seed)
+    tr, te = np.sort(tr), np.sort(te)
+    return ArrayDataset("digits", imgs[tr], labels[tr], imgs[te], labels[te], 10)
+
+
+_TFDS = {"cifar100": 100, "cifar10": 10}
+
+
+def build_instructions(name: str, data_dir: str | None) -> str:
+    dd = f" --data_dir={data_dir}" if data_dir else ""
+    archive = {"cifar100": "cifar-100-binary.tar.gz", "cifar10": "cifar-10-binary.tar.gz"}[name]
+    return (f"build it once, offline: put {archive} in a folder DIR, pip install -e '.[prepare]', then "
+            f"`tfds build {name} --manual_dir=DIR{dd}` (see README, 'CIFAR-100 recipe')")
+
+
+def _read_all(source) -> tuple[np.ndarray, np.ndarray]:
+    n = len(source)
+    images, labels = [], []
+    chunk = 2048
+    for start in range(0, n, chunk):
+        idx = list(range(start, min(n, start + chunk)))
+        recs = source.__getitems__(idx) if hasattr(source, "__getitems__") else [source[i] for i in idx]
+        images.extend(np.asarray(r["image"], np.uint8) for r in recs)
+        labels.extend(int(r["label"]) for r in recs)
+    return np.stack(images), np.asarray(labels, np.int32)
+
+
+def load_tfds(name: str, data_dir: str | None = None) -> ArrayDataset:
+    if name not in _TFDS:
+        raise ValueError(f"unknown tfds dataset {name!r}; supported: {', '.join(_TFDS)}")
+    import tensorflow_datasets as tfds
+
+    data_dir = os.path.expanduser(data_dir) if data_dir else None
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # noqa: BLE001 - tfds raises several types here
+        raise DatasetNotFoundError(f"dataset {name!r}: {e}; {build_instructions(name, data_dir)}") from None
+    if not builder.is_prepared():
+        where = builder.data_dir
+        raise DatasetNotFoundError(f"dataset {name!r} is not built in {where}; {build_instructions(name, data_dir)}")
+    train = tfds.data_source(name, split="train", data_dir=data_dir, download=False)
+    test = tfds.data_source(name, split="test", data_dir=data_dir, download=False)
+    xtr, ytr = _read_all(train)
+    xte, yte = _read_all(test)
+    return ArrayDataset(name, xtr, ytr, xte, yte, _TFDS[name])
+
+
+def load_dataset(cfg) -> ArrayDataset:
+    """``cfg``: the config's ``data`` block (name, and per-dataset options)."""
+    if cfg.name == "digits":
+        return load_digits(cfg.get("image_size", 16), cfg.get("test_size", 360), cfg.get("split_seed", 0))
+    if cfg.name in _TFDS:
+        return load_tfds(cfg.name, cfg.get("data_dir", None))
+    raise ValueError(f"unknown dataset {cfg.name!r}; known: digits, {', '.join(_TFDS)}")

@@ -1,0 +1,7 @@
+"""Errors that are the user's input, reported by ``train.py`` as one line (no stack trace)."""
+from mgd_jax.config_validation import ConfigError
+from mgd_jax.data.sources import DatasetNotFoundError
+from mgd_jax.train.checkpoint import StageMismatchError
+from mgd_jax.train.metrics import NonFiniteLossError
+
+USER_ERRORS = (ConfigError, DatasetNotFoundError, StageMismatchError, NonFiniteLossError, ValueError)

@@ -1,0 +1,62 @@
+"""The paper's loss terms as pure functions of arrays (SPEC §3.2, §3.3).
+
+Conventions: ``KL(p||q) = sum_c p_c (log p_c - log q_c)``; "batchmean" = sum over all elements / batch size.
+Teacher-side inputs are plain arrays: callers differentiate only w.r.t. student parameters, so nothing here
+needs ``stop_gradient``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def _up(x: jax.Array) -> jax.Array:
+    """At least float32 (bf16 activations are promoted; float64 stays float64)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean cross-entropy of raw logits [B, K] against integer labels [B]."""
+    logp = jax.nn.log_softmax(_up(logits), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1))
+
+
+def distill_kl(student: jax.Array, teacher: jax.Array, temperature: float) -> jax.Array:
+    """Temperature KD: ``T^2 * batchmean KL(softmax(teacher/T) || softmax(student/T))`` over the last axis."""
+    t = float(temperature)
+    log_q = jax.nn.log_softmax(_up(student) / t, axis=-1)
+    log_p = jax.nn.log_softmax(_up(teacher) / t, axis=-1)
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q))
+    return kl / student.shape[0] * t * t
+
+
+def logit_kd(student_logits: jax.Array, target_logits: jax.Array, temperature: float = 4.0) -> jax.Array:
+    """The logit-KD term (paper T = 4).  Target: the teacher's logits (MAG) or the stable-excitation target (MAS)."""
+    return distill_kl(student_logits, target_logits, temperature)
+
+
+def granularity_kl(student_encoding: jax.Array, teacher_encoding: jax.Array, temperature: float) -> jax.Array:
+    """One granularity's term: KD between student and teacher *encodings*, softmax over the encoding dims."""
+    return distill_kl(student_encoding, teacher_encoding, temperature)
+
+
+def stable_excitation_target(teacher_logits: jax.Array, decoder_logits: Sequence[jax.Array]) -> jax.Array:
+    """MAS target: arithmetic mean of the teacher's logits and its tube decoders' logits, before temperature."""
+    stack = [teacher_logits, *decoder_logits]
+    return sum(stack[1:], stack[0]) / len(stack)
+
+
+def tube_loss(decoder_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
+              temperature: float) -> jax.Array:
+    """Stage-2 loss of one granularity: ``T^2 KL_batchmean(teacher/T || decoder/T) + CE(decoder, y)``."""
+    return distill_kl(decoder_logits, teacher_logits, temperature) + cross_entropy(decoder_logits, labels)
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """Per-example 1.0 where the label is among the k largest logits (ties broken like argsort)."""
+    k = min(k, logits.shape[-1])
+    _, idx = jax.lax.top_k(logits, k)
+    return jnp.any(idx == labels[:, None], axis=-1).astype(jnp.float32)

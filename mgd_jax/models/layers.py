@@ -1,0 +1,79 @@
+"""Layers with PyTorch's numerics: BatchNorm with unbiased running variance, Linear with torch's default init.
+
+The reference models are PyTorch; these two layers are where flax's defaults differ from it:
+* ``nn.BatchNorm`` updates the running variance with the *biased* batch variance; PyTorch uses the unbiased one.
+* ``nn.Dense`` uses lecun-normal weights and zero bias; ``torch.nn.Linear`` draws both from U(-1/sqrt(fan_in), +).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+# Kaiming normal, fan_out, ReLU gain (torch.nn.init.kaiming_normal_(mode='fan_out', nonlinearity='relu')).
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch.nn.Linear default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) == variance_scaling(1/3, fan_in, uniform).
+torch_linear_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm over all axes but the last, PyTorch semantics (eps 1e-5, momentum 0.1, unbiased running var).
+
+    Under ``jax.jit`` with the batch sharded over a mesh, the mean over the batch axis is a *global* mean,
+    so statistics are those of the global batch on any number of devices.
+    """
+
+    epsilon: float = 1e-5
+    momentum: float = 0.1  # PyTorch convention: running <- (1 - momentum) * running + momentum * batch
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        axes = tuple(range(x.ndim - 1))
+        if train:
+            xf = x.astype(jnp.float32)
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)  # biased: used to normalise
+            if not self.is_initializing():
+                n = x.size // c
+                unbiased = var * (n / max(n - 1, 1))
+                ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+                ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        inv = jax.lax.rsqrt(var + self.epsilon) * scale
+        return (x - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype)
+
+
+class Linear(nn.Module):
+    """``torch.nn.Linear``: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) unless inits are given."""
+
+    features: int
+    kernel_init: Callable | None = None
+    bias_init: Callable | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        fan_in = x.shape[-1]
+        bound = 1.0 / (fan_in ** 0.5)
+
+        def default_bias(key, shape, dtype=jnp.float32):
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+        kernel = self.param("kernel", self.kernel_init or torch_linear_kernel, (fan_in, self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init or default_bias, (self.features,), jnp.float32)
+        return x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
+
+
+def conv(features: int, kernel: int, stride: int = 1, padding: int | None = None, *, use_bias: bool = False,
+         kernel_init: Callable = kaiming_normal_fan_out, name: str | None = None) -> nn.Conv:
+    """A PyTorch-style conv: symmetric explicit padding (default kernel // 2), no bias by default."""
+    p = kernel // 2 if padding is None else padding
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
+                   use_bias=use_bias, kernel_init=kernel_init, name=name)

@@ -1,0 +1,213 @@
+"""The three stages, end to end: teacher -> analyzer -> students.  ``train_and_evaluate(config, workdir)``.
+
+Workdir layout::
+
+    <workdir>/teacher/                  metrics.jsonl, tensorboard/, checkpoints/{latest,best}
+    <workdir>/analyzer/                 same; best = each granularity's best tubes (by its decoder's accuracy)
+    <workdir>/students/<name>/          same, one per entry of ``config.students``
+    <workdir>/summary.{md,json}         the results table
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mgd_jax import optim
+from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities
+from mgd_jax.config_validation import validate_config
+from mgd_jax.data import load_dataset
+from mgd_jax.data.augment import eval_transform
+from mgd_jax.methods import get_method
+from mgd_jax.models import get_model
+from mgd_jax.stages import analyzer as analyzer_stage
+from mgd_jax.stages import student as student_stage
+from mgd_jax.stages import teacher as teacher_stage
+from mgd_jax.train import mesh as mesh_lib
+from mgd_jax.train.checkpoint import StageCheckpoints, check_meta
+from mgd_jax.train.loop import StageSpec, evaluate_dataset, fit
+from mgd_jax.train.metrics import summary_markdown
+
+TEACHER_SEED_OFFSET, ANALYZER_SEED_OFFSET, STUDENT_SEED_OFFSET = 0, 1, 2
+
+
+def _best_by(key: str):
+    def improve(best, metrics, epoch):
+        v = metrics[key]
+        if not best or v > best[key]:  # strict, as the reference
+            return {key: v, "epoch": epoch + 1, **{k: metrics[k] for k in metrics if k != key}}, ["all"]
+        return best, []
+    return improve
+
+
+def _variables(state):
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _steps_per_epoch(n, batch_size, mesh, drop):
+    return mesh_lib.steps_per_epoch(n, batch_size, mesh.devices.size, drop)
+
+
+def run_teacher(config, workdir, ds, mesh):
+    cfg = config.teacher
+    model = get_model(cfg.arch, ds.num_classes)
+    tx = optim.sgd(cfg.optimizer, _steps_per_epoch(len(ds.train_labels), cfg.batch_size, mesh, config.drop_remainder))
+    key = jax.random.key(config.seed * 1000 + TEACHER_SEED_OFFSET)
+    sample = eval_transform(ds.train_images[:2], config.augment)
+    state = mesh_lib.replicate(teacher_stage.init_state(model, tx, key, sample), mesh)
+    step = jax.jit(teacher_stage.make_train_step(model, tx, config.augment), donate_argnums=0)
+    eval_step = jax.jit(teacher_stage.make_eval_step(model, config.augment))
+
+    def train_step(state, frozen, batch, key):
+        return step(state, batch, key)
+
+    spec = StageSpec(
+        name="teacher", directory=os.path.join(workdir, "teacher"), num_epochs=cfg.epochs,
+        batch_size=cfg.batch_size, seed=config.seed * 1000 + TEACHER_SEED_OFFSET,
+        meta={"stage": "teacher", "arch": cfg.arch, "num_classes": ds.num_classes},
+        passes=[("teacher", train_step)],
+        evaluate=lambda s: evaluate_dataset(lambda b: eval_step(_variables(s), b), ds.test_images, ds.test_labels,
+                                            config.eval_batch_size, mesh),
+        improve=_best_by("test/acc1"), export=lambda s, prev, imp: _variables(s),
+        drop_remainder=config.drop_remainder, progress=config.progress)
+    _, export, result = fit(spec, state, None, ds, mesh, jax.device_get(_variables(state)))
+    return model, mesh_lib.replicate(export, mesh), result
+
+
+def run_analyzer(config, workdir, ds, mesh, t_model, t_vars):
+    cfg = config.analyzer
+    grans = parse_granularities(config.granularities)
+    analyzer = GranularityAnalyzer(grans, ds.num_classes)
+    names = tuple(g.name for g in grans)
+    n = len(ds.train_labels)
+    spe = _steps_per_epoch(n, cfg.batch_size, mesh, config.drop_remainder)
+    tx = optim.sgd(cfg.optimizer, spe * (1 if cfg.shared_pass else 1))
+    feat_dim = t_model.apply(jax.device_get(t_vars), eval_transform(ds.train_images[:1], config.augment))[1][-1].shape[-1]
+    seed = config.seed * 1000 + ANALYZER_SEED_OFFSET
+    states = mesh_lib.replicate(analyzer_stage.init_states(analyzer, tx, jax.random.key(seed), feat_dim), mesh)
+    groups = [names] if cfg.shared_pass else [(nm,) for nm in names]
+    passes = []
+    for grp in groups:
+        step = jax.jit(analyzer_stage.make_train_step(t_model, analyzer, tx, config.augment, grp), donate_argnums=0)
+        passes.append(("+".join(grp), step))
+    eval_step = jax.jit(analyzer_stage.make_eval_step(t_model, analyzer, config.augment))
+
+    def improve(best, metrics, epoch):
+        best, improved = dict(best), []
+        for nm in names:
+            v = metrics[f"test/acc1/{nm}"]
+            if nm not in best or v > best[nm]["acc1"]:
+                best[nm] = {"acc1": v, "acc5": metrics[f"test/acc5/{nm}"], "epoch": epoch + 1}
+                improved.append(nm)
+        return best, improved
+
+    def export(states, prev, improved):
+        prev = dict(prev) if prev is not None else {nm: states[nm].params for nm in names}
+        for nm in improved:
+            prev[nm] = states[nm].params
+        return prev
+
+    spec = StageSpec(
+        name="analyzer", directory=os.path.join(workdir, "analyzer"), num_epochs=cfg.epochs,
+        batch_size=cfg.batch_size, seed=seed,
+        meta={"stage": "analyzer", "teacher_arch": config.teacher.arch, "num_classes": ds.num_classes,
+              "granularities": [[g.dim, g.temperature] for g in grans]},
+        passes=passes,
+        evaluate=lambda s: evaluate_dataset(lambda b: eval_step(t_vars, {nm: s[nm].params for nm in names}, b),
+                                            ds.test_images, ds.test_labels, config.eval_batch_size, mesh),
+        improve=improve, export=export, drop_remainder=config.drop_remainder, progress=config.progress)
+    like = jax.device_get({nm: states[nm].params for nm in names})
+    _, tubes, result = fit(spec, states, t_vars, ds, mesh, like)
+    return analyzer, mesh_lib.replicate(tubes, mesh), result
+
+
+def run_student(config, name, scfg, workdir, ds, mesh, t_model, t_vars, t_analyzer, t_tubes):
+    grans = parse_granularities(config.granularities)
+    obj = student_stage.Objective(
+        mode=scfg.granularity, granularities=grans, temperature=scfg.temperature, w_ce=scfg.weights.ce,
+        w_logit_kd=scfg.weights.logit_kd, w_method=scfg.weights.method, w_granularity=scfg.weights.granularity)
+    s_model = get_model(config.student.arch, ds.num_classes)
+    s_analyzer = None if scfg.granularity == "none" else GranularityAnalyzer(grans, ds.num_classes, False)
+    s_mods = student_stage.StudentModules(s_model, s_analyzer, get_method(scfg.method))
+    t_mods = student_stage.TeacherModules(t_model, t_analyzer)
+    teacher = {"backbone": t_vars, "analyzer": t_tubes}
+    cfg = config.student
+    tx = optim.sgd(cfg.optimizer, _steps_per_epoch(len(ds.train_labels), cfg.batch_size, mesh, config.drop_remainder))
+    seed = config.seed * 1000 + STUDENT_SEED_OFFSET
+    sample = eval_transform(ds.train_images[:2], config.augment)
+    state = student_stage.init_state(s_mods, t_mods, jax.device_get(teacher), tx, jax.random.key(seed), sample)
+    state = mesh_lib.replicate(state, mesh)
+    step = jax.jit(student_stage.make_train_step(s_mods, t_mods, obj, tx, config.augment), donate_argnums=0)
+    eval_step = jax.jit(student_stage.make_eval_step(s_mods, config.augment))
+    spec = StageSpec(
+        name=f"student/{name}", directory=os.path.join(workdir, "students", name), num_epochs=cfg.epochs,
+        batch_size=cfg.batch_size, seed=seed,
+        meta={"stage": "student", "arch": cfg.arch, "teacher_arch": config.teacher.arch, "method": scfg.method,
+              "granularity": scfg.granularity, "num_classes": ds.num_classes},
+        passes=[("student", step)],
+        evaluate=lambda s: evaluate_dataset(lambda b: eval_step(_variables(s), b), ds.test_images, ds.test_labels,
+                                            config.eval_batch_size, mesh),
+        improve=_best_by("test/acc1"), export=lambda s, prev, imp: _variables(s),
+        drop_remainder=config.drop_remainder, progress=config.progress)
+    _, export, result = fit(spec, state, teacher, ds, mesh, jax.device_get(_variables(state)))
+    return export, result
+
+
+def _check_workdir(config, workdir):
+    """Refuse, before any compilation, a workdir whose stage checkpoints were made for another setup."""
+    expect = {"teacher": {"arch": config.teacher.arch},
+              "analyzer": {"teacher_arch": config.teacher.arch,
+                           "granularities": [[int(d), float(t)] for d, t in config.granularities]}}
+    for stage, exp in expect.items():
+        d = os.path.join(workdir, stage, "checkpoints")
+        if os.path.isdir(d):
+            ck = StageCheckpoints(d)
+            try:
+                for which, meta in (("latest", ck.latest_meta()), ("best", ck.best_meta())):
+                    if meta is not None:
+                        check_meta(meta, exp, f"{d}/{which}")
+            finally:
+                ck.close()
+
+
+def _row(stage, model, result, key="test/acc1", key5="test/acc5"):
+    best, last = result["best"], result["last"]
+    return {"stage": stage, "model": model, "best_acc1": best.get(key), "last_acc1": last.get(key),
+            "best_acc5": best.get(key5), "last_acc5": last.get(key5), "best_epoch": best.get("epoch")}
+
+
+def train_and_evaluate(config, workdir: str, devices=None) -> dict:
+    """Runs (or resumes) every stage of ``config`` in ``workdir``; returns and writes the summary."""
+    validate_config(config)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    _check_workdir(config, workdir)
+    mesh = mesh_lib.make_mesh(devices)
+    ds = load_dataset(config.data)
+    print(f"data: {ds.name} train {ds.train_images.shape} test {ds.test_images.shape}; "
+          f"mesh: {mesh.devices.size} x {mesh.devices.flat[0].platform}", flush=True)
+
+    rows = []
+    t_model, t_vars, t_res = run_teacher(config, workdir, ds, mesh)
+    rows.append(_row("teacher", config.teacher.arch, t_res))
+    t_analyzer, t_tubes, a_res = run_analyzer(config, workdir, ds, mesh, t_model, t_vars)
+    for g in t_analyzer.granularities:
+        b = a_res["best"].get(g.name, {})
+        last = a_res["last"]
+        rows.append({"stage": f"analyzer {g.name}", "model": f"{config.teacher.arch} decoder",
+                     "best_acc1": b.get("acc1"), "best_acc5": b.get("acc5"), "best_epoch": b.get("epoch"),
+                     "last_acc1": last.get(f"test/acc1/{g.name}"), "last_acc5": last.get(f"test/acc5/{g.name}")})
+    for name, scfg in config.students.items():
+        _, s_res = run_student(config, name, scfg, workdir, ds, mesh, t_model, t_vars, t_analyzer, t_tubes)
+        label = f"{scfg.method} / {scfg.granularity}"
+        rows.append(_row(f"student {name} ({label})", config.student.arch, s_res))
+    table = summary_markdown(rows)
+    with open(os.path.join(workdir, "summary.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n" + table, flush=True)
+    return {"rows": rows, "table": table}

@@ -1,0 +1,67 @@
+"""Device mesh, shardings and batches: data parallel by ``jax.jit`` over a 1-D ``data`` mesh.
+
+Parameters are replicated (``P()``), batches split along their leading axis (``P('data')``).  Each process
+contributes its own rows of the global batch (``make_array_from_process_local_data``), so the same code runs
+on one CPU, one GPU, or every host of a pod.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA = "data"
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    return Mesh(np.asarray(devices), (DATA,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA))
+
+
+def replicate(tree, mesh: Mesh):
+    return jax.device_put(tree, replicated(mesh))
+
+
+def shard_batch(global_rows: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """``global_rows``: host arrays of the *global* batch; each process puts its own contiguous slice."""
+    sharding = batch_sharding(mesh)
+    n_proc, pid = jax.process_count(), jax.process_index()
+    out = {}
+    for k, v in global_rows.items():
+        if n_proc > 1:
+            per = v.shape[0] // n_proc
+            v = v[pid * per:(pid + 1) * per]
+        out[k] = jax.make_array_from_process_local_data(sharding, v, (global_rows[k].shape[0],) + v.shape[1:])
+    return out
+
+
+def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int, pass_id: int,
+                  multiple_of: int, drop_remainder: bool = False) -> list[np.ndarray]:
+    """Shuffled index batches of one pass over the data, a pure function of (seed, epoch, pass_id).
+
+    The last, smaller batch is kept (the reference's ``drop_last=False``) after trimming it to a multiple of
+    ``multiple_of`` (the device count) so it can be split over the mesh.
+    """
+    perm = np.random.default_rng([int(seed), int(epoch), int(pass_id)]).permutation(num_examples)
+    n_full = num_examples // batch_size
+    batches = [perm[i * batch_size:(i + 1) * batch_size] for i in range(n_full)]
+    rest = num_examples - n_full * batch_size
+    if not drop_remainder:
+        rest -= rest % multiple_of
+        if rest > 0:
+            batches.append(perm[n_full * batch_size:n_full * batch_size + rest])
+    return batches
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, multiple_of: int, drop_remainder: bool = False) -> int:
+    return len(epoch_batches(num_examples, batch_size, 0, 0, 0, multiple_of, drop_remainder))

@@ -1,0 +1,33 @@
+"""Train teacher, multi-granularity analyzer and students.
+
+    python train.py                                   # offline quickstart (digits), workdir runs/quickstart
+    python train.py --config=configs/cifar100.py:resnet56,resnet20,kd,mas --workdir=runs/x
+
+Running the same command again resumes where it stopped; finished stages are not redone.
+"""
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file (ml_collections).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", "runs/quickstart", "Directory for checkpoints, metrics and the summary.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from mgd_jax.errors import USER_ERRORS
+    from mgd_jax.pipeline import train_and_evaluate
+
+    try:
+        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -57,7 +57,7 @@ def build_instructions(name: str, data_dir: str | None) -> str:
     dd = f" --data_dir={data_dir}" if data_dir else ""
     archive = {"cifar100": "cifar-100-binary.tar.gz", "cifar10": "cifar-10-binary.tar.gz"}[name]
     return (f"build it once, offline: put {archive} in a folder DIR, pip install -e '.[prepare]', then "
-            f"`tfds build {name} --manual_dir=DIR{dd}` (see README, 'CIFAR-100 recipe')")
+            f"`tfds build {name} --manual_dir=DIR --file_format=array_record{dd}` (see README, 'CIFAR-100 recipe')")
 
 
 def _read_all(source) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +66,7 @@ def _read_all(source) -> tuple[np.ndarray, np.ndarray]:
     chunk = 2048
     for start in range(0, n, chunk):
         idx = list(range(start, min(n, start + chunk)))
-        recs = source.__getitems__(idx) if hasattr(source, "__getitems__") else [source[i] for i in idx]
+        recs = [source[i] for i in idx]
         images.extend(np.asarray(r["image"], np.uint8) for r in recs)
         labels.extend(int(r["label"]) for r in recs)
     return np.stack(images), np.asarray(labels, np.int32)
@@ -79,14 +79,13 @@ def load_tfds(name: str, data_dir: str | None = None) -> ArrayDataset:
 
     data_dir = os.path.expanduser(data_dir) if data_dir else None
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # noqa: BLE001 - tfds raises several types here
-        raise DatasetNotFoundError(f"dataset {name!r}: {e}; {build_instructions(name, data_dir)}") from None
-    if not builder.is_prepared():
-        where = builder.data_dir
-        raise DatasetNotFoundError(f"dataset {name!r} is not built in {where}; {build_instructions(name, data_dir)}")
-    train = tfds.data_source(name, split="train", data_dir=data_dir, download=False)
-    test = tfds.data_source(name, split="test", data_dir=data_dir, download=False)
+        train = tfds.data_source(name, split="train", data_dir=data_dir, download=False)
+        test = tfds.data_source(name, split="test", data_dir=data_dir, download=False)
+    except Exception as e:  # noqa: BLE001 - tfds raises AssertionError, DatasetNotFoundError, NotImplementedError...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DatasetNotFoundError(
+            f"dataset {name!r} cannot be read from data_dir={data_dir or '~/tensorflow_datasets'} ({first}); "
+            f"{build_instructions(name, data_dir)}") from None
     xtr, ytr = _read_all(train)
     xte, yte = _read_all(test)
     return ArrayDataset(name, xtr, ytr, xte, yte, _TFDS[name])

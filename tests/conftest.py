@@ -1,0 +1,19 @@
+"""Test setup: 4 virtual CPU devices (multi-device tests), quiet logs, fixture paths."""
+import os
+import pathlib
+import sys
+
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=4").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `configs` is a top-level folder of the repository, not of the package
+    sys.path.insert(0, str(ROOT))
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+
+from absl import logging as _absl_logging  # noqa: E402
+
+_absl_logging.set_verbosity(_absl_logging.WARNING)

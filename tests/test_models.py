@@ -1,0 +1,141 @@
+"""Model zoo (CIFAR ResNets) and analyzer against the reference's measured statistics (fixtures/model_stats.json)."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities
+from mgd_jax.models import get_model
+from mgd_jax.models.layers import BatchNorm, Linear
+
+STATS = json.loads((FIXTURES / "model_stats.json").read_text())
+RESNETS = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4",
+           "resnet32x4", "resnet14x05", "resnet20x05", "resnet20x0375"]
+
+
+def _count(tree):
+    return sum(x.size for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("arch", RESNETS)
+def test_resnet_shapes_and_counts(arch):
+    ref = STATS[arch]
+    model = get_model(arch, 100)
+    x = jnp.zeros((2, 32, 32, 3))
+    v = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    assert _count(v["params"]) == ref["total"]
+    assert _count(v["params"]["fc"]) == ref["classifier"]
+    (logits, feats), (logits_p, feats_p) = jax.eval_shape(
+        lambda: (model.apply(model.init(jax.random.key(0), x), x), model.apply(model.init(jax.random.key(0), x), x,
+                                                                                 preact=True)))
+    assert logits.shape == tuple(ref["out"])
+
+    def nchw(s):
+        return tuple(s) if len(s) == 2 else (s[0], s[3], s[1], s[2])
+
+    assert [nchw(f.shape) for f in feats] == [tuple(s) for s in ref["feats"]]
+    assert [nchw(f.shape) for f in feats_p] == [tuple(s) for s in ref["preact_feats"]]
+    assert feats[-1].shape[-1] == ref["feat_dim"]
+    # BN running statistics: 2 vectors of C per BN layer (the torch count also has num_batches_tracked)
+    n_bn = len(jax.tree.leaves(v["batch_stats"])) // 2
+    assert _count(v["batch_stats"]) + n_bn == ref["buffers"]
+
+
+def test_preact_features_are_pre_relu_sums():
+    model = get_model("resnet8", 10)
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    v = model.init(jax.random.key(0), x)
+    _, f = model.apply(v, x, train=False)
+    _, fp = model.apply(v, x, train=False, preact=True)
+    for a, b in zip(f[1:4], fp[1:4]):
+        np.testing.assert_allclose(a, jnp.maximum(b, 0), rtol=1e-6, atol=1e-6)
+        assert float(jnp.min(b)) < 0  # really before the ReLU
+    np.testing.assert_allclose(f[0], fp[0])
+    np.testing.assert_allclose(f[-1], fp[-1])
+
+
+def test_initialisation_follows_reference():
+    model = get_model("resnet56", 100)
+    v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    k = v["params"]["layer3_0"]["conv2"]["kernel"]  # 3x3x64x64, kaiming normal fan_out: std sqrt(2 / (9*64))
+    assert abs(float(jnp.std(k)) / np.sqrt(2 / (9 * 64)) - 1) < 0.03
+    assert abs(float(jnp.mean(k))) < 0.01
+    bn = v["params"]["layer3_0"]["bn1"]
+    np.testing.assert_array_equal(bn["scale"], 1.0)
+    np.testing.assert_array_equal(bn["bias"], 0.0)
+    fc = v["params"]["fc"]  # torch Linear default: U(-1/sqrt(64), 1/sqrt(64))
+    for p in (fc["kernel"], fc["bias"]):
+        assert float(jnp.max(jnp.abs(p))) <= 1 / 8 and float(jnp.max(jnp.abs(p))) > 0.9 / 8
+
+
+def test_batchnorm_matches_pytorch_semantics():
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(6, 5, 5, 4)).astype(np.float32)
+    bn = BatchNorm()
+    v = bn.init(jax.random.key(0), x, train=False)
+    y, upd = bn.apply(v, x, train=True, mutable=["batch_stats"])
+    mean = x.mean((0, 1, 2))
+    var_b = x.var((0, 1, 2))
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var_b + 1e-5), rtol=1e-4, atol=1e-4)
+    n = 6 * 5 * 5
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * var_b * n / (n - 1), rtol=1e-5)
+    y_eval = bn.apply({**v, "batch_stats": upd["batch_stats"]}, x, train=False)
+    np.testing.assert_allclose(y_eval, (x - 0.1 * mean) / np.sqrt(upd["batch_stats"]["var"] + 1e-5), rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_linear_is_torch_linear():
+    lin = Linear(3)
+    x = np.random.default_rng(0).normal(size=(2, 5)).astype(np.float32)
+    v = lin.init(jax.random.key(0), x)
+    np.testing.assert_allclose(lin.apply(v, x), x @ v["params"]["kernel"] + v["params"]["bias"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["resnet8", "resnet8x4", "resnet14x05", "resnet20x0375"])
+def test_analyzer_tube_counts(arch):
+    ref = STATS[arch]["tubes"]
+    d = STATS[arch]["feat_dim"]
+    an = GranularityAnalyzer(parse_granularities([(64, 2.0), (256, 8.0)]), 100)
+    p = an.init(jax.random.key(0), jnp.zeros((1, d)))["params"]
+    assert _count(p["64d_T2"]["encoder"]) == ref["ak_encoder"]
+    assert _count(p["64d_T2"]["decoder"]) == ref["ak_decoder"]
+    assert _count(p["256d_T8"]["encoder"]) == ref["dk_encoder"]
+    assert _count(p["256d_T8"]["decoder"]) == ref["dk_decoder"]
+    student_side = GranularityAnalyzer(parse_granularities([(64, 2.0), (256, 8.0)]), 100, with_decoders=False)
+    ps = student_side.init(jax.random.key(0), jnp.zeros((1, d)))["params"]
+    assert _count(ps) == ref["ak_encoder"] + ref["dk_encoder"]
+
+
+def test_analyzer_any_number_of_granularities():
+    grans = parse_granularities([(8, 1.0), (16, 2.0), (32, 4.0)])
+    an = GranularityAnalyzer(grans, 10)
+    h = jax.random.normal(jax.random.key(0), (3, 20))
+    v = an.init(jax.random.key(1), h)
+    out = an.apply(v, h)
+    assert {k: (e.shape, d.shape) for k, (e, d) in out.items()} == {
+        "8d_T1": ((3, 8), (3, 10)), "16d_T2": ((3, 16), (3, 10)), "32d_T4": ((3, 32), (3, 10))}
+    enc_only = an.apply(v, h, decode=False)
+    assert all(d is None for _, d in enc_only.values())
+    np.testing.assert_allclose(enc_only["8d_T1"][0], out["8d_T1"][0])
+
+
+@pytest.mark.parametrize("spec,match", [
+    ([(0, 2.0)], "dim must be a positive integer"),
+    ([(-64, 2.0)], "dim must be a positive integer"),
+    ([(64, 0.0)], "temperature must be > 0"),
+    ([(64, -1.0)], "temperature must be > 0"),
+    ([(64,)], "must be \\(dim, temperature\\)"),
+    ([], "must not be empty"),
+    ([(64, 2.0), (64, 2.0)], "distinct"),
+])
+def test_bad_granularities(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_granularities(spec)
+
+
+def test_unknown_architecture():
+    with pytest.raises(ValueError, match="unknown architecture 'resnet9'"):
+        get_model("resnet9", 100)

@@ -1,0 +1,101 @@
+"""Data parallelism: the jitted steps on a 4-device mesh give the 1-device result (global-batch BatchNorm)."""
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mgd_jax import optim
+from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities
+from mgd_jax.methods import get_method
+from mgd_jax.models import get_model
+from mgd_jax.stages import analyzer as analyzer_stage
+from mgd_jax.stages import student as student_stage
+from mgd_jax.stages import teacher as teacher_stage
+from mgd_jax.train import mesh as mesh_lib
+
+AUG = ml_collections.ConfigDict(dict(pad=2, flip=True, mean=(0.3,), std=(0.4,)))
+OPT = ml_collections.ConfigDict(dict(lr=0.05, momentum=0.9, weight_decay=5e-4, milestones=(1,), gamma=0.1))
+GRANS = parse_granularities([(16, 2.0), (32, 8.0)])
+
+
+def _batches(n_steps, bs=16):
+    rng = np.random.default_rng(0)
+    return [{"image": rng.integers(0, 256, size=(bs, 16, 16, 1), dtype=np.uint8),
+             "label": rng.integers(0, 10, size=(bs,)).astype(np.int32)} for _ in range(n_steps)]
+
+
+def _run_all_stages(devices):
+    mesh = mesh_lib.make_mesh(devices)
+    key = jax.random.key(0)
+    batches = _batches(3)
+    sample = jnp.zeros((2, 16, 16, 1))
+    # stage 1
+    t_model = get_model("resnet8", 10)
+    tx = optim.sgd(OPT, 2)
+    t_state = mesh_lib.replicate(teacher_stage.init_state(t_model, tx, key, sample), mesh)
+    step = jax.jit(teacher_stage.make_train_step(t_model, tx, AUG))
+    base = mesh_lib.replicate(jax.random.key(7), mesh)
+    for b in batches:
+        t_state, t_metrics = step(t_state, mesh_lib.shard_batch(b, mesh), base)
+    t_vars = {"params": t_state.params, "batch_stats": t_state.batch_stats}
+    # stage 2 (shared pass)
+    an = GranularityAnalyzer(GRANS, 10)
+    names = tuple(g.name for g in GRANS)
+    a_states = mesh_lib.replicate(analyzer_stage.init_states(an, tx, key, 64), mesh)
+    a_step = jax.jit(analyzer_stage.make_train_step(t_model, an, tx, AUG, names))
+    for b in batches:
+        a_states, _ = a_step(a_states, t_vars, mesh_lib.shard_batch(b, mesh), base)
+    tubes = {n: a_states[n].params for n in names}
+    # stage 3, MAS + KD
+    s_mods = student_stage.StudentModules(get_model("resnet8", 10), GranularityAnalyzer(GRANS, 10, False),
+                                          get_method("kd"))
+    t_mods = student_stage.TeacherModules(t_model, an)
+    teacher = {"backbone": t_vars, "analyzer": tubes}
+    obj = student_stage.Objective("mas", GRANS, w_ce=0.2, w_logit_kd=0.8)
+    s_state = mesh_lib.replicate(
+        student_stage.init_state(s_mods, t_mods, jax.device_get(teacher), tx, key, sample), mesh)
+    s_step = jax.jit(student_stage.make_train_step(s_mods, t_mods, obj, tx, AUG))
+    for b in batches:
+        s_state, s_metrics = s_step(s_state, teacher, mesh_lib.shard_batch(b, mesh), base)
+    assert len(s_state.params["backbone"]["fc"]["kernel"].sharding.device_set) == len(devices)
+    return jax.device_get((t_state.params, t_state.batch_stats, tubes, s_state.params, s_state.batch_stats,
+                           s_metrics))
+
+
+def test_four_devices_equal_one_device():
+    if jax.device_count() < 4:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=4 (set by conftest)")
+    one = _run_all_stages(jax.devices()[:1])
+    four = _run_all_stages(jax.devices()[:4])
+    chex.assert_trees_all_close(one, four, atol=1e-5, rtol=1e-5)
+    # the metrics dict carries every named term of the MAS objective
+    assert {"loss", "loss/ce", "loss/stable_excitation", "loss/granularity/16d_T2", "loss/granularity/32d_T8",
+            "acc1", "grad_norm"} <= set(one[-1])
+    # and the steps really changed something (the comparison is not between two initial states)
+    assert float(np.abs(one[0]["fc"]["kernel"]).sum()) > 0 and one[-1]["grad_norm"] > 0
+
+
+def test_student_gradients_only_reach_student():
+    """The teacher enters as its own argument: the step's outputs do not depend on differentiating it."""
+    t_model = get_model("resnet8", 10)
+    an = GranularityAnalyzer(GRANS, 10)
+    key = jax.random.key(0)
+    sample = jnp.zeros((2, 16, 16, 1))
+    t_vars = t_model.init(key, sample)
+    tubes = an.init(key, jnp.zeros((1, 64)))["params"]
+    s_mods = student_stage.StudentModules(get_model("resnet8", 10), GranularityAnalyzer(GRANS, 10, False),
+                                          get_method("kd"))
+    t_mods = student_stage.TeacherModules(t_model, an)
+    teacher = {"backbone": t_vars, "analyzer": tubes}
+    tx = optim.sgd(OPT, 2)
+    state = student_stage.init_state(s_mods, t_mods, teacher, tx, key, sample)
+    assert set(state.params) == {"backbone", "analyzer"}
+    assert all("decoder" not in k for k in state.params["analyzer"]["16d_T2"])  # student decoders are not trained
+    step = jax.jit(student_stage.make_train_step(s_mods, t_mods, student_stage.Objective("mag", GRANS), tx, AUG))
+    b = _batches(1)[0]
+    before = jax.device_get(teacher)
+    new_state, m = step(state, teacher, b, jax.random.key(3))
+    chex.assert_trees_all_equal(before, jax.device_get(teacher))
+    assert int(new_state.step) == 1 and np.isfinite(m["loss"])

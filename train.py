@@ -18,7 +18,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    logging.set_verbosity(logging.ERROR)  # orbax logs every save at INFO, tfds warns about empty folders
     from mgd_jax.errors import USER_ERRORS
     from mgd_jax.pipeline import train_and_evaluate
 

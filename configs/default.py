@@ -3,6 +3,7 @@
 Every number of the paper lives here once; other configs import and override.
 """
 import ml_collections
+from ml_collections import config_dict
 
 # Granularities of the self-analyzing module: (encoding dim, temperature).  Paper: 64-d at T=2, 256-d at T=8.
 PAPER_GRANULARITIES = ((64, 2.0), (256, 8.0))
@@ -37,7 +38,9 @@ def student_run(method: str, granularity: str, temperature: float = 4.0):
 def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.data = dict(name="cifar100", data_dir=None)
+    # tfds data_dir (None: tfds' default, $TFDS_DATA_DIR or ~/tensorflow_datasets); train/test_limit: smoke runs.
+    c.data = dict(name="cifar100", data_dir=config_dict.placeholder(str), train_limit=config_dict.placeholder(int),
+                  test_limit=config_dict.placeholder(int))
     # SPEC §5: zero-pad 4 in pixel space, random 32x32 crop, horizontal flip, normalise.
     c.augment = dict(pad=4, flip=True, mean=CIFAR100_MEAN, std=CIFAR100_STD)
     c.drop_remainder = False  # the reference keeps the last, smaller batch (782 steps / epoch)

@@ -15,7 +15,10 @@ DIGITS_STD = (0.3760,)
 
 def get_config():
     c = default.get_config()
-    c.data = dict(name="digits", image_size=16, test_size=360, split_seed=0)
+    c.data.name = "digits"
+    c.data.image_size = 16
+    c.data.test_size = 360
+    c.data.split_seed = 0
     c.augment = dict(pad=2, flip=False, mean=DIGITS_MEAN, std=DIGITS_STD)
     c.teacher.arch = "resnet20"
     c.teacher.epochs = 12

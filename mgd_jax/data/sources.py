@@ -78,23 +78,34 @@ def load_tfds(name: str, data_dir: str | None = None) -> ArrayDataset:
     import tensorflow_datasets as tfds
 
     data_dir = os.path.expanduser(data_dir) if data_dir else None
+    builder = tfds.builder(name, data_dir=data_dir)
     try:
         train = tfds.data_source(name, split="train", data_dir=data_dir, download=False)
         test = tfds.data_source(name, split="test", data_dir=data_dir, download=False)
     except Exception as e:  # noqa: BLE001 - tfds raises AssertionError, DatasetNotFoundError, NotImplementedError...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DatasetNotFoundError(
-            f"dataset {name!r} cannot be read from data_dir={data_dir or '~/tensorflow_datasets'} ({first}); "
-            f"{build_instructions(name, data_dir)}") from None
+        if not builder.is_prepared():
+            why = f"dataset {name!r} is not built in {builder.data_dir}"
+        else:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            why = f"dataset {name!r} in {builder.data_dir} cannot be read randomly ({first}; was it built " \
+                  f"without --file_format=array_record?)"
+        raise DatasetNotFoundError(f"{why}; {build_instructions(name, data_dir)}") from None
     xtr, ytr = _read_all(train)
     xte, yte = _read_all(test)
     return ArrayDataset(name, xtr, ytr, xte, yte, _TFDS[name])
 
 
 def load_dataset(cfg) -> ArrayDataset:
-    """``cfg``: the config's ``data`` block (name, and per-dataset options)."""
+    """``cfg``: the config's ``data`` block (name, per-dataset options, optional ``train_limit`` /
+    ``test_limit``: keep only the first N examples, for smoke runs)."""
     if cfg.name == "digits":
-        return load_digits(cfg.get("image_size", 16), cfg.get("test_size", 360), cfg.get("split_seed", 0))
-    if cfg.name in _TFDS:
-        return load_tfds(cfg.name, cfg.get("data_dir", None))
-    raise ValueError(f"unknown dataset {cfg.name!r}; known: digits, {', '.join(_TFDS)}")
+        ds = load_digits(cfg.get("image_size", 16), cfg.get("test_size", 360), cfg.get("split_seed", 0))
+    elif cfg.name in _TFDS:
+        ds = load_tfds(cfg.name, cfg.get("data_dir", None))
+    else:
+        raise ValueError(f"unknown dataset {cfg.name!r}; known: digits, {', '.join(_TFDS)}")
+    ntr, nte = cfg.get("train_limit", None), cfg.get("test_limit", None)
+    if ntr or nte:
+        ds = dataclasses.replace(ds, train_images=ds.train_images[:ntr], train_labels=ds.train_labels[:ntr],
+                                 test_images=ds.test_images[:nte], test_labels=ds.test_labels[:nte])
+    return ds

@@ -1,0 +1,89 @@
+"""Bad input stops `train.py` before training with one line naming the problem (exit code 2, no traceback)."""
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from conftest import ROOT
+from configs import quickstart
+from mgd_jax import pipeline
+from mgd_jax.config_validation import ConfigError, validate_config
+
+
+def _train(*args, workdir):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    r = subprocess.run([sys.executable, "train.py", f"--workdir={workdir}", *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    return r.returncode, r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config.teacher.arch=resnet9"], "config.teacher.arch='resnet9': unknown architecture"),
+    (["--config.student.arch=vgg99"], "config.student.arch='vgg99': unknown architecture"),
+    (["--config.students.kd.method=fitnet3"], "config.students.kd.method='fitnet3': unknown method"),
+    (["--config.students.kd.granularity=mgs"], "config.students.kd.granularity='mgs': unknown granularity mode"),
+    (["--config.granularities=((64, 2.0), (0, 8.0))"], "granularities[1]: encoding dim must be a positive integer"),
+    (["--config.granularities=((64, -2.0),)"], "granularities[0]: temperature must be > 0"),
+    (["--config.students.kd.temperature=0.0"], "config.students.kd.temperature=0.0: temperature must be > 0"),
+    (["--config=configs/cifar100.py:resnet56,resnet20,kd,mas", "--config.data.data_dir=/nonexistent/tfds"],
+     "dataset 'cifar100' is not built in /nonexistent/tfds/cifar100"),
+])
+def test_train_py_one_line_errors(args, expected, tmp_path):
+    code, out, err = _train(*args, workdir=tmp_path / "w")
+    lines = [line for line in err.strip().splitlines() if line.strip() and not line.startswith("WARNING")]
+    assert code == 2, err
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_missing_cifar_message_says_how_to_build(tmp_path):
+    code, _, err = _train("--config=configs/cifar100.py:resnet56,resnet20,kd,mas",
+                          f"--config.data.data_dir={tmp_path}", workdir=tmp_path / "w")
+    assert code == 2
+    assert "tfds build cifar100 --manual_dir=DIR --file_format=array_record" in err
+
+
+def test_workdir_of_another_teacher_architecture(tmp_path):
+    c = quickstart.get_config()
+    c.data.image_size = 8
+    c.data.train_limit = 64
+    c.data.test_limit = 32
+    c.progress = False
+    c.teacher.arch = "resnet8"
+    c.teacher.epochs = 1
+    c.teacher.optimizer.milestones = ()
+    c.analyzer.epochs = 1
+    c.analyzer.optimizer.milestones = ()
+    c.student.epochs = 1
+    c.student.optimizer.milestones = ()
+    c.granularities = ((8, 2.0),)
+    c.students = {"kd": c.students.kd}
+    workdir = str(tmp_path / "w")
+    pipeline.train_and_evaluate(c, workdir, devices=jax.devices()[:1])
+    code, _, err = _train("--config.teacher.arch=resnet14", "--config.data.image_size=8",
+                          "--config.granularities=((8, 2.0),)", workdir=workdir)
+    assert code == 2, err
+    assert "teacher/checkpoints/latest was written for arch='resnet8' but the config asks for arch='resnet14'" in err
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("teacher.optimizer.lr", 0.0, "learning rate must be > 0"),
+    ("student.optimizer.milestones", (150, 180, 300), "beyond the last epoch"),
+    ("student.optimizer.milestones", (180, 150), "increasing"),
+    ("analyzer.epochs", 0, "must be an integer >= 1"),
+    ("teacher.batch_size", 0, "must be an integer >= 1"),
+    ("data.name", "imagenet21k", "unknown dataset"),
+    ("augment.pad", -1, "must be >= 0"),
+])
+def test_validate_config_table(field, value, match):
+    c = quickstart.get_config()
+    node = c
+    *path, last = field.split(".")
+    for p in path:
+        node = node[p]
+    node[last] = value
+    with pytest.raises(ConfigError, match=match) as e:
+        validate_config(c)
+    assert f"config.{field}=" in str(e.value)

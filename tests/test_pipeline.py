@@ -1,0 +1,108 @@
+"""End to end: the three stages on the bundled digits (tiny settings), exact resume, no redone stages."""
+import json
+import os
+
+import chex
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import default, quickstart
+from mgd_jax import pipeline
+from mgd_jax.train import checkpoint as ckpt_lib
+
+
+def tiny_config():
+    c = quickstart.get_config()
+    c.data.image_size = 8
+    c.data.train_limit = 192
+    c.data.test_limit = 100
+    c.progress = False
+    c.teacher.arch = "resnet8"
+    c.teacher.epochs = 2
+    c.teacher.optimizer.milestones = (1,)
+    c.analyzer.epochs = 2
+    c.analyzer.optimizer.milestones = (1,)
+    c.student.arch = "resnet8"
+    c.student.epochs = 2
+    c.student.optimizer.milestones = (1,)
+    c.granularities = ((16, 2.0), (32, 8.0))
+    c.students = ml_collections.ConfigDict({"mas_kd": default.student_run("kd", "mas")})
+    return c
+
+
+def _final(workdir, c):
+    """The product of every stage, read back from the workdir's checkpoints."""
+    out = {}
+    for stage in ["teacher", "analyzer"] + [f"students/{n}" for n in c.students]:
+        ck = ckpt_lib.StageCheckpoints(os.path.join(workdir, stage, "checkpoints"))
+        step = ck.latest.latest_step()
+        out[stage] = ck.latest.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        ck.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("full"))
+    c = tiny_config()
+    summary = pipeline.train_and_evaluate(c, workdir, devices=jax.devices()[:1])
+    return workdir, c, summary
+
+
+def test_three_stages_write_results(full_run):
+    workdir, c, summary = full_run
+    stages = [r["stage"] for r in summary["rows"]]
+    assert stages == ["teacher", "analyzer 16d_T2", "analyzer 32d_T8", "student mas_kd (kd / mas)"]
+    for r in summary["rows"]:
+        assert 0.0 <= r["best_acc1"] <= 1.0 and r["best_acc1"] >= r["last_acc1"] - 1e-9
+    md = open(os.path.join(workdir, "summary.md")).read()
+    assert "| student mas_kd (kd / mas) | resnet8 |" in md
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "students/mas_kd/metrics.jsonl"))]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("train/loss/ce", "train/loss/stable_excitation", "train/loss/granularity/16d_T2",
+                "train/loss/granularity/32d_T8", "train/grad_norm", "test/acc1", "test/acc5"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    arows = [json.loads(line) for line in open(os.path.join(workdir, "analyzer/metrics.jsonl"))]
+    assert {"test/acc1/16d_T2", "test/acc1/32d_T8", "train/loss/16d_T2", "train/loss/32d_T8"} <= set(arows[0])
+    assert os.listdir(os.path.join(workdir, "teacher/tensorboard"))
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_interruption_is_exact(full_run, tmp_path, monkeypatch):
+    workdir_full, c, _ = full_run
+    workdir = str(tmp_path / "resumed")
+    original = ckpt_lib.StageCheckpoints.save_latest
+    kill_at = {("teacher", 1), ("student", 1)}
+
+    def save_then_die(self, epoch, state, meta):
+        original(self, epoch, state, meta)
+        if (meta["stage"], epoch) in kill_at:
+            kill_at.discard((meta["stage"], epoch))
+            raise _Killed(f"killed after {meta['stage']} epoch {epoch}")
+
+    monkeypatch.setattr(ckpt_lib.StageCheckpoints, "save_latest", save_then_die)
+    for _ in range(2):
+        with pytest.raises(_Killed):
+            pipeline.train_and_evaluate(c, workdir, devices=jax.devices()[:1])
+    pipeline.train_and_evaluate(c, workdir, devices=jax.devices()[:1])
+    assert not kill_at
+    chex.assert_trees_all_equal(_final(workdir_full, c), _final(workdir, c))
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "students/mas_kd/metrics.jsonl"))]
+    assert [r["epoch"] for r in rows] == [1, 2]
+
+    # a finished workdir: the same command again trains nothing (only evaluation batches carry a mask)
+    original_shard = pipeline.mesh_lib.shard_batch
+
+    def no_training(rows, mesh):
+        assert "mask" in rows, "a finished stage was trained again"
+        return original_shard(rows, mesh)
+
+    monkeypatch.setattr(pipeline.mesh_lib, "shard_batch", no_training)
+    summary = pipeline.train_and_evaluate(c, workdir, devices=jax.devices()[:1])
+    assert summary["rows"][-1]["best_acc1"] is not None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -20,12 +21,15 @@ def _up(x: jax.Array) -> jax.Array:
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean cross-entropy of raw logits [B, K] against integer labels [B]."""
+    chex.assert_rank([logits, labels], [2, 1])
+    chex.assert_equal_shape_prefix([logits, labels], 1)
     logp = jax.nn.log_softmax(_up(logits), axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1))
 
 
 def distill_kl(student: jax.Array, teacher: jax.Array, temperature: float) -> jax.Array:
     """Temperature KD: ``T^2 * batchmean KL(softmax(teacher/T) || softmax(student/T))`` over the last axis."""
+    chex.assert_equal_shape([student, teacher])
     t = float(temperature)
     log_q = jax.nn.log_softmax(_up(student) / t, axis=-1)
     log_p = jax.nn.log_softmax(_up(teacher) / t, axis=-1)

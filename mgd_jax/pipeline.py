@@ -18,7 +18,7 @@ import numpy as np
 
 from mgd_jax import optim
 from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities
-from mgd_jax.config_validation import validate_config
+from mgd_jax.config_validation import ConfigError, validate_config
 from mgd_jax.data import load_dataset
 from mgd_jax.data.augment import eval_transform
 from mgd_jax.methods import get_method
@@ -84,7 +84,7 @@ def run_analyzer(config, workdir, ds, mesh, t_model, t_vars):
     names = tuple(g.name for g in grans)
     n = len(ds.train_labels)
     spe = _steps_per_epoch(n, cfg.batch_size, mesh, config.drop_remainder)
-    tx = optim.sgd(cfg.optimizer, spe * (1 if cfg.shared_pass else 1))
+    tx = optim.sgd(cfg.optimizer, spe)  # each granularity's optimizer steps once per batch of its own pass
     feat_dim = t_model.apply(jax.device_get(t_vars), eval_transform(ds.train_images[:1], config.augment))[1][-1].shape[-1]
     seed = config.seed * 1000 + ANALYZER_SEED_OFFSET
     states = mesh_lib.replicate(analyzer_stage.init_states(analyzer, tx, jax.random.key(seed), feat_dim), mesh)
@@ -186,6 +186,11 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     os.makedirs(workdir, exist_ok=True)
     _check_workdir(config, workdir)
     mesh = mesh_lib.make_mesh(devices)
+    ndev = mesh.devices.size
+    for stage in ("teacher", "analyzer", "student"):
+        if config[stage].batch_size % ndev:
+            raise ConfigError(f"config.{stage}.batch_size={config[stage].batch_size}: the global batch must be "
+                              f"divisible by the {ndev} devices of the mesh")
     ds = load_dataset(config.data)
     print(f"data: {ds.name} train {ds.train_images.shape} test {ds.test_images.shape}; "
           f"mesh: {mesh.devices.size} x {mesh.devices.flat[0].platform}", flush=True)

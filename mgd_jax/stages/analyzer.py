@@ -53,6 +53,7 @@ def make_train_step(model, analyzer: GranularityAnalyzer, tx, aug_cfg, names: tu
             new_states[n] = states[n].apply_gradients(grads[n], tx)
             metrics[f"loss/{n}"] = terms[n]
             metrics[f"acc1/{n}"] = jnp.mean(losses.topk_correct(decoded[n], y, 1))
+            metrics[f"acc5/{n}"] = jnp.mean(losses.topk_correct(decoded[n], y, 5))
             metrics[f"grad_norm/{n}"] = optax.tree.norm(grads[n])
         return new_states, metrics
 

@@ -140,6 +140,7 @@ def make_train_step(s: StudentModules, t: TeacherModules, obj: Objective, tx, au
         new_state = state.apply_gradients(grads, tx, new_stats)
         metrics = {"loss": loss, **{f"loss/{k}": v for k, v in terms.items()},
                    "acc1": jnp.mean(losses.topk_correct(logits, batch["label"], 1)),
+                   "acc5": jnp.mean(losses.topk_correct(logits, batch["label"], 5)),
                    "grad_norm": optax.tree.norm(grads)}
         return new_state, metrics
 

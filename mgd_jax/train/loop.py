@@ -85,15 +85,19 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer):
     meta = ckpt.latest_meta()
     if meta is not None:
         check_meta(meta, spec.meta, f"{spec.directory}/checkpoints/latest")
+        best, last = dict(meta["best"]), dict(meta.get("last", {}))
+        if meta.get("finished") or int(meta["epoch"]) >= spec.num_epochs:
+            if ckpt.best_meta() is None:
+                raise FileNotFoundError(f"{spec.directory}/checkpoints/best is missing for a finished stage")
+            export, _ = ckpt.restore_best(export_like)
+            how = "imported" if meta.get("imported") else f"finished earlier ({meta['epoch']} epochs)"
+            print(f"[{spec.name}] {how}: using {spec.directory}/checkpoints/best", flush=True)
+            return state, export, {"best": best, "last": last}
         restored, meta = ckpt.restore_latest(jax.device_get(state))
         state = mesh_lib.replicate(restored, mesh)
-        start_epoch, best, last = int(meta["epoch"]), dict(meta["best"]), dict(meta.get("last", {}))
+        start_epoch = int(meta["epoch"])
         if ckpt.best_meta() is not None:
             export, _ = ckpt.restore_best(export_like)
-        if start_epoch >= spec.num_epochs:
-            print(f"[{spec.name}] finished earlier ({start_epoch} epochs): using {spec.directory}/checkpoints/best",
-                  flush=True)
-            return state, export, {"best": best, "last": last}
         print(f"[{spec.name}] resuming after epoch {start_epoch}/{spec.num_epochs}", flush=True)
     writer.truncate_after(start_epoch)
 
@@ -131,7 +135,8 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer):
             if improved or export is None:
                 export = jax.device_get(spec.export(state, export, improved))  # a host copy: state buffers are donated
                 ckpt.save_best(epoch + 1, export, {**spec.meta, "epoch": epoch + 1, "best": best})
-            ckpt.save_latest(epoch + 1, state, {**spec.meta, "epoch": epoch + 1, "best": best, "last": last})
+            ckpt.save_latest(epoch + 1, state, {**spec.meta, "epoch": epoch + 1, "best": best, "last": last,
+                                                "finished": epoch + 1 == spec.num_epochs})
             shown = {k.split("/", 1)[1]: f"{v:.4f}" for k, v in eval_metrics.items()}
             bar.set_postfix(epoch=epoch + 1, **shown)
             if bar.disable:

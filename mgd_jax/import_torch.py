@@ -1,0 +1,208 @@
+"""Import PyTorch checkpoints of the reference code (RepDistiller / the authors' zoo) into a workdir.
+
+    python -m mgd_jax.import_torch --arch=resnet56 --teacher=ckpt/best.pth \
+        [--tube64=teacher_high_best.pth --tube256=teacher_low_best.pth] --workdir=runs/x
+
+writes ``runs/x/teacher/checkpoints`` (and ``runs/x/analyzer/checkpoints``) as finished stages, so
+``train.py --workdir=runs/x`` goes straight to the students.  Files are read with
+``torch.load(..., weights_only=True)``: a file that needs arbitrary pickled objects is refused, never run.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from mgd_jax.analyzer import parse_granularities
+from mgd_jax.models import get_model
+
+
+class CheckpointImportError(ValueError):
+    pass
+
+
+def load_torch_file(path: str) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointImportError("importing PyTorch checkpoints needs torch: pip install torch==2.13.0") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointImportError(f"{path}: no such file") from None
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError (and others) for unsafe files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointImportError(f"{path}: refused, it is not a weights-only checkpoint ({first})") from None
+    return obj
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
+
+
+# --- key maps: torch state-dict key -> (collection, flax path) -----------------------------------------------
+_BN = {"weight": ("params", "scale"), "bias": ("params", "bias"), "running_mean": ("batch_stats", "mean"),
+       "running_var": ("batch_stats", "var")}
+
+
+def _leaf(module_path: list[str], kind: str, attr: str):
+    """kind: 'conv' | 'linear' | 'bn'."""
+    if kind == "bn":
+        col, name = _BN[attr]
+        return col, tuple(module_path) + (name,)
+    name = {"weight": "kernel", "bias": "bias"}[attr]
+    return "params", tuple(module_path) + (name,)
+
+
+def _map_resnet(key: str):
+    parts = key.split(".")
+    attr = parts[-1]
+    if parts[0] in ("conv1", "bn1", "fc"):
+        kind = {"conv1": "conv", "bn1": "bn", "fc": "linear"}[parts[0]]
+        return _leaf([parts[0]], kind, attr)
+    m = re.fullmatch(r"layer(\d)\.(\d+)\.(conv1|conv2|bn1|bn2|downsample\.0|downsample\.1)\.\w+", key)
+    if not m:
+        return None
+    block = f"layer{m.group(1)}_{m.group(2)}"
+    sub = {"conv1": ("conv1", "conv"), "conv2": ("conv2", "conv"), "bn1": ("bn1", "bn"), "bn2": ("bn2", "bn"),
+           "downsample.0": ("downsample_conv", "conv"), "downsample.1": ("downsample_bn", "bn")}[m.group(3)]
+    return _leaf([block, sub[0]], sub[1], attr)
+
+
+_FAMILY_MAPS = [(re.compile(r"resnet\d+(x\d+)?$"), _map_resnet)]
+
+
+def _key_map(arch: str):
+    for pattern, fn in _FAMILY_MAPS:
+        if pattern.match(arch):
+            return fn
+    raise CheckpointImportError(f"no PyTorch key map for architecture {arch!r}")
+
+
+def _to_flax(value: np.ndarray) -> np.ndarray:
+    if value.ndim == 4:  # conv OIHW -> HWIO
+        return np.transpose(value, (2, 3, 1, 0))
+    if value.ndim == 2:  # linear (out, in) -> (in, out)
+        return value.T
+    return value
+
+
+def _fill(expected: dict, items, where: str) -> dict:
+    """expected: flat {(collection, *path): ShapeDtypeStruct}; items: [(torch_key, (collection, path), array)]."""
+    out = {}
+    for key, target, value in items:
+        if target is None or target not in expected:
+            raise CheckpointImportError(f"{where}: key {key!r} has no place in this architecture")
+        if target in out:
+            raise CheckpointImportError(f"{where}: key {key!r} fills {'/'.join(target)} a second time")
+        value = _to_flax(value)
+        if tuple(value.shape) != tuple(expected[target].shape):
+            raise CheckpointImportError(f"{where}: key {key!r} has shape {tuple(value.shape)} (flax layout) but "
+                                        f"this architecture needs {tuple(expected[target].shape)}")
+        out[target] = value.astype(np.float32)
+    missing = [k for k in expected if k not in out]
+    if missing:
+        raise CheckpointImportError(f"{where}: nothing in the checkpoint for {'/'.join(missing[0])}"
+                                    f" ({len(missing)} entries missing)")
+    return out
+
+
+def convert_backbone(arch: str, state_dict: dict, num_classes: int, where: str = "checkpoint") -> dict:
+    """A torch ``state_dict`` of ``arch`` -> flax variables ``{'params', 'batch_stats'}``."""
+    model = get_model(arch, num_classes)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    expected = {(col,) + k: v for col in shapes for k, v in traverse_util.flatten_dict(shapes[col]).items()}
+    key_map = _key_map(arch)
+    items = []
+    for k, v in state_dict.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        t = key_map(k)
+        items.append((k, None if t is None else (t[0],) + t[1], _np(v)))
+    flat = _fill(expected, items, where)
+    out = {}
+    for (col, *path), v in flat.items():
+        out.setdefault(col, {})[tuple(path)] = v
+    return {col: traverse_util.unflatten_dict(d) for col, d in out.items()}
+
+
+def convert_tube(ckpt: dict, dim: int, feature_dim: int, num_classes: int, where: str = "tube") -> dict:
+    """``{'encoder_state_dict', 'decoder_state_dict'}`` (nn.Sequential keys 0.* / 2.*) -> one Tube's params."""
+    for k in ("encoder_state_dict", "decoder_state_dict"):
+        if k not in ckpt:
+            raise CheckpointImportError(f"{where}: expected a tube checkpoint with {k!r}, found keys {sorted(ckpt)}")
+    from mgd_jax.analyzer import Tube
+    shapes = jax.eval_shape(lambda: Tube(dim, num_classes).init(jax.random.key(0), jnp.zeros((1, feature_dim))))
+    expected = {("params",) + k: v for k, v in traverse_util.flatten_dict(shapes["params"]).items()}
+    items = []
+    for part in ("encoder", "decoder"):
+        for k, v in ckpt[f"{part}_state_dict"].items():
+            m = re.fullmatch(r"(0|2)\.(weight|bias)", k)
+            t = None if not m else ("params", part, {"0": "fc1", "2": "fc2"}[m.group(1)],
+                                    {"weight": "kernel", "bias": "bias"}[m.group(2)])
+            items.append((f"{part}_state_dict.{k}", t, _np(v)))
+    flat = _fill(expected, items, where)
+    return traverse_util.unflatten_dict({k[1:]: v for k, v in flat.items()})
+
+
+def import_to_workdir(arch: str, teacher_path: str, workdir: str, num_classes: int = 100,
+                      tubes: dict | None = None, granularities=((64, 2.0), (256, 8.0))) -> None:
+    """Writes the teacher (and analyzer) stage checkpoints of ``workdir`` as finished stages."""
+    import os
+
+    from mgd_jax.train.checkpoint import StageCheckpoints
+
+    ck = load_torch_file(teacher_path)
+    sd = ck.get("model", ck) if isinstance(ck, dict) else ck
+    variables = convert_backbone(arch, sd, num_classes, where=teacher_path)
+    model = get_model(arch, num_classes)
+    d = model.apply(variables, jnp.zeros((1, 32, 32, 3)))[1][-1].shape[-1]
+    meta = {"stage": "teacher", "arch": arch, "num_classes": num_classes, "imported_from": os.path.abspath(teacher_path)}
+    best = {"imported": True, "epoch": 0}
+    stage = StageCheckpoints(os.path.join(workdir, "teacher", "checkpoints"))
+    stage.save_best(0, variables, {**meta, "epoch": 0, "best": best})
+    stage.save_latest(0, variables, {**meta, "epoch": 0, "best": best, "last": {}, "imported": True,
+                                     "finished": True})
+    stage.close()
+    if tubes:
+        grans = parse_granularities(granularities)
+        params = {}
+        for g in grans:
+            if g.dim not in tubes:
+                raise CheckpointImportError(f"no tube checkpoint for granularity {g.name} (have dims {sorted(tubes)})")
+            params[g.name] = convert_tube(load_torch_file(tubes[g.dim]), g.dim, d, num_classes, where=tubes[g.dim])
+        meta = {"stage": "analyzer", "teacher_arch": arch, "num_classes": num_classes,
+                "granularities": [[g.dim, g.temperature] for g in grans]}
+        stage = StageCheckpoints(os.path.join(workdir, "analyzer", "checkpoints"))
+        stage.save_best(0, params, {**meta, "epoch": 0, "best": best})
+        stage.save_latest(0, params, {**meta, "epoch": 0, "best": best, "last": {}, "imported": True,
+                                      "finished": True})
+        stage.close()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", required=True)
+    p.add_argument("--teacher", required=True, help="{'model': state_dict} file (teacher.py's ckpt/best.pth)")
+    p.add_argument("--tube64", help="64-d tube (teacher_high_best.pth)")
+    p.add_argument("--tube256", help="256-d tube (teacher_low_best.pth)")
+    p.add_argument("--num_classes", type=int, default=100)
+    p.add_argument("--workdir", required=True)
+    a = p.parse_args(argv)
+    tubes = {k: v for k, v in ((64, a.tube64), (256, a.tube256)) if v}
+    try:
+        import_to_workdir(a.arch, a.teacher, a.workdir, a.num_classes, tubes or None)
+    except (CheckpointImportError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"imported {a.arch} into {a.workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

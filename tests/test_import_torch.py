@@ -1,0 +1,97 @@
+"""PyTorch checkpoints of the authors' code -> our models: outputs match the stored reference outputs."""
+import json
+import os
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+from mgd_jax.analyzer import Tube
+from mgd_jax.import_torch import CheckpointImportError, convert_backbone, convert_tube, load_torch_file, main
+from mgd_jax.models import get_model
+
+torch = pytest.importorskip("torch")
+TORCH = FIXTURES / "torch"
+SHAPES = json.loads((TORCH / "torch_state_dict_shapes.json").read_text())
+
+
+def _nhwc(a):
+    return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
+
+
+@pytest.mark.parametrize("arch", ["resnet8", "resnet14x05"])
+def test_imported_model_matches_reference_outputs(arch):
+    ref = np.load(TORCH / f"{arch}_expected.npz")
+    v = convert_backbone(arch, load_torch_file(str(TORCH / f"{arch}_backbone.pth"))["model"], 100)
+    model = get_model(arch, 100)
+    x = jnp.asarray(_nhwc(ref["input_nchw"]))
+    logits, feats = model.apply(v, x)
+    _, pre = model.apply(v, x, preact=True)
+    np.testing.assert_allclose(logits, ref["logits"], atol=1e-4, rtol=1e-4)
+    for i in range(len(feats)):
+        np.testing.assert_allclose(feats[i], _nhwc(ref[f"feat{i}_nchw"]), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(pre[i], _nhwc(ref[f"preact_feat{i}_nchw"]), atol=1e-4, rtol=1e-4)
+    for dim in (64, 256):
+        p = convert_tube(load_torch_file(str(TORCH / f"{arch}_tube{dim}.pth")), dim, feats[-1].shape[-1], 100)
+        enc, dec = Tube(dim, 100).apply({"params": p}, feats[-1])
+        np.testing.assert_allclose(enc, ref[f"enc{dim}"], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(dec, ref[f"dec{dim}"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "resnet20x0375"])
+def test_every_listed_key_fills_every_parameter_once(arch):
+    sd = {k: torch.zeros(s) for k, s in SHAPES[arch].items()}
+    v = convert_backbone(arch, sd, 100)
+    n_torch = sum(int(np.prod(s)) for k, s in SHAPES[arch].items() if not k.endswith("num_batches_tracked"))
+    assert sum(x.size for x in jax.tree.leaves(v)) == n_torch
+
+
+def test_wrong_architecture_is_refused_naming_the_key():
+    sd = load_torch_file(str(TORCH / "resnet8_backbone.pth"))["model"]
+    with pytest.raises(CheckpointImportError, match=r"key 'conv1.weight' has shape \(3, 3, 3, 16\).*needs "
+                                                    r"\(3, 3, 3, 32\)"):
+        convert_backbone("resnet8x4", sd, 100)
+    with pytest.raises(CheckpointImportError, match=r"key 'fc.weight' has shape \(64, 100\).*\(64, 10\)"):
+        convert_backbone("resnet8", sd, 10)
+    with pytest.raises(CheckpointImportError, match="nothing in the checkpoint for [a-z_]+/layer1_1/"):
+        convert_backbone("resnet14", sd, 100)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model": Evil()}, f)
+    with pytest.raises(CheckpointImportError, match="refused, it is not a weights-only checkpoint"):
+        load_torch_file(str(path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_cli_imports_into_workdir_and_student_stage_uses_it(tmp_path):
+    workdir = str(tmp_path / "w")
+    code = main(["--arch=resnet8", f"--teacher={TORCH / 'resnet8_backbone.pth'}",
+                 f"--tube64={TORCH / 'resnet8_tube64.pth'}", f"--tube256={TORCH / 'resnet8_tube256.pth'}",
+                 f"--workdir={workdir}"])
+    assert code == 0
+    from configs import cifar100
+    from mgd_jax import pipeline
+    import tensorflow_datasets as tfds
+
+    c = cifar100.get_config("resnet8,resnet8,kd,mas")
+    c.progress = False
+    c.student.epochs = 1
+    c.student.batch_size = 16
+    c.student.optimizer.milestones = ()
+    with tfds.testing.mock_data(num_examples=32):
+        summary = pipeline.train_and_evaluate(c, workdir, devices=jax.devices()[:1])
+    assert not os.path.exists(os.path.join(workdir, "teacher", "metrics.jsonl"))  # not retrained
+    assert not os.path.exists(os.path.join(workdir, "analyzer", "metrics.jsonl"))
+    assert summary["rows"][-1]["stage"] == "student kd_mas (kd / mas)"
+    assert main(["--arch=resnet20", f"--teacher={TORCH / 'resnet8_backbone.pth'}",
+                 f"--workdir={tmp_path / 'w2'}"]) == 2

@@ -166,8 +166,7 @@ def import_to_workdir(arch: str, teacher_path: str, workdir: str, num_classes: i
     best = {"imported": True, "epoch": 0}
     stage = StageCheckpoints(os.path.join(workdir, "teacher", "checkpoints"))
     stage.save_best(0, variables, {**meta, "epoch": 0, "best": best})
-    stage.save_latest(0, variables, {**meta, "epoch": 0, "best": best, "last": {}, "imported": True,
-                                     "finished": True})
+    stage.save_latest(0, variables, {**meta, "epoch": 0, "best": best, "last": {}, "imported": True})
     stage.close()
     if tubes:
         grans = parse_granularities(granularities)
@@ -180,8 +179,7 @@ def import_to_workdir(arch: str, teacher_path: str, workdir: str, num_classes: i
                 "granularities": [[g.dim, g.temperature] for g in grans]}
         stage = StageCheckpoints(os.path.join(workdir, "analyzer", "checkpoints"))
         stage.save_best(0, params, {**meta, "epoch": 0, "best": best})
-        stage.save_latest(0, params, {**meta, "epoch": 0, "best": best, "last": {}, "imported": True,
-                                      "finished": True})
+        stage.save_latest(0, params, {**meta, "epoch": 0, "best": best, "last": {}, "imported": True})
         stage.close()
 
 

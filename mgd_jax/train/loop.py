@@ -86,7 +86,7 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer):
     if meta is not None:
         check_meta(meta, spec.meta, f"{spec.directory}/checkpoints/latest")
         best, last = dict(meta["best"]), dict(meta.get("last", {}))
-        if meta.get("finished") or int(meta["epoch"]) >= spec.num_epochs:
+        if meta.get("imported") or int(meta["epoch"]) >= spec.num_epochs:
             if ckpt.best_meta() is None:
                 raise FileNotFoundError(f"{spec.directory}/checkpoints/best is missing for a finished stage")
             export, _ = ckpt.restore_best(export_like)
@@ -107,7 +107,8 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer):
     steps = mesh_lib.steps_per_epoch(n, spec.batch_size, ndev, spec.drop_remainder)
     total = steps * len(spec.passes) * spec.num_epochs
     bar = tqdm(total=total, initial=steps * len(spec.passes) * start_epoch, desc=spec.name, unit="step",
-               disable=not (spec.progress and sys.stdout.isatty()), dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
+               disable=not (spec.progress and sys.stdout.isatty()), dynamic_ncols=True, file=sys.stdout,
+               mininterval=1.0)
     stage_key = jax.random.key(spec.seed)
     try:
         for epoch in range(start_epoch, spec.num_epochs):
@@ -123,8 +124,9 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer):
                     state, m = step(state, frozen, batch, base_key)
                     acc.append((len(idx), m))
                     bar.update(1)
-                    if i % 50 == 49:
-                        bar.set_postfix(epoch=epoch + 1, loss=f"{float(m['loss' if 'loss' in m else next(iter(m))]):.3f}")
+                    if i % 50 == 49 and not bar.disable:  # an occasional host sync for the display
+                        bar.set_postfix(epoch=epoch + 1, **{k: f"{float(v):.3f}" for k, v in m.items()
+                                                            if k.startswith("loss")})
                 train_metrics.update({f"train/{k}": v for k, v in _mean_metrics(acc).items()})
             check_finite({k[len("train/"):]: v for k, v in train_metrics.items()}, spec.name, epoch)
             eval_metrics = {f"test/{k}": v for k, v in spec.evaluate(state).items()}
@@ -135,8 +137,7 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer):
             if improved or export is None:
                 export = jax.device_get(spec.export(state, export, improved))  # a host copy: state buffers are donated
                 ckpt.save_best(epoch + 1, export, {**spec.meta, "epoch": epoch + 1, "best": best})
-            ckpt.save_latest(epoch + 1, state, {**spec.meta, "epoch": epoch + 1, "best": best, "last": last,
-                                                "finished": epoch + 1 == spec.num_epochs})
+            ckpt.save_latest(epoch + 1, state, {**spec.meta, "epoch": epoch + 1, "best": best, "last": last})
             shown = {k.split("/", 1)[1]: f"{v:.4f}" for k, v in eval_metrics.items()}
             bar.set_postfix(epoch=epoch + 1, **shown)
             if bar.disable:

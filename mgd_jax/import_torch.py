@@ -45,43 +45,39 @@ def _np(t) -> np.ndarray:
     return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
 
 
-# --- key maps: torch state-dict key -> (collection, flax path) -----------------------------------------------
+# --- key map: torch state-dict key -> (collection, flax path) ---------------------------------------------------
+# Our modules are named after the reference's: a numeric token joins the name before it ("layer1.0.conv1" ->
+# layer1_0/conv1, "blocks.0.0.conv.3" -> blocks_0_0/conv_3).  A module with running statistics is a BatchNorm.
 _BN = {"weight": ("params", "scale"), "bias": ("params", "bias"), "running_mean": ("batch_stats", "mean"),
        "running_var": ("batch_stats", "var")}
+_LINEAR_OR_CONV = {"weight": ("params", "kernel"), "bias": ("params", "bias")}
 
 
-def _leaf(module_path: list[str], kind: str, attr: str):
-    """kind: 'conv' | 'linear' | 'bn'."""
-    if kind == "bn":
-        col, name = _BN[attr]
-        return col, tuple(module_path) + (name,)
-    name = {"weight": "kernel", "bias": "bias"}[attr]
-    return "params", tuple(module_path) + (name,)
+def _module_path(torch_module: str) -> tuple[str, ...]:
+    out: list[str] = []
+    for tok in torch_module.split("."):
+        if tok.isdigit() and out:
+            out[-1] = f"{out[-1]}_{tok}"
+        else:
+            out.append(tok)
+    return tuple(out)
 
 
-def _map_resnet(key: str):
-    parts = key.split(".")
-    attr = parts[-1]
-    if parts[0] in ("conv1", "bn1", "fc"):
-        kind = {"conv1": "conv", "bn1": "bn", "fc": "linear"}[parts[0]]
-        return _leaf([parts[0]], kind, attr)
-    m = re.fullmatch(r"layer(\d)\.(\d+)\.(conv1|conv2|bn1|bn2|downsample\.0|downsample\.1)\.\w+", key)
-    if not m:
-        return None
-    block = f"layer{m.group(1)}_{m.group(2)}"
-    sub = {"conv1": ("conv1", "conv"), "conv2": ("conv2", "conv"), "bn1": ("bn1", "bn"), "bn2": ("bn2", "bn"),
-           "downsample.0": ("downsample_conv", "conv"), "downsample.1": ("downsample_bn", "bn")}[m.group(3)]
-    return _leaf([block, sub[0]], sub[1], attr)
-
-
-_FAMILY_MAPS = [(re.compile(r"resnet\d+(x\d+)?$"), _map_resnet)]
-
-
-def _key_map(arch: str):
-    for pattern, fn in _FAMILY_MAPS:
-        if pattern.match(arch):
-            return fn
-    raise CheckpointImportError(f"no PyTorch key map for architecture {arch!r}")
+def map_keys(state_dict: dict) -> list[tuple[str, tuple | None]]:
+    """[(torch key, (collection, *flax path) or None)] for every key but ``num_batches_tracked``."""
+    bn_modules = {k.rsplit(".", 1)[0] for k in state_dict if k.endswith(".running_mean")}
+    out = []
+    for k in state_dict:
+        if k.endswith("num_batches_tracked"):
+            continue
+        module, attr = k.rsplit(".", 1) if "." in k else ("", k)
+        table = _BN if module in bn_modules else _LINEAR_OR_CONV
+        if attr not in table:
+            out.append((k, None))
+            continue
+        col, leaf = table[attr]
+        out.append((k, (col,) + _module_path(module) + (leaf,)))
+    return out
 
 
 def _to_flax(value: np.ndarray) -> np.ndarray:
@@ -117,13 +113,7 @@ def convert_backbone(arch: str, state_dict: dict, num_classes: int, where: str =
     model = get_model(arch, num_classes)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
     expected = {(col,) + k: v for col in shapes for k, v in traverse_util.flatten_dict(shapes[col]).items()}
-    key_map = _key_map(arch)
-    items = []
-    for k, v in state_dict.items():
-        if k.endswith("num_batches_tracked"):
-            continue
-        t = key_map(k)
-        items.append((k, None if t is None else (t[0],) + t[1], _np(v)))
+    items = [(k, target, _np(state_dict[k])) for k, target in map_keys(state_dict)]
     flat = _fill(expected, items, where)
     out = {}
     for (col, *path), v in flat.items():

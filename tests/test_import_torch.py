@@ -22,7 +22,7 @@ def _nhwc(a):
     return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
 
 
-@pytest.mark.parametrize("arch", ["resnet8", "resnet14x05"])
+@pytest.mark.parametrize("arch", ["resnet8", "resnet14x05", "wrn_16_1"])
 def test_imported_model_matches_reference_outputs(arch):
     ref = np.load(TORCH / f"{arch}_expected.npz")
     v = convert_backbone(arch, load_torch_file(str(TORCH / f"{arch}_backbone.pth"))["model"], 100)
@@ -41,12 +41,22 @@ def test_imported_model_matches_reference_outputs(arch):
         np.testing.assert_allclose(dec, ref[f"dec{dim}"], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["resnet20", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "resnet20x0375"])
+@pytest.mark.parametrize("arch", sorted(SHAPES))
 def test_every_listed_key_fills_every_parameter_once(arch):
-    sd = {k: torch.zeros(s) for k, s in SHAPES[arch].items()}
+    # distinct values per key, so a key landing in the wrong place would be seen
+    sd, value_of = {}, {}
+    for i, (k, s) in enumerate(SHAPES[arch].items()):
+        sd[k] = torch.full(s, float(i))
+        value_of[k] = float(i)
     v = convert_backbone(arch, sd, 100)
     n_torch = sum(int(np.prod(s)) for k, s in SHAPES[arch].items() if not k.endswith("num_batches_tracked"))
     assert sum(x.size for x in jax.tree.leaves(v)) == n_torch
+    from mgd_jax.import_torch import map_keys
+    for k, target in map_keys(sd):
+        leaf = v[target[0]]
+        for p in target[1:]:
+            leaf = leaf[p]
+        assert np.all(leaf == value_of[k]), k
 
 
 def test_wrong_architecture_is_refused_naming_the_key():

@@ -12,22 +12,23 @@ from mgd_jax.models import get_model
 from mgd_jax.models.layers import BatchNorm, Linear
 
 STATS = json.loads((FIXTURES / "model_stats.json").read_text())
-RESNETS = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4",
-           "resnet32x4", "resnet14x05", "resnet20x05", "resnet20x0375"]
+ARCHS = sorted(STATS)
+CLASSIFIER = {"ResNet50": "linear", "vgg8": "classifier", "vgg11": "classifier", "vgg13": "classifier",
+              "vgg16": "classifier", "vgg19": "classifier", "MobileNetV2": "classifier"}
 
 
 def _count(tree):
     return sum(x.size for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("arch", RESNETS)
-def test_resnet_shapes_and_counts(arch):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_architecture_shapes_and_counts(arch):
     ref = STATS[arch]
     model = get_model(arch, 100)
     x = jnp.zeros((2, 32, 32, 3))
     v = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
     assert _count(v["params"]) == ref["total"]
-    assert _count(v["params"]["fc"]) == ref["classifier"]
+    assert _count(v["params"][CLASSIFIER.get(arch, "fc")]) == ref["classifier"]
     (logits, feats), (logits_p, feats_p) = jax.eval_shape(
         lambda: (model.apply(model.init(jax.random.key(0), x), x), model.apply(model.init(jax.random.key(0), x), x,
                                                                                  preact=True)))
@@ -85,6 +86,46 @@ def test_batchnorm_matches_pytorch_semantics():
     y_eval = bn.apply({**v, "batch_stats": upd["batch_stats"]}, x, train=False)
     np.testing.assert_allclose(y_eval, (x - 0.1 * mean) / np.sqrt(upd["batch_stats"]["var"] + 1e-5), rtol=1e-4,
                                atol=1e-4)
+
+
+def test_family_initialisations():
+    x = jnp.zeros((1, 32, 32, 3))
+    wrn = get_model("wrn_16_2", 100).init(jax.random.key(0), x)["params"]
+    np.testing.assert_array_equal(wrn["fc"]["bias"], 0.0)  # WRN: fc bias 0
+    k = wrn["block3"]["layer_1"]["conv2"]["kernel"]
+    assert abs(float(jnp.std(k)) / np.sqrt(2 / (9 * 128)) - 1) < 0.03
+    vgg = get_model("vgg8", 100).init(jax.random.key(0), x)["params"]
+    assert abs(float(jnp.std(vgg["classifier"]["kernel"])) / 0.01 - 1) < 0.05  # Linear N(0, 0.01)
+    np.testing.assert_array_equal(vgg["block2_0"]["bias"], 0.0)  # conv bias 0
+    shuf = get_model("ShuffleV2", 100).init(jax.random.key(0), x)["params"]
+    k = shuf["layer2_1"]["conv1"]["kernel"]  # default torch conv init: U(+-1/sqrt(fan_in)), fan_in = 116
+    bound = 1 / np.sqrt(116)
+    assert float(jnp.max(jnp.abs(k))) <= bound and float(jnp.max(jnp.abs(k))) > 0.95 * bound
+    mob = get_model("MobileNetV2", 100).init(jax.random.key(0), x)["params"]
+    k = mob["blocks_3_0"]["conv_3"]["kernel"]  # depthwise 3x3 of 96 channels: N(0, sqrt(2 / (9 * 96)))
+    assert k.shape == (3, 3, 1, 96) and abs(float(jnp.std(k)) / np.sqrt(2 / (9 * 96)) - 1) < 0.1
+
+
+def test_channel_shuffle_matches_nchw_reference():
+    from mgd_jax.models.layers import channel_shuffle
+    x = np.arange(2 * 3 * 3 * 12, dtype=np.float32).reshape(2, 3, 3, 12)
+    nchw = x.transpose(0, 3, 1, 2)
+    ref = nchw.reshape(2, 3, 4, 3, 3).transpose(0, 2, 1, 3, 4).reshape(2, 12, 3, 3).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(channel_shuffle(jnp.asarray(x), 3), ref)
+
+
+@pytest.mark.parametrize("arch", ["wrn_16_1", "vgg8", "ShuffleV1", "ShuffleV2", "ResNet50"])
+def test_preact_features_relate_to_features(arch):
+    model = get_model(arch, 10)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    v = model.init(jax.random.key(0), x)
+    _, f = model.apply(v, x)
+    _, fp = model.apply(v, x, preact=True)
+    np.testing.assert_allclose(f[-1], fp[-1], rtol=1e-5, atol=1e-6)
+    assert any(float(jnp.min(b)) < 0 for b in fp[1:-1])  # some preact features are before a ReLU
+    if arch in ("vgg8", "ShuffleV1", "ResNet50"):
+        for a, b in zip(f[1:-1], fp[1:-1]):
+            np.testing.assert_allclose(a, jnp.maximum(b, 0), rtol=1e-5, atol=1e-5)
 
 
 def test_linear_is_torch_linear():

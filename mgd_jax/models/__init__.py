@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from flax import linen as nn
 
-from mgd_jax.models import resnet
+from mgd_jax.models import mobilenetv2, resnet, resnetv2, shufflenet, vgg, wrn
 
 _REGISTRY = {}
-_REGISTRY.update(resnet.builders())
+for _family in (resnet, resnetv2, wrn, vgg, mobilenetv2, shufflenet):
+    _REGISTRY.update(_family.builders())
 
 ARCHITECTURES = tuple(_REGISTRY)
 

@@ -14,6 +14,8 @@ from flax import linen as nn
 
 # Kaiming normal, fan_out, ReLU gain (torch.nn.init.kaiming_normal_(mode='fan_out', nonlinearity='relu')).
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch.nn.Conv2d default init (kaiming_uniform a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = k*k*in/groups.
+torch_conv_default = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 # torch.nn.Linear default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) == variance_scaling(1/3, fan_in, uniform).
 torch_linear_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -72,8 +74,16 @@ class Linear(nn.Module):
 
 
 def conv(features: int, kernel: int, stride: int = 1, padding: int | None = None, *, use_bias: bool = False,
-         kernel_init: Callable = kaiming_normal_fan_out, name: str | None = None) -> nn.Conv:
-    """A PyTorch-style conv: symmetric explicit padding (default kernel // 2), no bias by default."""
+         groups: int = 1, kernel_init: Callable = kaiming_normal_fan_out, name: str | None = None) -> nn.Conv:
+    """A PyTorch-style conv: symmetric explicit padding (default kernel // 2), no bias by default; a bias
+    starts at 0 (the zoo's init for every conv that has one)."""
     p = kernel // 2 if padding is None else padding
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
-                   use_bias=use_bias, kernel_init=kernel_init, name=name)
+                   use_bias=use_bias, feature_group_count=groups, kernel_init=kernel_init,
+                   bias_init=nn.initializers.zeros, name=name)
+
+
+def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
+    """ShuffleNet's channel shuffle in NHWC: the PyTorch NCHW view(N, g, C/g) -> transpose -> flatten order."""
+    n, h, w, c = x.shape
+    return x.reshape(n, h, w, groups, c // groups).swapaxes(3, 4).reshape(n, h, w, c)

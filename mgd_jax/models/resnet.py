@@ -26,8 +26,8 @@ class BasicBlock(nn.Module):
         out = conv(self.planes, 3, name="conv2")(out)
         out = BatchNorm(name="bn2")(out, train)
         if self.stride != 1 or x.shape[-1] != self.planes:
-            x = conv(self.planes, 1, self.stride, padding=0, name="downsample_conv")(x)
-            x = BatchNorm(name="downsample_bn")(x, train)
+            x = conv(self.planes, 1, self.stride, padding=0, name="downsample_0")(x)
+            x = BatchNorm(name="downsample_1")(x, train)
         preact = out + x
         return nn.relu(preact), preact
 

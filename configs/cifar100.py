@@ -3,8 +3,10 @@
     python train.py --config=configs/cifar100.py:resnet56,resnet20,kd,mas --workdir=runs/r56_r20_kd_mas
 
 Argument: ``teacher,student,method,granularity`` (granularity one of none | mag | mas; ``all`` runs the three
-modes as three students sharing one teacher and analyzer).  README pairs: resnet56,resnet20 / resnet110,resnet20 /
-resnet110,resnet32 / resnet32x4,resnet8x4.
+modes as three students sharing one teacher and analyzer).  Any two architectures of the zoo form a pair; the
+paper's are ``default.README_PAIRS`` (its table) and ``default.SCRIPT_PAIRS`` (the authors' 13 scripts), e.g.
+``wrn_40_2,wrn_16_2`` ... ``vgg13,vgg8``, ``resnet32x4,ShuffleV1``.  MobileNetV2 / ShuffleV1 / ShuffleV2 students
+train with lr 0.01 (the reference's rule).
 """
 import ml_collections
 

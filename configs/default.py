@@ -11,6 +11,13 @@ PAPER_GRANULARITIES = ((64, 2.0), (256, 8.0))
 # Students whose backbone the reference trains with lr 0.01 instead of 0.05.
 LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 
+# Teacher -> student pairs of the README table (the paper's CIFAR-100 table, SPEC §8).
+README_PAIRS = (("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20"), ("resnet110", "resnet20"),
+                ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8"))
+# The 13 pairs of the authors' scripts (scripts/cifar100_*.sh).
+SCRIPT_PAIRS = README_PAIRS + (("vgg13", "MobileNetV2"), ("ResNet50", "MobileNetV2"), ("ResNet50", "vgg8"),
+                               ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"), ("wrn_40_2", "ShuffleV1"))
+
 # Loss weights of the authors' scripts (scripts/cifar100_*.sh): ce_weight, div_weight (logit KD, T=4),
 # kd_weight (L_method).  The granularity terms always have weight 1.  'none' = a student without teacher.
 METHOD_WEIGHTS = {

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import cifar100
+from configs import cifar100, default
 from mgd_jax import pipeline
+from mgd_jax.config_validation import validate_config
 from mgd_jax.data import load_tfds
 
 
@@ -40,3 +41,12 @@ def test_cifar100_config_parses_pairs():
     assert c.analyzer.optimizer.lr == 0.01 and c.analyzer.optimizer.milestones == (30, 45)
     with pytest.raises(ValueError, match="teacher,student,method,granularity"):
         cifar100.get_config("resnet56,resnet20")
+
+
+@pytest.mark.parametrize("pair", default.SCRIPT_PAIRS)
+def test_every_script_pair_has_a_config(pair):
+    c = cifar100.get_config(f"{pair[0]},{pair[1]},kd,mas")
+    validate_config(c)
+    assert (c.teacher.arch, c.student.arch) == pair
+    assert c.student.optimizer.lr == (0.01 if pair[1] in default.LOW_LR_STUDENTS else 0.05)
+    assert c.teacher.optimizer.lr == 0.05

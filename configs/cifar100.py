@@ -26,5 +26,6 @@ def get_config(arg: str = "resnet56,resnet20,kd,mas"):
     if method not in default.METHOD_WEIGHTS:
         raise ValueError(f"unknown method {method!r}; configs know: {', '.join(default.METHOD_WEIGHTS)}")
     modes = ("none", "mag", "mas") if granularity == "all" else (granularity,)
-    c.students = ml_collections.ConfigDict({f"{method}_{m}": default.student_run(method, m) for m in modes})
+    c.students = ml_collections.ConfigDict({f"{method}_{m}": default.student_run(method, m, student_arch=student)
+                                            for m in modes})
     return c

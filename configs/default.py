@@ -18,12 +18,36 @@ README_PAIRS = (("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56",
 SCRIPT_PAIRS = README_PAIRS + (("vgg13", "MobileNetV2"), ("ResNet50", "MobileNetV2"), ("ResNet50", "vgg8"),
                                ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"), ("wrn_40_2", "ShuffleV1"))
 
-# Loss weights of the authors' scripts (scripts/cifar100_*.sh): ce_weight, div_weight (logit KD, T=4),
-# kd_weight (L_method).  The granularity terms always have weight 1.  'none' = a student without teacher.
+# Loss weights (ce_weight, div_weight = logit KD at T=4, kd_weight = L_method) of the authors' scripts
+# (scripts/cifar100_*.sh: kd, hint, attention, similarity, vid, crd).  The granularity terms always have weight 1.
+# 'none' = a student without teacher.  Methods without a script (SPEC_BASELINES §1) keep the scripts' ce 1 /
+# logit KD 1 and take RepDistiller's beta as the method weight (correlation 0.02, rkd 1, pkt 30000, nst 50,
+# abound 1, factor 200, fsp 50); kdsvd has no published beta: 1.  afd: AberHu's zoo uses lambda = 500 on the
+# *mean* of 3 layer losses; ours sum the layers, so 500 / 3.  abound and fsp only act through their init stage.
 METHOD_WEIGHTS = {
     "none": dict(ce=1.0, logit_kd=0.0, method=0.0),
     "kd": dict(ce=0.2, logit_kd=0.8, method=1.0),
+    "hint": dict(ce=1.0, logit_kd=1.0, method=100.0),
+    "attention": dict(ce=1.0, logit_kd=1.0, method=1000.0),
+    "similarity": dict(ce=1.0, logit_kd=1.0, method=3000.0),
+    "vid": dict(ce=1.0, logit_kd=1.0, method=1.0),
+    "crd": dict(ce=1.0, logit_kd=1.0, method=0.8),
+    "rkd": dict(ce=1.0, logit_kd=1.0, method=1.0),
+    "afd": dict(ce=1.0, logit_kd=1.0, method=500.0 / 3.0),
+    "correlation": dict(ce=1.0, logit_kd=1.0, method=0.02),
+    "pkt": dict(ce=1.0, logit_kd=1.0, method=30000.0),
+    "nst": dict(ce=1.0, logit_kd=1.0, method=50.0),
+    "kdsvd": dict(ce=1.0, logit_kd=1.0, method=1.0),
+    "abound": dict(ce=1.0, logit_kd=1.0, method=1.0),
+    "factor": dict(ce=1.0, logit_kd=1.0, method=200.0),
+    "fsp": dict(ce=1.0, logit_kd=1.0, method=50.0),
 }
+# Methods with an init stage (pretrain.py; RepDistiller: 30 epochs, constant lr 0.05; factor with a CIFAR
+# ResNet / WRN student: 0.01).
+INIT_STAGE_METHODS = ("abound", "factor", "fsp")
+INIT_EPOCHS = 30
+# CRD: feature dim 128, 16384 negatives, T 0.07, momentum 0.5, 'exact' positives.
+CRD_OPTIONS = dict(feat_dim=128, nce_k=16384, nce_t=0.07, nce_m=0.5, mode="exact")
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)  # data/cifar100.py (the teacher script's 0.4866/0.4409 differ by 1e-4)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
@@ -34,12 +58,16 @@ def sgd(lr, milestones):
                                           gamma=0.1))
 
 
-def student_run(method: str, granularity: str, temperature: float = 4.0):
+def student_run(method: str, granularity: str, temperature: float = 4.0, student_arch: str = ""):
     """One student of the table: method x granularity mode with the scripts' weights."""
     w = METHOD_WEIGHTS[method]
-    return ml_collections.ConfigDict(dict(
-        method=method, granularity=granularity, temperature=temperature,
-        weights=dict(ce=w["ce"], logit_kd=w["logit_kd"], method=w["method"], granularity=1.0)))
+    run = dict(method=method, granularity=granularity, temperature=temperature,
+               weights=dict(ce=w["ce"], logit_kd=w["logit_kd"], method=w["method"], granularity=1.0),
+               method_options=CRD_OPTIONS if method == "crd" else {})
+    if method in INIT_STAGE_METHODS:
+        low = method == "factor" and student_arch.startswith(("resnet", "wrn"))
+        run["init"] = dict(epochs=INIT_EPOCHS, optimizer=sgd(0.01 if low else 0.05, ()))
+    return ml_collections.ConfigDict(run)
 
 
 def get_config():

@@ -3,7 +3,9 @@ field and the value."""
 from __future__ import annotations
 
 from mgd_jax.analyzer import parse_granularities
-from mgd_jax.methods import known_methods
+import ml_collections
+
+from mgd_jax.methods import get_method, known_methods
 from mgd_jax.models import ARCHITECTURES
 from mgd_jax.stages.student import GRANULARITY_MODES
 
@@ -75,3 +77,13 @@ def validate_config(config) -> None:
         for k in ("ce", "logit_kd", "method", "granularity"):
             if not s.weights[k] >= 0:
                 _fail(f"{p}.weights.{k}", s.weights[k], "weights must be >= 0")
+        try:
+            method = get_method(s.method, **dict(s.get("method_options", None) or {}))
+        except ValueError as e:
+            raise ConfigError(f"config.{p}.method_options: {e}") from None
+        if method.has_init_stage:
+            if "init" not in s:
+                _fail(f"{p}.init", None, f"method {s.method!r} needs an init stage config (epochs, optimizer)")
+            _check_stage(f"{p}.init", ml_collections.ConfigDict({**s.init.to_dict(), "batch_size": 1}))
+        if method.needs_contrast and method.mode not in ("exact", "relax"):
+            _fail(f"{p}.method_options.mode", method.mode, "CRD mode must be 'exact' or 'relax'")

@@ -1,7 +1,9 @@
 """Errors that are the user's input, reported by ``train.py`` as one line (no stack trace)."""
 from mgd_jax.config_validation import ConfigError
 from mgd_jax.data.sources import DatasetNotFoundError
+from mgd_jax.methods import MethodPairError
 from mgd_jax.train.checkpoint import StageMismatchError
 from mgd_jax.train.metrics import NonFiniteLossError
 
-USER_ERRORS = (ConfigError, DatasetNotFoundError, StageMismatchError, NonFiniteLossError, ValueError)
+USER_ERRORS = (ConfigError, DatasetNotFoundError, MethodPairError, StageMismatchError, NonFiniteLossError,
+               ValueError)

@@ -124,36 +124,88 @@ def run_analyzer(config, workdir, ds, mesh, t_model, t_vars):
     return analyzer, mesh_lib.replicate(tubes, mesh), result
 
 
+def _student_method(scfg):
+    options = dict(scfg.get("method_options", None) or {})
+    return get_method(scfg.method, **options)
+
+
 def run_student(config, name, scfg, workdir, ds, mesh, t_model, t_vars, t_analyzer, t_tubes):
     grans = parse_granularities(config.granularities)
     obj = student_stage.Objective(
         mode=scfg.granularity, granularities=grans, temperature=scfg.temperature, w_ce=scfg.weights.ce,
         w_logit_kd=scfg.weights.logit_kd, w_method=scfg.weights.method, w_granularity=scfg.weights.granularity)
+    method = _student_method(scfg)
     s_model = get_model(config.student.arch, ds.num_classes)
     s_analyzer = None if scfg.granularity == "none" else GranularityAnalyzer(grans, ds.num_classes, False)
-    s_mods = student_stage.StudentModules(s_model, s_analyzer, get_method(scfg.method))
+    s_mods = student_stage.StudentModules(s_model, s_analyzer, method)
     t_mods = student_stage.TeacherModules(t_model, t_analyzer)
     teacher = {"backbone": t_vars, "analyzer": t_tubes}
     cfg = config.student
-    tx = optim.sgd(cfg.optimizer, _steps_per_epoch(len(ds.train_labels), cfg.batch_size, mesh, config.drop_remainder))
+    n = len(ds.train_labels)
+    spe = _steps_per_epoch(n, cfg.batch_size, mesh, config.drop_remainder)
+    tx = optim.sgd(cfg.optimizer, spe)
     seed = config.seed * 1000 + STUDENT_SEED_OFFSET
     sample = eval_transform(ds.train_images[:2], config.augment)
-    state = student_stage.init_state(s_mods, t_mods, jax.device_get(teacher), tx, jax.random.key(seed), sample)
+    ctx = {"num_train": n}
+    host_teacher = jax.device_get(teacher)
+    state = student_stage.init_state(s_mods, t_mods, host_teacher, tx, jax.random.key(seed), sample, ctx)
+    directory = os.path.join(workdir, "students", name)
+    meta = {"stage": "student", "arch": cfg.arch, "teacher_arch": config.teacher.arch, "method": scfg.method,
+            "granularity": scfg.granularity, "num_classes": ds.num_classes}
+    extras = None
+    if method.needs_contrast:
+        from mgd_jax.data.contrast import ContrastSampler
+        extras = ContrastSampler(ds.train_labels, method.nce_k, method.mode, seed)
+
+    if method.has_init_stage:  # AB / FT / FSP: SPEC_BASELINES §3
+        icfg = scfg.init
+        itx = optim.sgd(icfg.optimizer, spe)
+        istate = student_stage.init_stage_state(s_mods, t_mods, host_teacher, state, itx, jax.random.key(seed),
+                                                sample, ctx)
+        istep = jax.jit(student_stage.make_init_step(s_mods, t_mods, itx, config.augment), donate_argnums=0)
+        ieval = jax.jit(student_stage.make_init_eval_step(s_mods, config.augment))
+        ispec = StageSpec(
+            name=f"student/{name}/init", directory=os.path.join(directory, "init"), num_epochs=icfg.epochs,
+            batch_size=cfg.batch_size, seed=seed + 7, meta={**meta, "stage": "student_init"},
+            passes=[("init", istep)],
+            evaluate=lambda st: evaluate_dataset(lambda b: ieval(st, b), ds.test_images, ds.test_labels,
+                                                 config.eval_batch_size, mesh),
+            improve=lambda best, metrics, epoch: ({**metrics, "epoch": epoch + 1}, ["last"]),
+            export=lambda st, prev, imp: st, drop_remainder=config.drop_remainder, progress=config.progress)
+        istate_like = jax.device_get(istate)
+        _, iexport, _ = fit(ispec, mesh_lib.replicate(istate, mesh), teacher, ds, mesh, istate_like)
+        state = student_stage.finish_init_stage(s_mods, iexport, state, tx)
+
     state = mesh_lib.replicate(state, mesh)
     step = jax.jit(student_stage.make_train_step(s_mods, t_mods, obj, tx, config.augment), donate_argnums=0)
     eval_step = jax.jit(student_stage.make_eval_step(s_mods, config.augment))
     spec = StageSpec(
-        name=f"student/{name}", directory=os.path.join(workdir, "students", name), num_epochs=cfg.epochs,
-        batch_size=cfg.batch_size, seed=seed,
-        meta={"stage": "student", "arch": cfg.arch, "teacher_arch": config.teacher.arch, "method": scfg.method,
-              "granularity": scfg.granularity, "num_classes": ds.num_classes},
-        passes=[("student", step)],
+        name=f"student/{name}", directory=directory, num_epochs=cfg.epochs,
+        batch_size=cfg.batch_size, seed=seed, meta=meta, passes=[("student", step)],
         evaluate=lambda s: evaluate_dataset(lambda b: eval_step(_variables(s), b), ds.test_images, ds.test_labels,
                                             config.eval_batch_size, mesh),
         improve=_best_by("test/acc1"), export=lambda s, prev, imp: _variables(s),
-        drop_remainder=config.drop_remainder, progress=config.progress)
+        drop_remainder=config.drop_remainder, progress=config.progress, batch_extras=extras)
     _, export, result = fit(spec, state, teacher, ds, mesh, jax.device_get(_variables(state)))
     return export, result
+
+
+def check_methods(config, num_classes: int, image_shape) -> None:
+    """Refuse, before anything is trained, a method that cannot work for the configured pair."""
+    from mgd_jax.methods import Outputs
+
+    x = jnp.zeros((2, *image_shape), jnp.float32)
+    outs = {}
+    for who in ("teacher", "student"):
+        model = get_model(config[who].arch, num_classes)
+        for preact in (False, True):
+            logits, feats = jax.eval_shape(lambda m=model, p=preact: m.apply(m.init(jax.random.key(0), x), x,
+                                                                              preact=p))
+            outs[who, preact] = Outputs(logits, feats)
+    for name, scfg in config.students.items():
+        m = _student_method(scfg)
+        m.check_pair(config.student.arch, config.teacher.arch, outs["student", m.init_student_preact],
+                     outs["teacher", m.teacher_preact])
 
 
 def _check_workdir(config, workdir):
@@ -192,6 +244,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
             raise ConfigError(f"config.{stage}.batch_size={config[stage].batch_size}: the global batch must be "
                               f"divisible by the {ndev} devices of the mesh")
     ds = load_dataset(config.data)
+    check_methods(config, ds.num_classes, ds.image_shape)
     print(f"data: {ds.name} train {ds.train_images.shape} test {ds.test_images.shape}; "
           f"mesh: {mesh.devices.size} x {mesh.devices.flat[0].platform}", flush=True)
 

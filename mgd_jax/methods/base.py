@@ -1,8 +1,11 @@
-"""A baseline distillation method is one small object: which features it reads, its auxiliary variables
-(trained with the student by the same optimizer), and a pure loss function.
+"""A baseline distillation method is one small object: which features it reads, its auxiliary variables and a
+pure loss function.
 
-The student step calls ``method.loss(method_vars, student, teacher, train)`` with
-``student`` / ``teacher`` = :class:`Outputs` and adds ``weights.method * loss`` (SPEC §3.3 ``w_kd * L_method``).
+``init(key, student, teacher, ctx) -> {'params': ..., 'state': ...}``: ``params`` are trained with the student
+(same optimizer, schedule and weight decay); ``state`` changes without gradient (BatchNorm statistics, CRD
+memory, modules frozen after an init stage).  ``loss(variables, student, teacher, batch, train)`` returns
+``(loss or None, new_state)``; the student step adds ``weights.method * loss`` (SPEC §3.3 ``w_kd * L_method``).
+Methods with an init stage (AB, FT, FSP) also define ``init_loss``.
 """
 from __future__ import annotations
 
@@ -11,6 +14,10 @@ from typing import Any
 
 import flax
 import jax
+
+
+class MethodPairError(ValueError):
+    """A method that cannot work for a teacher/student pair (raised before training)."""
 
 
 @flax.struct.dataclass
@@ -23,18 +30,27 @@ class Outputs:
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """Base: no auxiliary variables and no L_method term (the logit KD term lives in the objective)."""
+    """Base: no auxiliary variables and no L_method term (Hinton KD lives in the objective's logit-KD term)."""
 
     name: str = "none"
-    teacher_preact: bool = False  # run the teacher with preact=True (AB)
+    teacher_preact: bool = False  # the teacher's features with preact=True (AB)
+    needs_contrast: bool = False  # the batch must carry 'index' and 'contrast_idx' (CRD)
+    init_student_preact: bool = False  # the student's features with preact=True in the init stage (AB)
+    init_trains_student: bool = False  # the init stage also trains the student's feature layers (AB, FSP)
+    init_params_key: str | None = None  # where the init stage's trained module goes in the method state
 
-    def init(self, key: jax.Array, student: Outputs, teacher: Outputs) -> dict[str, Any]:
-        """-> variables {'params': ..., other collections ...}; {} when the method has none."""
-        return {}
+    @property
+    def has_init_stage(self) -> bool:
+        return type(self).init_loss is not Method.init_loss
 
-    def loss(self, variables: dict, student: Outputs, teacher: Outputs, train: bool):
-        """-> (loss or None, updated non-param collections)."""
-        return None, {k: v for k, v in variables.items() if k != "params"}
+    def init(self, key: jax.Array, student: Outputs, teacher: Outputs, ctx: dict | None = None) -> dict[str, Any]:
+        return {"params": {}, "state": {}}
+
+    def loss(self, variables: dict, student: Outputs, teacher: Outputs, batch: dict, train: bool):
+        return None, variables.get("state", {})
+
+    def init_loss(self, variables: dict, student: Outputs, teacher: Outputs, train: bool):
+        raise NotImplementedError
 
     def check_pair(self, student_arch: str, teacher_arch: str, student: Outputs, teacher: Outputs) -> None:
-        """Raise ValueError naming method, pair and reason when the method cannot work for the pair."""
+        """Raise MethodPairError naming method, pair and reason when the method cannot work for the pair."""

@@ -103,7 +103,9 @@ def student_forward(s: StudentModules, params, batch_stats, x, *, train: bool) -
     return Outputs(logits, feats, enc), new_bs
 
 
-def init_state(s: StudentModules, t: TeacherModules, teacher, tx, key, sample_images) -> TrainState:
+def init_state(s: StudentModules, t: TeacherModules, teacher, tx, key, sample_images, ctx=None,
+               sample_batch=None) -> TrainState:
+    """Fresh student: backbone, its own encoders (modes mag/mas) and the method's variables."""
     k_b, k_a, k_m = jax.random.split(key, 3)
     v = s.backbone.init(k_b, sample_images, train=False)
     params, batch_stats = {"backbone": v["params"]}, {"backbone": v["batch_stats"]}
@@ -111,11 +113,16 @@ def init_state(s: StudentModules, t: TeacherModules, teacher, tx, key, sample_im
     if s.analyzer is not None:
         params["analyzer"] = s.analyzer.init(k_a, feats[-1], decode=False)["params"]
     t_out = teacher_forward(t, teacher, sample_images, decode=False, preact=s.method.teacher_preact)
-    mvars = s.method.init(k_m, Outputs(logits, feats), t_out)
-    if mvars:
+    mvars = s.method.init(k_m, Outputs(logits, feats), t_out, ctx)
+    if mvars["params"]:
         params["method"] = mvars["params"]
-        batch_stats["method"] = {k: val for k, val in mvars.items() if k != "params"}
+    if mvars["state"]:
+        batch_stats["method"] = mvars["state"]
     return TrainState.create(params, batch_stats, tx)
+
+
+def method_variables(params, batch_stats) -> dict:
+    return {"params": params.get("method", {}), "state": batch_stats.get("method", {})}
 
 
 def make_train_step(s: StudentModules, t: TeacherModules, obj: Objective, tx, aug_cfg):
@@ -128,11 +135,10 @@ def make_train_step(s: StudentModules, t: TeacherModules, obj: Objective, tx, au
         def loss_fn(params):
             s_out, new_bs = student_forward(s, params, state.batch_stats, x, train=True)
             new_stats = {"backbone": new_bs}
-            method_loss = None
-            if "method" in params:
-                mvars = {"params": params["method"], **state.batch_stats.get("method", {})}
-                method_loss, mstats = s.method.loss(mvars, s_out, t_out, True)
-                new_stats["method"] = mstats
+            method_loss, mstate = s.method.loss(method_variables(params, state.batch_stats), s_out, t_out, batch,
+                                                True)
+            if "method" in state.batch_stats:
+                new_stats["method"] = mstate
             terms = objective_terms(obj, s_out, t_out, batch["label"], method_loss)
             return total_loss(obj, terms), (terms, s_out.logits, new_stats)
 
@@ -152,5 +158,84 @@ def make_eval_step(s: StudentModules, aug_cfg):
         x = augment.eval_transform(batch["image"], aug_cfg)
         out, _ = student_forward(s, variables["params"], variables["batch_stats"], x, train=False)
         return classification_counts(out.logits, batch["label"], batch["mask"])
+
+    return eval_step
+
+
+# --- init stage (AB, FT, FSP; SPEC_BASELINES §3) ------------------------------------------------------------------
+CLASSIFIER_NAMES = ("fc", "linear", "classifier")
+
+
+def _classifier_name(backbone_params) -> str:
+    return next(k for k in CLASSIFIER_NAMES if k in backbone_params)
+
+
+def init_stage_state(s: StudentModules, t: TeacherModules, teacher, student: TrainState, tx, key, sample_images,
+                     ctx=None) -> TrainState:
+    """The init stage trains the method's init module (and, for AB / FSP, the student's feature layers; the
+    classifier is left out).  Non-trained parts ride along in ``batch_stats``."""
+    logits, feats = s.backbone.apply({"params": student.params["backbone"],
+                                      "batch_stats": student.batch_stats["backbone"]}, sample_images)
+    t_out = teacher_forward(t, teacher, sample_images, decode=False, preact=s.method.teacher_preact)
+    init_params = s.method.init(jax.random.fold_in(key, 1), Outputs(logits, feats), t_out, ctx).get("init_params", {})
+    backbone = dict(student.params["backbone"])
+    cls = _classifier_name(backbone)
+    classifier = backbone.pop(cls)
+    params = {"init": init_params}
+    fixed = {"classifier": {cls: classifier}}
+    if s.method.init_trains_student:
+        params["features"] = backbone
+    else:
+        fixed["features"] = backbone
+    return TrainState.create(params, {**student.batch_stats, "fixed": fixed}, tx)
+
+
+def _init_backbone_params(params, batch_stats):
+    features = params["features"] if "features" in params else batch_stats["fixed"]["features"]
+    return {**features, **batch_stats["fixed"]["classifier"]}
+
+
+def make_init_step(s: StudentModules, t: TeacherModules, tx, aug_cfg):
+    m = s.method
+
+    def init_step(state: TrainState, teacher, batch, base_key):
+        x = augment.train_transform(batch["image"], step_key(base_key, state.step), aug_cfg)
+        t_out = teacher_forward(t, teacher, x, decode=False, preact=m.teacher_preact)
+
+        def loss_fn(params):
+            bb = _init_backbone_params(params, state.batch_stats)
+            logits, feats, new_bs = apply_backbone(s.backbone, bb, state.batch_stats["backbone"], x,
+                                                   train=m.init_trains_student, preact=m.init_student_preact)
+            mvars = {"params": params["init"], "state": state.batch_stats.get("method", {})}
+            loss, mstate = m.init_loss(mvars, Outputs(logits, feats), t_out, True)
+            return loss, (new_bs, mstate)
+
+        (loss, (new_bs, mstate)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        stats = {**state.batch_stats, "backbone": new_bs}
+        if "method" in state.batch_stats:
+            stats["method"] = mstate
+        new_state = state.apply_gradients(grads, tx, stats)
+        return new_state, {"loss": loss, "loss/init": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return init_step
+
+
+def finish_init_stage(s: StudentModules, init_state_: TrainState, student: TrainState, tx) -> TrainState:
+    """The student state for the main stage after the init stage (fresh optimizer, as the reference)."""
+    params = dict(student.params)
+    params["backbone"] = _init_backbone_params(init_state_.params, init_state_.batch_stats)
+    stats = {k: v for k, v in init_state_.batch_stats.items() if k != "fixed"}
+    key = s.method.init_params_key
+    if key is not None:
+        stats["method"] = {**stats.get("method", {}), key: init_state_.params["init"]}
+    return TrainState.create(params, stats, tx)
+
+
+def make_init_eval_step(s: StudentModules, aug_cfg):
+    def eval_step(state, batch):
+        x = augment.eval_transform(batch["image"], aug_cfg)
+        bb = _init_backbone_params(state.params, state.batch_stats)
+        logits, _, _ = apply_backbone(s.backbone, bb, state.batch_stats["backbone"], x, train=False)
+        return classification_counts(logits, batch["label"], batch["mask"])
 
     return eval_step

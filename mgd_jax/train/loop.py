@@ -37,6 +37,7 @@ class StageSpec:
     export: Callable[[Any, Any, list], Any]
     drop_remainder: bool = False
     progress: bool = True
+    batch_extras: Callable | None = None  # (indices, epoch, pass, step) -> extra batch arrays (CRD's indices)
 
 
 def evaluate_dataset(eval_fn: Callable, images: np.ndarray, labels: np.ndarray, batch_size: int, mesh) -> dict:
@@ -119,8 +120,10 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer):
                 acc = []
                 for i, idx in enumerate(mesh_lib.epoch_batches(n, spec.batch_size, spec.seed, epoch, p, ndev,
                                                                spec.drop_remainder)):
-                    batch = mesh_lib.shard_batch({"image": dataset.train_images[idx],
-                                                  "label": dataset.train_labels[idx]}, mesh)
+                    rows = {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}
+                    if spec.batch_extras is not None:
+                        rows.update(spec.batch_extras(idx, epoch, p, i))
+                    batch = mesh_lib.shard_batch(rows, mesh)
                     state, m = step(state, frozen, batch, base_key)
                     acc.append((len(idx), m))
                     bar.update(1)

@@ -1,0 +1,154 @@
+"""Every baseline method x granularity mode trains (real steps, small inputs); pair checks refuse bad pairs."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default
+from mgd_jax import optim
+from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities
+from mgd_jax.data.contrast import ContrastSampler
+from mgd_jax.methods import MethodPairError, Outputs, get_method, known_methods
+from mgd_jax.models import get_model
+from mgd_jax.stages import student as S
+
+AUG = ml_collections.ConfigDict(dict(pad=2, flip=True, mean=(0.3, 0.3, 0.3), std=(0.4, 0.4, 0.4)))
+OPT = ml_collections.ConfigDict(dict(lr=0.05, momentum=0.9, weight_decay=5e-4, milestones=(), gamma=0.1))
+GRANS = parse_granularities([(16, 2.0), (32, 8.0)])
+METHODS = [m for m in known_methods() if m != "none"]
+
+
+def _setup(method_name, mode, t_arch="resnet14", s_arch="resnet8", size=16, n_train=40, **options):
+    if method_name == "crd":
+        options = {"nce_k": 12, "feat_dim": 16, **options}
+    method = get_method(method_name, **options)
+    t_model = get_model(t_arch, 10)
+    x = jnp.zeros((2, size, size, 3))
+    key = jax.random.key(0)
+    an = GranularityAnalyzer(GRANS, 10)
+    t_vars = t_model.init(key, x)
+    d = t_model.apply(t_vars, x)[1][-1].shape[-1]
+    teacher = {"backbone": t_vars, "analyzer": an.init(key, jnp.zeros((1, d)))["params"]}
+    s_mods = S.StudentModules(get_model(s_arch, 10), None if mode == "none" else GranularityAnalyzer(GRANS, 10, False),
+                              method)
+    t_mods = S.TeacherModules(t_model, an)
+    w = default.METHOD_WEIGHTS[method_name]
+    obj = S.Objective(mode, GRANS, w_ce=w["ce"], w_logit_kd=w["logit_kd"], w_method=w["method"])
+    tx = optim.sgd(OPT, 2)
+    ctx = {"num_train": n_train}
+    state = S.init_state(s_mods, t_mods, teacher, tx, key, x, ctx)
+    return method, s_mods, t_mods, obj, tx, teacher, state, ctx
+
+
+def _batch(i, n=8, size=16, sampler=None):
+    rng = np.random.default_rng(i)
+    b = {"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+         "label": rng.integers(0, 10, n).astype(np.int32)}
+    if sampler is not None:
+        b.update(sampler(np.arange(i * n, (i + 1) * n), 0, 0, i))
+    return b
+
+
+@pytest.mark.parametrize("mode", ["none", "mag", "mas"])
+@pytest.mark.parametrize("name", METHODS)
+def test_method_trains(name, mode):
+    method, s_mods, t_mods, obj, tx, teacher, state, ctx = _setup(name, mode)
+    sampler = None
+    if method.needs_contrast:
+        labels = np.random.default_rng(0).integers(0, 10, ctx["num_train"]).astype(np.int32)
+        sampler = ContrastSampler(labels, method.nce_k, method.mode)
+    key = jax.random.key(5)
+    if method.has_init_stage:
+        itx = optim.sgd(OPT, 2)
+        istate = S.init_stage_state(s_mods, t_mods, teacher, state, itx, key, jnp.zeros((2, 16, 16, 3)), ctx)
+        istep = jax.jit(S.make_init_step(s_mods, t_mods, itx, AUG))
+        before = jax.tree.leaves(istate.params)
+        for i in range(2):
+            istate, m = istep(istate, teacher, _batch(i), key)
+            assert np.isfinite(float(m["loss/init"])) and float(m["loss/init"]) > 0
+        assert any(not np.allclose(a, b) for a, b in zip(before, jax.tree.leaves(istate.params)))
+        state = S.finish_init_stage(s_mods, istate, state, tx)
+    step = jax.jit(S.make_train_step(s_mods, t_mods, obj, tx, AUG))
+    before = state.params
+    for i in range(2):
+        state, m = step(state, teacher, _batch(i, sampler=sampler), key)
+    losses = {k: float(v) for k, v in m.items() if k.startswith("loss")}
+    assert all(np.isfinite(v) for v in losses.values()), losses
+    has_method_loss = "loss/method" in losses
+    assert has_method_loss == (name not in ("kd", "abound", "fsp")), losses
+    if mode != "none":
+        assert {"loss/granularity/16d_T2", "loss/granularity/32d_T8"} <= set(losses)
+    if "method" in state.params:  # the method's own parameters are trained with the student
+        assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(before["method"]),
+                                                           jax.tree.leaves(state.params["method"])))
+    if name == "crd":
+        st = state.batch_stats["method"]
+        assert float(st["z_v1"]) > 0 and float(st["z_v2"]) > 0  # set by the first batch
+        rows = np.asarray(st["memory_v1"][:16])
+        np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, rtol=1e-5)  # updated rows are unit
+
+
+@pytest.mark.parametrize("name,t_arch,s_arch,match", [
+    ("kdsvd", "wrn_40_2", "wrn_40_1", "method 'kdsvd' cannot pair wrn_40_2 -> wrn_40_1: layer 0 has 32 teacher "
+                                      "channels but 16 student channels"),
+    ("afd", "wrn_40_2", "wrn_40_1", "method 'afd' cannot pair wrn_40_2 -> wrn_40_1: layer 0 has 32"),
+    ("fsp", "resnet32x4", "resnet8", "method 'fsp' cannot pair resnet32x4 -> resnet8: layer 0 has 32"),
+    ("afd", "vgg13", "MobileNetV2", "method 'afd' cannot pair vgg13 -> MobileNetV2"),
+])
+def test_bad_pairs_are_refused(name, t_arch, s_arch, match):
+    x = jnp.zeros((2, 32, 32, 3))
+    outs = []
+    for arch in (s_arch, t_arch):
+        m = get_model(arch, 100)
+        logits, feats = jax.eval_shape(lambda m=m: m.apply(m.init(jax.random.key(0), x), x))
+        outs.append(Outputs(logits, feats))
+    with pytest.raises(MethodPairError, match=match):
+        get_method(name).check_pair(s_arch, t_arch, *outs)
+
+
+@pytest.mark.parametrize("pair", default.README_PAIRS)
+def test_every_method_traces_on_readme_pair_shapes(pair):
+    """Every method's MAS student step (and init step) on the pair's real shapes, traced with eval_shape."""
+    t_arch, s_arch = pair
+    x = jnp.zeros((2, 32, 32, 3))
+    key = jax.random.key(0)
+    t_model, s_model = get_model(t_arch, 100), get_model(s_arch, 100)
+    an = GranularityAnalyzer(GRANS, 100)
+    outs = {who: Outputs(*jax.eval_shape(lambda m=m: m.apply(m.init(key, x), x)))
+            for who, m in (("s", s_model), ("t", t_model))}
+
+    def make_teacher():
+        tv = t_model.init(key, x)
+        d = t_model.apply(tv, x)[1][-1].shape[-1]
+        return {"backbone": tv, "analyzer": an.init(key, jnp.zeros((1, d)))["params"]}
+
+    teacher = jax.eval_shape(make_teacher)
+    tx = optim.sgd(OPT, 2)
+    ctx = {"num_train": 64}
+    for name in METHODS:
+        method = get_method(name, **({"nce_k": 32} if name == "crd" else {}))
+        try:
+            method.check_pair(s_arch, t_arch, outs["s"], outs["t"])
+        except MethodPairError:
+            assert name in ("kdsvd", "afd", "fsp") and pair == ("wrn_40_2", "wrn_40_1"), (name, pair)
+            continue
+        s_mods = S.StudentModules(s_model, GranularityAnalyzer(GRANS, 100, False), method)
+        t_mods = S.TeacherModules(t_model, an)
+        obj = S.Objective("mas", GRANS)
+        state = jax.eval_shape(lambda: S.init_state(s_mods, t_mods, make_teacher(), tx, key, x, ctx))
+        batch = {"image": jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.uint8),
+                 "label": jax.ShapeDtypeStruct((4,), jnp.int32)}
+        if method.needs_contrast:
+            batch["index"] = jax.ShapeDtypeStruct((4,), jnp.int32)
+            batch["contrast_idx"] = jax.ShapeDtypeStruct((4, 33), jnp.int32)
+        if method.has_init_stage:
+            istate = jax.eval_shape(lambda: S.init_stage_state(
+                s_mods, t_mods, make_teacher(), S.init_state(s_mods, t_mods, make_teacher(), tx, key, x, ctx), tx,
+                key, x, ctx))
+            _, m = jax.eval_shape(S.make_init_step(s_mods, t_mods, tx, AUG), istate, teacher, batch, key)
+            assert m["loss"].shape == ()
+        new_state, metrics = jax.eval_shape(S.make_train_step(s_mods, t_mods, obj, tx, AUG), state, teacher, batch,
+                                            key)
+        assert metrics["loss"].shape == ()
+        assert jax.tree.structure(new_state) == jax.tree.structure(state)

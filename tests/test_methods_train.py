@@ -152,3 +152,26 @@ def test_every_method_traces_on_readme_pair_shapes(pair):
                                             key)
         assert metrics["loss"].shape == ()
         assert jax.tree.structure(new_state) == jax.tree.structure(state)
+
+
+@pytest.mark.parametrize("mode", ["exact", "relax"])
+def test_contrast_sampler(mode):
+    labels = np.repeat(np.arange(5), 20).astype(np.int32)  # 100 examples, 80 negatives each
+    sampler = ContrastSampler(labels, k=50, mode=mode, seed=3)
+    idx = np.array([0, 21, 99, 40])
+    out = sampler(idx, epoch=2, pass_id=0, step=7)
+    np.testing.assert_array_equal(out["index"], idx)
+    ci = out["contrast_idx"]
+    assert ci.shape == (4, 51)
+    if mode == "exact":
+        np.testing.assert_array_equal(ci[:, 0], idx)
+    np.testing.assert_array_equal(labels[ci[:, 0]], labels[idx])  # the positive is of the same class
+    for b, i in enumerate(idx):
+        neg = ci[b, 1:]
+        assert np.all(labels[neg] != labels[i])  # negatives only from other classes
+        assert len(set(neg.tolist())) == 50  # without replacement while enough negatives exist
+    again = sampler(idx, epoch=2, pass_id=0, step=7)
+    np.testing.assert_array_equal(again["contrast_idx"], ci)  # a pure function of (seed, epoch, pass, step)
+    assert not np.array_equal(sampler(idx, 2, 0, 8)["contrast_idx"], ci)
+    big = ContrastSampler(labels, k=200, mode=mode)(idx, 0, 0, 0)["contrast_idx"]  # K > 80: with replacement
+    assert big.shape == (4, 201) and np.all(labels[big[0, 1:]] != labels[0])

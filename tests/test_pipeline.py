@@ -106,3 +106,26 @@ def test_resume_after_interruption_is_exact(full_run, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline.mesh_lib, "shard_batch", no_training)
     summary = pipeline.train_and_evaluate(c, workdir, devices=jax.devices()[:1])
     assert summary["rows"][-1]["best_acc1"] is not None
+
+
+def test_crd_and_init_stage_methods_through_the_pipeline(tmp_path):
+    c = tiny_config()
+    c.teacher.epochs = 1
+    c.analyzer.epochs = 1
+    c.teacher.optimizer.milestones = c.analyzer.optimizer.milestones = ()
+    crd = default.student_run("crd", "mag")
+    crd.method_options.nce_k = 16
+    crd.method_options.feat_dim = 16
+    ab = default.student_run("abound", "mas", student_arch="resnet8")
+    ab.init.epochs = 1
+    c.students = ml_collections.ConfigDict({"crd_mag": crd, "abound_mas": ab})
+    workdir = str(tmp_path)
+    summary = pipeline.train_and_evaluate(c, workdir, devices=jax.devices()[:1])
+    assert [r["stage"] for r in summary["rows"]][-2:] == ["student abound_mas (abound / mas)",
+                                                          "student crd_mag (crd / mag)"]
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "students/crd_mag/metrics.jsonl"))]
+    assert all(np.isfinite(r["train/loss/method"]) for r in rows)
+    init_rows = [json.loads(line) for line in open(os.path.join(workdir, "students/abound_mas/init/metrics.jsonl"))]
+    assert len(init_rows) == 1 and np.isfinite(init_rows[0]["train/loss/init"])
+    final = _final(workdir, c)
+    assert final["students/crd_mag"]["batch_stats"]["method"]["memory_v1"].shape == (192, 16)

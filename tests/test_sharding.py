@@ -99,3 +99,42 @@ def test_student_gradients_only_reach_student():
     new_state, m = step(state, teacher, b, jax.random.key(3))
     chex.assert_trees_all_equal(before, jax.device_get(teacher))
     assert int(new_state.step) == 1 and np.isfinite(m["loss"])
+
+
+def _crd_steps(devices):
+    """CRD + MAG student steps: memory banks and Z in the state, indices in the batch, sharded over devices."""
+    from mgd_jax.data.contrast import ContrastSampler
+
+    mesh = mesh_lib.make_mesh(devices)
+    key = jax.random.key(0)
+    sample = jnp.zeros((2, 16, 16, 1))
+    t_model = get_model("resnet8", 10)
+    an = GranularityAnalyzer(GRANS, 10)
+    t_vars = t_model.init(key, sample)
+    teacher = {"backbone": t_vars, "analyzer": an.init(key, jnp.zeros((1, 64)))["params"]}
+    method = get_method("crd", nce_k=24, feat_dim=16)
+    s_mods = student_stage.StudentModules(get_model("resnet8", 10), GranularityAnalyzer(GRANS, 10, False), method)
+    t_mods = student_stage.TeacherModules(t_model, an)
+    tx = optim.sgd(OPT, 2)
+    obj = student_stage.Objective("mag", GRANS, w_method=0.8)
+    state = mesh_lib.replicate(student_stage.init_state(s_mods, t_mods, teacher, tx, key, sample,
+                                                        {"num_train": 64}), mesh)
+    teacher = mesh_lib.replicate(teacher, mesh)
+    step = jax.jit(student_stage.make_train_step(s_mods, t_mods, obj, tx, AUG))
+    labels = np.random.default_rng(0).integers(0, 10, 64).astype(np.int32)
+    sampler = ContrastSampler(labels, 24)
+    base = mesh_lib.replicate(jax.random.key(7), mesh)
+    for i, b in enumerate(_batches(3)):
+        idx = np.arange(16 * i, 16 * (i + 1))
+        b = {**b, "label": labels[idx], **sampler(idx, 0, 0, i)}
+        state, _ = step(state, teacher, mesh_lib.shard_batch(b, mesh), base)
+    return jax.device_get((state.params, state.batch_stats))
+
+
+def test_crd_memory_four_devices_equal_one_device():
+    if jax.device_count() < 4:
+        pytest.skip("needs 4 devices")
+    one, four = _crd_steps(jax.devices()[:1]), _crd_steps(jax.devices()[:4])
+    chex.assert_trees_all_close(one, four, atol=1e-5, rtol=1e-5)
+    mem = one[1]["method"]["memory_v1"]
+    np.testing.assert_allclose(np.linalg.norm(mem[:48], axis=1), 1.0, rtol=1e-5)  # the 48 rows seen were updated

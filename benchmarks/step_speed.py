@@ -156,7 +156,7 @@ def main():
         return
     print(f"{a.teacher} -> {a.student}, batch {a.batch}, {a.steps} timed steps; jax {jax.__version__}, "
           f"{len(devs)} x {devs[0].device_kind}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
-    print(f"| devices | step | images/s | ms/step | compile s | XLA memory MiB |")
+    print("| devices | step | images/s | ms/step | compile s | XLA memory MiB |")
     print("|---|---|---|---|---|---|")
     configs = [devs[:1]] + ([devs] if len(devs) > 1 else [])
     host = {}

@@ -14,7 +14,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mgd_jax import optim
 from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities

@@ -21,7 +21,7 @@ def aggregate(workdirs: list[str]) -> str:
         with open(path) as f:
             runs.append(json.load(f))
     keys = [(r["stage"], r["model"]) for r in runs[0]]
-    lines = [f"| stage | model | best top-1 | last top-1 | best top-5 | n |", "|---|---|---|---|---|---|"]
+    lines = ["| stage | model | best top-1 | last top-1 | best top-5 | n |", "|---|---|---|---|---|---|"]
     for stage, model in keys:
         rows = [r for run in runs for r in run if (r["stage"], r["model"]) == (stage, model)]
 

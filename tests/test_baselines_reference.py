@@ -1,7 +1,6 @@
 """Every case of fixtures/baseline_reference_values.json (the authors' PyTorch losses) reproduced in float32."""
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -49,6 +49,14 @@ def classification_counts(logits, labels, mask) -> dict[str, jax.Array]:
     }
 
 
+def train_metrics(loss, terms: dict, logits, labels, grads) -> dict[str, jax.Array]:
+    """What a train step reports: the total, every named term, top-1 / top-5 of the batch, the gradient norm."""
+    return {"loss": loss, **{f"loss/{k}": v for k, v in terms.items()},
+            "acc1": jnp.mean(losses.topk_correct(logits, labels, 1)),
+            "acc5": jnp.mean(losses.topk_correct(logits, labels, 5)),
+            "grad_norm": optax.tree.norm(grads)}
+
+
 def step_key(base_key: jax.Array, step: jax.Array) -> jax.Array:
     """The augmentation key of one step: a function of (seed, global step) only, so resume is exact."""
     return jax.random.fold_in(base_key, step)

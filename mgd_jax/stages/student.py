@@ -11,14 +11,13 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from mgd_jax import losses
 from mgd_jax.analyzer import Granularity, GranularityAnalyzer
 from mgd_jax.data import augment
 from mgd_jax.methods import Method, Outputs
-from mgd_jax.stages.common import TrainState, apply_backbone, classification_counts, step_key
+from mgd_jax.stages.common import TrainState, apply_backbone, classification_counts, step_key, train_metrics
 
 GRANULARITY_MODES = ("none", "mag", "mas")
 
@@ -144,11 +143,7 @@ def make_train_step(s: StudentModules, t: TeacherModules, obj: Objective, tx, au
 
         (loss, (terms, logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         new_state = state.apply_gradients(grads, tx, new_stats)
-        metrics = {"loss": loss, **{f"loss/{k}": v for k, v in terms.items()},
-                   "acc1": jnp.mean(losses.topk_correct(logits, batch["label"], 1)),
-                   "acc5": jnp.mean(losses.topk_correct(logits, batch["label"], 5)),
-                   "grad_norm": optax.tree.norm(grads)}
-        return new_state, metrics
+        return new_state, train_metrics(loss, terms, logits, batch["label"], grads)
 
     return train_step
 

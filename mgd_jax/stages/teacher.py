@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-import optax
 
 from mgd_jax import losses
 from mgd_jax.data import augment
-from mgd_jax.stages.common import TrainState, apply_backbone, classification_counts, step_key
+from mgd_jax.stages.common import TrainState, apply_backbone, classification_counts, step_key, train_metrics
 
 
 def init_state(model, tx, key, sample_images) -> TrainState:
@@ -26,11 +24,7 @@ def make_train_step(model, tx, aug_cfg):
 
         (loss, (terms, logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         new_state = state.apply_gradients(grads, tx, new_bs)
-        metrics = {"loss": loss, **{f"loss/{k}": v for k, v in terms.items()},
-                   "acc1": jnp.mean(losses.topk_correct(logits, batch["label"], 1)),
-                   "acc5": jnp.mean(losses.topk_correct(logits, batch["label"], 5)),
-                   "grad_norm": optax.tree.norm(grads)}
-        return new_state, metrics
+        return new_state, train_metrics(loss, terms, logits, batch["label"], grads)
 
     return train_step
 

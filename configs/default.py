@@ -82,6 +82,8 @@ def get_config():
     c.eval_batch_size = 500
     c.granularities = PAPER_GRANULARITIES
     c.progress = True
+    # latest checkpoint also every N optimizer steps inside an epoch (a kill redoes at most N steps); keep K.
+    c.checkpoint = dict(every_steps=500, keep=2)
     # Stage 1 (teacher.py): 240 epochs, lr 0.05, x0.1 at 60/120/180.
     c.teacher = dict(arch="resnet56", epochs=240, batch_size=64, optimizer=sgd(0.05, (60, 120, 180)))
     # Stage 2 (train_teacher_wrapper.py): 60 epochs, lr 0.01 per granularity, x0.1 at 30/45.

@@ -42,6 +42,12 @@ def _best_by(key: str):
     return improve
 
 
+def _loop_options(config) -> dict:
+    ck = config.get("checkpoint", None) or {}
+    return dict(drop_remainder=config.drop_remainder, progress=config.progress,
+                checkpoint_every_steps=int(ck.get("every_steps", 0) or 0), keep_checkpoints=int(ck.get("keep", 2)))
+
+
 def _variables(state):
     return {"params": state.params, "batch_stats": state.batch_stats}
 
@@ -71,7 +77,7 @@ def run_teacher(config, workdir, ds, mesh):
         evaluate=lambda s: evaluate_dataset(lambda b: eval_step(_variables(s), b), ds.test_images, ds.test_labels,
                                             config.eval_batch_size, mesh),
         improve=_best_by("test/acc1"), export=lambda s, prev, imp: _variables(s),
-        drop_remainder=config.drop_remainder, progress=config.progress)
+        **_loop_options(config))
     _, export, result = fit(spec, state, None, ds, mesh, jax.device_get(_variables(state)))
     return model, mesh_lib.replicate(export, mesh), result
 
@@ -117,7 +123,7 @@ def run_analyzer(config, workdir, ds, mesh, t_model, t_vars):
         passes=passes,
         evaluate=lambda s: evaluate_dataset(lambda b: eval_step(t_vars, {nm: s[nm].params for nm in names}, b),
                                             ds.test_images, ds.test_labels, config.eval_batch_size, mesh),
-        improve=improve, export=export, drop_remainder=config.drop_remainder, progress=config.progress)
+        improve=improve, export=export, **_loop_options(config))
     like = jax.device_get({nm: states[nm].params for nm in names})
     _, tubes, result = fit(spec, states, t_vars, ds, mesh, like)
     return analyzer, mesh_lib.replicate(tubes, mesh), result
@@ -170,7 +176,7 @@ def run_student(config, name, scfg, workdir, ds, mesh, t_model, t_vars, t_analyz
             evaluate=lambda st: evaluate_dataset(lambda b: ieval(st, b), ds.test_images, ds.test_labels,
                                                  config.eval_batch_size, mesh),
             improve=lambda best, metrics, epoch: ({**metrics, "epoch": epoch + 1}, ["last"]),
-            export=lambda st, prev, imp: st, drop_remainder=config.drop_remainder, progress=config.progress)
+            export=lambda st, prev, imp: st, **_loop_options(config))
         istate_like = jax.device_get(istate)
         _, iexport, _ = fit(ispec, mesh_lib.replicate(istate, mesh), teacher, ds, mesh, istate_like)
         state = student_stage.finish_init_stage(s_mods, iexport, state, tx)
@@ -184,7 +190,7 @@ def run_student(config, name, scfg, workdir, ds, mesh, t_model, t_vars, t_analyz
         evaluate=lambda s: evaluate_dataset(lambda b: eval_step(_variables(s), b), ds.test_images, ds.test_labels,
                                             config.eval_batch_size, mesh),
         improve=_best_by("test/acc1"), export=lambda s, prev, imp: _variables(s),
-        drop_remainder=config.drop_remainder, progress=config.progress, batch_extras=extras)
+        **_loop_options(config), batch_extras=extras)
     _, export, result = fit(spec, state, teacher, ds, mesh, jax.device_get(_variables(state)))
     return export, result
 

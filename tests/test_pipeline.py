@@ -78,16 +78,22 @@ def test_resume_after_interruption_is_exact(full_run, tmp_path, monkeypatch):
     workdir_full, c, _ = full_run
     workdir = str(tmp_path / "resumed")
     original = ckpt_lib.StageCheckpoints.save_latest
-    kill_at = {("teacher", 1), ("student", 1)}
+    # after teacher epoch 1; in the analyzer's second pass of epoch 2 (a mid-epoch checkpoint); after
+    # student epoch 1
+    kill_at = {("teacher", 1, None), ("analyzer", 1, (1, 1)), ("student", 1, None)}
 
-    def save_then_die(self, epoch, state, meta):
-        original(self, epoch, state, meta)
-        if (meta["stage"], epoch) in kill_at:
-            kill_at.discard((meta["stage"], epoch))
-            raise _Killed(f"killed after {meta['stage']} epoch {epoch}")
+    def save_then_die(self, step, state, meta):
+        original(self, step, state, meta)
+        pos = meta.get("position")
+        key = (meta["stage"], meta["epoch"], (pos["pass"], pos["batch"]) if pos else None)
+        if key in kill_at:
+            kill_at.discard(key)
+            raise _Killed(f"killed after saving {key}")
 
     monkeypatch.setattr(ckpt_lib.StageCheckpoints, "save_latest", save_then_die)
-    for _ in range(2):
+    c = c.copy_and_resolve_references()
+    c.checkpoint.every_steps = 2  # 3 steps per epoch: a mid-epoch checkpoint in every other epoch
+    for _ in range(3):
         with pytest.raises(_Killed):
             pipeline.train_and_evaluate(c, workdir, devices=jax.devices()[:1])
     pipeline.train_and_evaluate(c, workdir, devices=jax.devices()[:1])

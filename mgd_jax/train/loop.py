@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from mgd_jax.train import mesh as mesh_lib
 from mgd_jax.train.checkpoint import StageCheckpoints
-from mgd_jax.train.metrics import MetricWriter, check_finite
+from mgd_jax.train.metrics import MetricWriter, NonFiniteLossError, check_finite
 
 
 @dataclasses.dataclass
@@ -38,6 +38,8 @@ class StageSpec:
     drop_remainder: bool = False
     progress: bool = True
     batch_extras: Callable | None = None  # (indices, epoch, pass, step) -> extra batch arrays (CRD's indices)
+    checkpoint_every_steps: int = 0  # also checkpoint inside an epoch (0: at epoch ends only)
+    keep_checkpoints: int = 2
 
 
 def evaluate_dataset(eval_fn: Callable, images: np.ndarray, labels: np.ndarray, batch_size: int, mesh) -> dict:
@@ -60,34 +62,61 @@ def evaluate_dataset(eval_fn: Callable, images: np.ndarray, labels: np.ndarray, 
     return {k: float(v) / n for k, v in jax.device_get(totals).items()}
 
 
-def _mean_metrics(acc: list[tuple[int, dict]]) -> dict:
-    if not acc:
-        return {}
-    host = jax.device_get([m for _, m in acc])
-    w = np.asarray([n for n, _ in acc], np.float64)
-    return {k: float(np.sum(w * np.asarray([m[k] for m in host], np.float64)) / w.sum()) for k in host[0]}
+def _first_nonfinite(pending: list[tuple[int, int, dict]]):
+    """pending: [(global step, batch size, device metrics)] -> (step, term, value) of the first bad loss term."""
+    host = jax.device_get([m for _, _, m in pending])
+    for (gstep, _, _), m in zip(pending, host):
+        for k, v in m.items():
+            if k.startswith("loss") and not np.isfinite(v):
+                return gstep, k, float(v)
+    return None
+
+
+class _Accumulator:
+    """Batch-size-weighted sums of one pass's step metrics, kept on the host (saved with mid-epoch checkpoints)."""
+
+    def __init__(self, sums=None, count=0):
+        self.sums, self.count = dict(sums or {}), int(count)
+
+    def add(self, pending):
+        host = jax.device_get([m for _, _, m in pending])
+        for (_, n, _), m in zip(pending, host):
+            for k, v in m.items():
+                self.sums[k] = self.sums.get(k, 0.0) + n * float(v)
+            self.count += n
+
+    def means(self):
+        return {k: v / self.count for k, v in self.sums.items()} if self.count else {}
 
 
 def fit(spec: StageSpec, state, frozen, dataset, mesh, export_like) -> tuple[Any, Any, dict]:
-    """Train (or resume, or skip if finished) one stage. Returns (state, export, {'best', 'last', 'history'})."""
-    ckpt = StageCheckpoints(f"{spec.directory}/checkpoints")
-    writer = MetricWriter(spec.directory)
+    """Train (or resume, or skip if finished) one stage. Returns (state, export, {'best', 'last'})."""
+    ckpt = StageCheckpoints(f"{spec.directory}/checkpoints", keep=spec.keep_checkpoints)
+    writer = MetricWriter(spec.directory) if jax.process_index() == 0 else None
     try:
         return _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         ckpt.close()
 
 
 def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer):
     from mgd_jax.train.checkpoint import check_meta
 
-    start_epoch, best, export, last = 0, {}, None, {}
+    n, ndev = len(dataset.train_labels), mesh.devices.size
+    if spec.batch_size % ndev:
+        raise ValueError(f"batch_size {spec.batch_size} is not divisible by the {ndev} devices of the mesh")
+    steps = mesh_lib.steps_per_epoch(n, spec.batch_size, ndev, spec.drop_remainder)
+    npass = len(spec.passes)
+
+    start_epoch, start_pass, start_batch, best, export, last = 0, 0, 0, {}, None, {}
+    done_passes, acc = {}, _Accumulator()
     meta = ckpt.latest_meta()
     if meta is not None:
         check_meta(meta, spec.meta, f"{spec.directory}/checkpoints/latest")
         best, last = dict(meta["best"]), dict(meta.get("last", {}))
-        if meta.get("imported") or int(meta["epoch"]) >= spec.num_epochs:
+        if meta.get("imported") or (int(meta["epoch"]) >= spec.num_epochs and not meta.get("position")):
             if ckpt.best_meta() is None:
                 raise FileNotFoundError(f"{spec.directory}/checkpoints/best is missing for a finished stage")
             export, _ = ckpt.restore_best(export_like)
@@ -97,53 +126,85 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer):
         restored, meta = ckpt.restore_latest(jax.device_get(state))
         state = mesh_lib.replicate(restored, mesh)
         start_epoch = int(meta["epoch"])
+        pos = meta.get("position")
+        if pos:
+            start_pass, start_batch = int(pos["pass"]), int(pos["batch"])
+            done_passes = dict(pos["done_passes"])
+            acc = _Accumulator(pos["sums"], pos["count"])
         if ckpt.best_meta() is not None:
             export, _ = ckpt.restore_best(export_like)
-        print(f"[{spec.name}] resuming after epoch {start_epoch}/{spec.num_epochs}", flush=True)
-    writer.truncate_after(start_epoch)
+        where = f"at epoch {start_epoch + 1}, pass {start_pass + 1}, batch {start_batch}" if pos else \
+            f"after epoch {start_epoch}/{spec.num_epochs}"
+        print(f"[{spec.name}] resuming {where}", flush=True)
+    if writer is not None:
+        writer.truncate_after(start_epoch)
 
-    n, ndev = len(dataset.train_labels), mesh.devices.size
-    if spec.batch_size % ndev:
-        raise ValueError(f"batch_size {spec.batch_size} is not divisible by the {ndev} devices of the mesh")
-    steps = mesh_lib.steps_per_epoch(n, spec.batch_size, ndev, spec.drop_remainder)
-    total = steps * len(spec.passes) * spec.num_epochs
-    bar = tqdm(total=total, initial=steps * len(spec.passes) * start_epoch, desc=spec.name, unit="step",
-               disable=not (spec.progress and sys.stdout.isatty()), dynamic_ncols=True, file=sys.stdout,
-               mininterval=1.0)
+    total = steps * npass * spec.num_epochs
+    done = (start_epoch * npass + start_pass) * steps + start_batch
+    bar = tqdm(total=total, initial=done, desc=spec.name, unit="step",
+               disable=not (spec.progress and sys.stdout.isatty() and jax.process_index() == 0),
+               dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
     stage_key = jax.random.key(spec.seed)
+    every = int(spec.checkpoint_every_steps or 0)
+
+    def flush(pending, epoch, p, i):
+        if not pending:
+            return
+        bad = _first_nonfinite(pending)
+        if bad is not None:
+            gstep, term, value = bad
+            raise NonFiniteLossError(
+                f"{spec.name}: loss term {term!r} became {value} at step {gstep} (epoch {epoch + 1}); stopped, "
+                f"the last good checkpoint stays the latest")
+        acc.add(pending)
+        pending.clear()
+
     try:
         for epoch in range(start_epoch, spec.num_epochs):
             t0 = time.time()
-            train_metrics = {}
-            for p, (label, step) in enumerate(spec.passes):
+            for p in range(start_pass if epoch == start_epoch else 0, npass):
+                label, step = spec.passes[p]
                 base_key = mesh_lib.replicate(jax.random.fold_in(stage_key, p), mesh)
-                acc = []
-                for i, idx in enumerate(mesh_lib.epoch_batches(n, spec.batch_size, spec.seed, epoch, p, ndev,
-                                                               spec.drop_remainder)):
+                batches = mesh_lib.epoch_batches(n, spec.batch_size, spec.seed, epoch, p, ndev, spec.drop_remainder)
+                first = start_batch if (epoch == start_epoch and p == start_pass) else 0
+                pending = []
+                for i in range(first, len(batches)):
+                    idx = batches[i]
                     rows = {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}
                     if spec.batch_extras is not None:
                         rows.update(spec.batch_extras(idx, epoch, p, i))
-                    batch = mesh_lib.shard_batch(rows, mesh)
-                    state, m = step(state, frozen, batch, base_key)
-                    acc.append((len(idx), m))
+                    state, m = step(state, frozen, mesh_lib.shard_batch(rows, mesh), base_key)
+                    gstep = (epoch * npass + p) * steps + i + 1
+                    pending.append((gstep, len(idx), m))
                     bar.update(1)
+                    if every and gstep % every == 0 and i + 1 < len(batches):
+                        flush(pending, epoch, p, i)
+                        ckpt.save_latest(gstep, state, {
+                            **spec.meta, "epoch": epoch, "best": best, "last": last,
+                            "position": {"pass": p, "batch": i + 1, "done_passes": done_passes,
+                                         "sums": acc.sums, "count": acc.count}})
                     if i % 50 == 49 and not bar.disable:  # an occasional host sync for the display
                         bar.set_postfix(epoch=epoch + 1, **{k: f"{float(v):.3f}" for k, v in m.items()
                                                             if k.startswith("loss")})
-                train_metrics.update({f"train/{k}": v for k, v in _mean_metrics(acc).items()})
+                flush(pending, epoch, p, len(batches) - 1)
+                done_passes.update({f"train/{k}": v for k, v in acc.means().items()})
+                acc = _Accumulator()
+            train_metrics, done_passes = done_passes, {}
             check_finite({k[len("train/"):]: v for k, v in train_metrics.items()}, spec.name, epoch)
             eval_metrics = {f"test/{k}": v for k, v in spec.evaluate(state).items()}
             metrics = {**train_metrics, **eval_metrics, "epoch_seconds": time.time() - t0}
             best, improved = spec.improve(best, eval_metrics, epoch)
             last = eval_metrics
-            writer.write(epoch, metrics)
+            if writer is not None:
+                writer.write(epoch, metrics)
             if improved or export is None:
                 export = jax.device_get(spec.export(state, export, improved))  # a host copy: state buffers are donated
                 ckpt.save_best(epoch + 1, export, {**spec.meta, "epoch": epoch + 1, "best": best})
-            ckpt.save_latest(epoch + 1, state, {**spec.meta, "epoch": epoch + 1, "best": best, "last": last})
+            ckpt.save_latest((epoch + 1) * npass * steps, state,
+                             {**spec.meta, "epoch": epoch + 1, "best": best, "last": last})
             shown = {k.split("/", 1)[1]: f"{v:.4f}" for k, v in eval_metrics.items()}
             bar.set_postfix(epoch=epoch + 1, **shown)
-            if bar.disable:
+            if bar.disable and jax.process_index() == 0:
                 print(f"[{spec.name}] epoch {epoch + 1}/{spec.num_epochs} " +
                       " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
     finally:

@@ -9,27 +9,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import default, quickstart
+from configs import default, smoke
 from mgd_jax import pipeline
 from mgd_jax.train import checkpoint as ckpt_lib
 
 
 def tiny_config():
-    c = quickstart.get_config()
-    c.data.image_size = 8
-    c.data.train_limit = 192
-    c.data.test_limit = 100
-    c.progress = False
-    c.teacher.arch = "resnet8"
-    c.teacher.epochs = 2
-    c.teacher.optimizer.milestones = (1,)
-    c.analyzer.epochs = 2
-    c.analyzer.optimizer.milestones = (1,)
-    c.student.arch = "resnet8"
-    c.student.epochs = 2
-    c.student.optimizer.milestones = (1,)
-    c.granularities = ((16, 2.0), (32, 8.0))
-    c.students = ml_collections.ConfigDict({"mas_kd": default.student_run("kd", "mas")})
+    c = smoke.get_config()
+    c.checkpoint.every_steps = 0
     return c
 
 
@@ -91,8 +78,7 @@ def test_resume_after_interruption_is_exact(full_run, tmp_path, monkeypatch):
             raise _Killed(f"killed after saving {key}")
 
     monkeypatch.setattr(ckpt_lib.StageCheckpoints, "save_latest", save_then_die)
-    c = c.copy_and_resolve_references()
-    c.checkpoint.every_steps = 2  # 3 steps per epoch: a mid-epoch checkpoint in every other epoch
+    c = smoke.get_config()  # checkpoints every 2 steps; 3 steps per epoch: mid-epoch checkpoints
     for _ in range(3):
         with pytest.raises(_Killed):
             pipeline.train_and_evaluate(c, workdir, devices=jax.devices()[:1])

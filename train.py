@@ -20,9 +20,12 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)  # orbax logs every save at INFO, tfds warns about empty folders
     from mgd_jax.errors import USER_ERRORS
-    from mgd_jax.pipeline import train_and_evaluate
+    from mgd_jax.train import distributed
 
     try:
+        distributed.maybe_initialize(FLAGS.config.get("distributed", None))  # before any device is touched
+        from mgd_jax.pipeline import train_and_evaluate
+
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

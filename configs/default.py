@@ -84,6 +84,9 @@ def get_config():
     c.progress = True
     # latest checkpoint also every N optimizer steps inside an epoch (a kill redoes at most N steps); keep K.
     c.checkpoint = dict(every_steps=500, keep=2)
+    # Multi-host (README "Preemption and multi-host"); unset values come from JAX_* environment variables.
+    c.distributed = dict(coordinator_address=config_dict.placeholder(str), num_processes=config_dict.placeholder(int),
+                         process_id=config_dict.placeholder(int), timeout_seconds=300)
     # Stage 1 (teacher.py): 240 epochs, lr 0.05, x0.1 at 60/120/180.
     c.teacher = dict(arch="resnet56", epochs=240, batch_size=64, optimizer=sgd(0.05, (60, 120, 180)))
     # Stage 2 (train_teacher_wrapper.py): 60 epochs, lr 0.01 per granularity, x0.1 at 30/45.

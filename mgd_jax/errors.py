@@ -5,5 +5,7 @@ from mgd_jax.methods import MethodPairError
 from mgd_jax.train.checkpoint import StageMismatchError
 from mgd_jax.train.metrics import NonFiniteLossError
 
+from mgd_jax.import_torch import CheckpointImportError
+
 USER_ERRORS = (ConfigError, DatasetNotFoundError, MethodPairError, StageMismatchError, NonFiniteLossError,
-               ValueError)
+               CheckpointImportError)

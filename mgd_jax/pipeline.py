@@ -240,7 +240,14 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     """Runs (or resumes) every stage of ``config`` in ``workdir``; returns and writes the summary."""
     validate_config(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir!r}: not writable ({e.strerror})") from None
     _check_workdir(config, workdir)
     mesh = mesh_lib.make_mesh(devices)
     ndev = mesh.devices.size
@@ -268,9 +275,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
         label = f"{scfg.method} / {scfg.granularity}"
         rows.append(_row(f"student {name} ({label})", config.student.arch, s_res))
     table = summary_markdown(rows)
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    print("\n" + table, flush=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.md"), "w") as f:
+            f.write(table)
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        print("\n" + table, flush=True)
     return {"rows": rows, "table": table}

@@ -69,7 +69,24 @@ def test_workdir_of_another_teacher_architecture(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,match", [
+    ("teacher.arch", "resnet9", "unknown architecture"),
+    ("student.arch", "vgg7", "unknown architecture"),
+    ("students.kd.method", "fitnet2", "unknown method"),
+    ("students.kd.granularity", "mgs", "unknown granularity mode"),
+    ("students.kd.temperature", -1.0, "temperature must be > 0"),
+    ("students.kd.weights.ce", -0.5, "weights must be >= 0"),
+    ("students.kd.method_options", {"nce_k": 5}, "method 'kd' has no option 'nce_k'"),
+    ("granularities", ((64, 2.0), (0, 8.0)), "encoding dim must be a positive integer"),
+    ("granularities", ((64, 0.0),), "temperature must be > 0"),
+    ("granularities", ((64, 2.0), (64, 2.0)), "distinct"),
     ("teacher.optimizer.lr", 0.0, "learning rate must be > 0"),
+    ("analyzer.optimizer.lr", -0.01, "learning rate must be > 0"),
+    ("teacher.optimizer.momentum", 1.5, "momentum must be in"),
+    ("student.optimizer.weight_decay", -1e-4, "weight decay must be >= 0"),
+    ("analyzer.optimizer.gamma", 0.0, "gamma must be in"),
+    ("student.epochs", -3, "must be an integer >= 1"),
+    ("eval_batch_size", 0, "must be >= 1"),
+    ("augment.std", (0.0,), "positive value per channel"),
     ("student.optimizer.milestones", (150, 180, 300), "beyond the last epoch"),
     ("student.optimizer.milestones", (180, 150), "increasing"),
     ("analyzer.epochs", 0, "must be an integer >= 1"),
@@ -86,4 +103,22 @@ def test_validate_config_table(field, value, match):
     node[last] = value
     with pytest.raises(ConfigError, match=match) as e:
         validate_config(c)
-    assert f"config.{field}=" in str(e.value)
+    assert f"config.{field}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_global_batch_not_divisible_by_devices_and_unwritable_workdir(tmp_path, monkeypatch):
+    from configs import smoke
+
+    c = smoke.get_config()
+    c.student.batch_size = 66
+    with pytest.raises(ConfigError, match=r"config.student.batch_size=66: the global batch must be divisible by the "
+                                          r"4 devices"):
+        pipeline.train_and_evaluate(c, str(tmp_path / "w"), devices=jax.devices()[:4])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    if os.access(ro, os.W_OK):  # root ignores permissions: use a path under a file instead
+        (tmp_path / "afile").write_text("x")
+        ro = tmp_path / "afile"
+    with pytest.raises(ConfigError, match="--workdir=.*not writable"):
+        pipeline.train_and_evaluate(smoke.get_config(), str(ro / "w"), devices=jax.devices()[:1])

@@ -108,50 +108,42 @@ def test_bad_pairs_are_refused(name, t_arch, s_arch, match):
 
 
 @pytest.mark.parametrize("pair", default.README_PAIRS)
-def test_every_method_traces_on_readme_pair_shapes(pair):
-    """Every method's MAS student step (and init step) on the pair's real shapes, traced with eval_shape."""
+def test_every_method_on_readme_pair_shapes(pair):
+    """Every method's init, loss (and init-stage loss) on the pair's real feature shapes (abstract evaluation;
+    the backbones around them are the same for every method and are exercised by the tests above)."""
     t_arch, s_arch = pair
-    x = jnp.zeros((2, 32, 32, 3))
+    x = jnp.zeros((4, 32, 32, 3))
     key = jax.random.key(0)
-    t_model, s_model = get_model(t_arch, 100), get_model(s_arch, 100)
-    an = GranularityAnalyzer(GRANS, 100)
-    outs = {who: Outputs(*jax.eval_shape(lambda m=m: m.apply(m.init(key, x), x)))
-            for who, m in (("s", s_model), ("t", t_model))}
-
-    def make_teacher():
-        tv = t_model.init(key, x)
-        d = t_model.apply(tv, x)[1][-1].shape[-1]
-        return {"backbone": tv, "analyzer": an.init(key, jnp.zeros((1, d)))["params"]}
-
-    teacher = jax.eval_shape(make_teacher)
-    tx = optim.sgd(OPT, 2)
-    ctx = {"num_train": 64}
+    outs = {}
+    for who, arch in (("s", s_arch), ("t", t_arch)):
+        m = get_model(arch, 100)
+        for preact in (False, True):
+            outs[who, preact] = Outputs(*jax.eval_shape(lambda m=m, p=preact: m.apply(m.init(key, x), x, preact=p)))
+    batch = {"index": jnp.arange(4, dtype=jnp.int32), "contrast_idx": jnp.zeros((4, 33), jnp.int32)}
     for name in METHODS:
         method = get_method(name, **({"nce_k": 32} if name == "crd" else {}))
+        s_out, t_out = outs["s", method.init_student_preact], outs["t", method.teacher_preact]
         try:
-            method.check_pair(s_arch, t_arch, outs["s"], outs["t"])
+            method.check_pair(s_arch, t_arch, s_out, t_out)
         except MethodPairError:
             assert name in ("kdsvd", "afd", "fsp") and pair == ("wrn_40_2", "wrn_40_1"), (name, pair)
             continue
-        s_mods = S.StudentModules(s_model, GranularityAnalyzer(GRANS, 100, False), method)
-        t_mods = S.TeacherModules(t_model, an)
-        obj = S.Objective("mas", GRANS)
-        state = jax.eval_shape(lambda: S.init_state(s_mods, t_mods, make_teacher(), tx, key, x, ctx))
-        batch = {"image": jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.uint8),
-                 "label": jax.ShapeDtypeStruct((4,), jnp.int32)}
-        if method.needs_contrast:
-            batch["index"] = jax.ShapeDtypeStruct((4,), jnp.int32)
-            batch["contrast_idx"] = jax.ShapeDtypeStruct((4, 33), jnp.int32)
-        if method.has_init_stage:
-            istate = jax.eval_shape(lambda: S.init_stage_state(
-                s_mods, t_mods, make_teacher(), S.init_state(s_mods, t_mods, make_teacher(), tx, key, x, ctx), tx,
-                key, x, ctx))
-            _, m = jax.eval_shape(S.make_init_step(s_mods, t_mods, tx, AUG), istate, teacher, batch, key)
-            assert m["loss"].shape == ()
-        new_state, metrics = jax.eval_shape(S.make_train_step(s_mods, t_mods, obj, tx, AUG), state, teacher, batch,
-                                            key)
-        assert metrics["loss"].shape == ()
-        assert jax.tree.structure(new_state) == jax.tree.structure(state)
+
+        def run(s_out=s_out, t_out=t_out, method=method):
+            v = method.init(key, s_out, t_out, {"num_train": 64})
+            loss, state = method.loss(v, s_out, t_out, batch, True)
+            init_loss = None
+            if method.has_init_stage:
+                init_loss, _ = method.init_loss({"params": v.get("init_params", {}), "state": v["state"]},
+                                                s_out, t_out, True)
+            return loss, init_loss, state
+
+        shapes = jax.eval_shape(lambda: run(*[jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), o)
+                                              for o in (s_out, t_out)]))
+        loss, init_loss, _ = shapes
+        assert (loss is None) == (name in ("kd", "abound", "fsp")), name
+        assert loss is None or loss.shape == ()
+        assert init_loss is None or init_loss.shape == ()
 
 
 @pytest.mark.parametrize("mode", ["exact", "relax"])

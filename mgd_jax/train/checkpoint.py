@@ -36,7 +36,14 @@ class CorruptCheckpointWarning(UserWarning):
 
 
 def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+    """Restore targets: replicated over all devices of this job, whatever topology wrote the checkpoint."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    if jax.process_count() == 1:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    else:
+        sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
 
 
 def _digest_files(step_dir: str) -> dict[str, str]:

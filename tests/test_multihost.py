@@ -1,0 +1,79 @@
+"""Two processes on 127.0.0.1 with 2 CPU devices each == one process with 4 devices."""
+import os
+import socket
+import subprocess
+import sys
+
+import chex
+import orbax.checkpoint as ocp
+
+from conftest import ROOT
+from mgd_jax.train import checkpoint as ckpt_lib
+
+STAGES = ["teacher", "analyzer", "students/mas_kd"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k == "JAX_PLATFORMS"}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.update(extra)
+    return env
+
+
+def _final(workdir, like=None):
+    out = {}
+    for stage in STAGES:
+        ck = ckpt_lib.StageCheckpoints(os.path.join(workdir, stage, "checkpoints"))
+        if like is None:
+            step = ck.latest.latest_step()
+            out[stage] = ck.latest.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        else:  # written by another topology (2 processes): restore onto this one
+            out[stage] = ck.restore_latest(like[stage])[0]
+        ck.close()
+    return out
+
+
+def test_two_processes_equal_one_process_with_four_devices(tmp_path):
+    cmd = [sys.executable, "train.py", "--config=configs/smoke.py"]
+    one = str(tmp_path / "one")
+    subprocess.run(cmd + [f"--workdir={one}"], cwd=ROOT, env=_env(4), check=True, capture_output=True, timeout=600)
+    two = str(tmp_path / "two")
+    port = _free_port()
+    procs = [subprocess.Popen(cmd + [f"--workdir={two}", "--config.distributed.timeout_seconds=120"], cwd=ROOT,
+                              env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                                       JAX_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "mesh: 4 x cpu" in outs[0]
+    ref = _final(one)
+    chex.assert_trees_all_close(ref, _final(two, like=ref), atol=1e-5, rtol=1e-5)
+
+
+def test_distributed_settings_from_config_and_environment(monkeypatch):
+    import pytest
+
+    from mgd_jax.config_validation import ConfigError
+    from mgd_jax.train import distributed
+
+    monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
+    assert distributed.settings({}) is None
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    s = distributed.settings({"timeout_seconds": 30})
+    assert s == dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=1, initialization_timeout=30)
+    assert distributed.settings({"process_id": 0})["process_id"] == 0  # config wins
+    with pytest.raises(ConfigError, match="process_id=5 is outside"):
+        distributed.settings({"process_id": 5})

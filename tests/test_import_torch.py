@@ -105,3 +105,15 @@ def test_cli_imports_into_workdir_and_student_stage_uses_it(tmp_path):
     assert summary["rows"][-1]["stage"] == "student kd_mas (kd / mas)"
     assert main(["--arch=resnet20", f"--teacher={TORCH / 'resnet8_backbone.pth'}",
                  f"--workdir={tmp_path / 'w2'}"]) == 2
+
+
+def test_teacher_of_another_class_count_is_refused(tmp_path):
+    from configs import smoke
+    from mgd_jax import pipeline
+    from mgd_jax.train.checkpoint import StageMismatchError
+
+    workdir = str(tmp_path / "w")
+    assert main(["--arch=resnet8", f"--teacher={TORCH / 'resnet8_backbone.pth'}", f"--workdir={workdir}"]) == 0
+    with pytest.raises(StageMismatchError, match="written for num_classes=100 but the config asks for "
+                                                 "num_classes=10"):
+        pipeline.train_and_evaluate(smoke.get_config(), workdir, devices=jax.devices()[:1])  # digits: 10 classes

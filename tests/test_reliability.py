@@ -63,6 +63,11 @@ def test_corrupted_checkpoint_falls_back_with_a_warning(tmp_path):
     work = str(tmp_path / "w")
     pipeline.train_and_evaluate(c, work)
     step, final = _latest(work, "students/mas_kd")
+    for root, _, files in os.walk(work):  # our checkpoints hold no pickles (orbax arrays + JSON)
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                head = fh.read(2)
+            assert not (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5), os.path.join(root, f)
     latest_dir = os.path.join(work, "students/mas_kd/checkpoints/latest")
     # alter one byte of the newest step's largest file
     victim = max((os.path.join(r, f) for r, _, fs in os.walk(os.path.join(latest_dir, str(step))) for f in fs

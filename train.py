@@ -5,6 +5,7 @@
 
 Running the same command again resumes where it stopped; finished stages are not redone.
 """
+import os
 import sys
 
 from absl import app, flags, logging
@@ -24,6 +25,9 @@ def main(argv):
 
     try:
         distributed.maybe_initialize(FLAGS.config.get("distributed", None))  # before any device is touched
+        if FLAGS.config.get("compilation_cache", True):  # compiled steps are reused by a resumed or repeated run
+            import jax
+            jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(FLAGS.workdir), ".jax_cache"))
         from mgd_jax.pipeline import train_and_evaluate
 
         train_and_evaluate(FLAGS.config, FLAGS.workdir)

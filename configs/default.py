@@ -82,6 +82,7 @@ def get_config():
     c.eval_batch_size = 500
     c.granularities = PAPER_GRANULARITIES
     c.progress = True
+    c.compilation_cache = True  # persistent XLA compilation cache in <workdir>/.jax_cache (train.py)
     # latest checkpoint also every N optimizer steps inside an epoch (a kill redoes at most N steps); keep K.
     c.checkpoint = dict(every_steps=500, keep=2)
     # Multi-host (README "Preemption and multi-host"); unset values come from JAX_* environment variables.

@@ -46,24 +46,11 @@ def test_missing_cifar_message_says_how_to_build(tmp_path):
 
 
 def test_workdir_of_another_teacher_architecture(tmp_path):
-    c = quickstart.get_config()
-    c.data.image_size = 8
-    c.data.train_limit = 64
-    c.data.test_limit = 32
-    c.progress = False
-    c.teacher.arch = "resnet8"
-    c.teacher.epochs = 1
-    c.teacher.optimizer.milestones = ()
-    c.analyzer.epochs = 1
-    c.analyzer.optimizer.milestones = ()
-    c.student.epochs = 1
-    c.student.optimizer.milestones = ()
-    c.granularities = ((8, 2.0),)
-    c.students = {"kd": c.students.kd}
+    from configs import smoke
+
     workdir = str(tmp_path / "w")
-    pipeline.train_and_evaluate(c, workdir, devices=jax.devices()[:1])
-    code, _, err = _train("--config.teacher.arch=resnet14", "--config.data.image_size=8",
-                          "--config.granularities=((8, 2.0),)", workdir=workdir)
+    pipeline.train_and_evaluate(smoke.get_config(), workdir, devices=jax.devices()[:1])
+    code, _, err = _train("--config=configs/smoke.py", "--config.teacher.arch=resnet14", workdir=workdir)
     assert code == 2, err
     assert "teacher/checkpoints/latest was written for arch='resnet8' but the config asks for arch='resnet14'" in err
 

@@ -249,6 +249,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     except OSError as e:
         raise ConfigError(f"--workdir={workdir!r}: not writable ({e.strerror})") from None
     _check_workdir(config, workdir)
+    if jax.process_index() == 0:  # what was run, for evaluation tools and people
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=1))
     mesh = mesh_lib.make_mesh(devices)
     ndev = mesh.devices.size
     for stage in ("teacher", "analyzer", "student"):

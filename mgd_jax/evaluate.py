@@ -13,24 +13,21 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from mgd_jax import losses
+from mgd_jax.analysis.common import AnalysisError, load_config, restore_best
 from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities
 from mgd_jax.data import load_dataset
 from mgd_jax.data.augment import eval_transform
 from mgd_jax.models import get_model
 from mgd_jax.stages.common import apply_backbone
 from mgd_jax.train import mesh as mesh_lib
-from mgd_jax.train.checkpoint import StageCheckpoints
 
 ECE_BINS = 15
 
 
-class EvaluationError(ValueError):
-    pass
+EvaluationError = AnalysisError
 
 
 def calibration_sums(logits, labels, mask, bins: int = ECE_BINS) -> dict:
@@ -52,27 +49,8 @@ def summarize(sums: dict, n: int) -> dict:
             "ece": ece}
 
 
-def _restore_best(directory: str):
-    if not os.path.isdir(os.path.join(directory, "checkpoints", "best")):
-        raise EvaluationError(f"{directory}/checkpoints/best does not exist (has this stage run?)")
-    ck = StageCheckpoints(os.path.join(directory, "checkpoints"))
-    try:
-        step = ck.best.latest_step()
-        if step is None:
-            raise EvaluationError(f"{directory}/checkpoints/best holds no checkpoint")
-        r = ck.best.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                          meta=ocp.args.JsonRestore()))
-        return r["state"], dict(r["meta"])
-    finally:
-        ck.close()
-
-
 def evaluate_stage(workdir: str, stage: str, split: str = "test", batch_size: int = 500) -> dict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise EvaluationError(f"{path} is missing: evaluate needs a workdir written by train.py")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = load_config(workdir)
     ds = load_dataset(config.data)
     images, labels = (ds.test_images, ds.test_labels) if split == "test" else (ds.train_images, ds.train_labels)
     if split not in ("test", "train"):
@@ -88,8 +66,8 @@ def evaluate_stage(workdir: str, stage: str, split: str = "test", batch_size: in
         return jax.jit(run)
 
     if stage == "analyzer":
-        t_vars, _ = _restore_best(os.path.join(workdir, "teacher"))
-        tubes, meta = _restore_best(directory)
+        t_vars, _ = restore_best(os.path.join(workdir, "teacher"))
+        tubes, meta = restore_best(directory)
         t_model = get_model(config.teacher.arch, ds.num_classes)
         an = GranularityAnalyzer(parse_granularities(config.granularities), ds.num_classes)
 
@@ -100,7 +78,7 @@ def evaluate_stage(workdir: str, stage: str, split: str = "test", batch_size: in
                 out[f"decoder/{name}"] = calibration_sums(dec, y, m)
             return out
     else:
-        variables, meta = _restore_best(directory)
+        variables, meta = restore_best(directory)
         arch = config.teacher.arch if stage == "teacher" else config.student.arch
         model = get_model(arch, ds.num_classes)
         params = variables["params"] if stage == "teacher" else variables["params"]["backbone"]

@@ -1,0 +1,95 @@
+"""Linear CKA between the teacher's and a student's features, layer by layer (every pair of entries of the two
+feature lists), on test images.  Writes cka_<student>.json and a heat map cka_<student>.png.
+
+    python -m mgd_jax.analysis.cka --workdir=runs/quickstart --student=students/mas_kd [--examples=500]
+
+CKA(X, Y) = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) with X, Y the column-centred [n, features] matrices.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mgd_jax.analysis.common import AnalysisError, backbone_fn, load_config, load_data
+from mgd_jax.data.augment import eval_transform
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    y = np.asarray(y, np.float64).reshape(len(y), -1)
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    # Gram form: <K_x, K_y> / (||K_x|| ||K_y||) with K = X X^T (cheap when features >> examples)
+    kx, ky = x @ x.T, y @ y.T
+    return float(np.sum(kx * ky) / (np.linalg.norm(kx) * np.linalg.norm(ky)))
+
+
+def cka_matrix(workdir: str, student: str, examples: int = 500) -> dict:
+    config = load_config(workdir)
+    ds = load_data(config)
+    n = min(examples, len(ds.test_labels))
+    x = eval_transform(jnp.asarray(ds.test_images[:n]), config.augment)
+    feats = {}
+    for who, stage in (("teacher", "teacher"), ("student", student)):
+        fn, _ = backbone_fn(workdir, stage, config, ds.num_classes)
+        _, f = jax.jit(fn)(x)
+        feats[who] = [np.asarray(a) for a in f]
+    m = [[linear_cka(t, s) for s in feats["student"]] for t in feats["teacher"]]
+    return {"workdir": workdir, "student": student, "examples": n, "teacher_arch": config.teacher.arch,
+            "student_arch": config.student.arch, "teacher_layers": [list(a.shape[1:]) for a in feats["teacher"]],
+            "student_layers": [list(a.shape[1:]) for a in feats["student"]], "cka": m}
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(result["cka"])
+    fig, ax = plt.subplots(figsize=(1.1 * m.shape[1] + 2, 1.0 * m.shape[0] + 1.5))
+    im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", color="w" if m[i, j] < 0.6 else "k", fontsize=8)
+    ax.set_xticks(range(m.shape[1]), [f"f{j}" for j in range(m.shape[1])])
+    ax.set_yticks(range(m.shape[0]), [f"f{i}" for i in range(m.shape[0])])
+    ax.set_xlabel(f"student {result['student_arch']} ({result['student']})")
+    ax.set_ylabel(f"teacher {result['teacher_arch']}")
+    ax.set_title("linear CKA (last entry: pooled feature)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--student", required=True, help="students/<name>")
+    p.add_argument("--examples", type=int, default=500)
+    p.add_argument("--out")
+    a = p.parse_args(argv)
+    workdir = os.path.abspath(a.workdir)
+    out = a.out or os.path.join(workdir, "analysis")
+    try:
+        result = cka_matrix(workdir, a.student, a.examples)
+    except AnalysisError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(out, exist_ok=True)
+    name = a.student.replace("/", "_")
+    with open(os.path.join(out, f"cka_{name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, os.path.join(out, f"cka_{name}.png"))
+    print(f"wrote {out}/cka_{name}.json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

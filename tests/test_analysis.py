@@ -1,0 +1,101 @@
+"""Evaluation of stage checkpoints: accuracy / NLL / ECE against numpy, on a real smoke workdir."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import smoke
+from mgd_jax import pipeline
+from mgd_jax.evaluate import EvaluationError, calibration_sums, evaluate_stage, main, summarize
+
+
+def test_calibration_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(50, 7)) * 3
+    labels = rng.integers(0, 7, 50)
+    mask = np.ones(50, np.float32)
+    mask[-5:] = 0  # padding rows do not count
+    got = summarize(jax.device_get(calibration_sums(jnp.asarray(logits, jnp.float32), jnp.asarray(labels),
+                                                    jnp.asarray(mask))), 45)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p, y = p[:45], labels[:45]
+    conf, pred = p.max(1), p.argmax(1)
+    bins = np.minimum((conf * 15).astype(int), 14)
+    ece = sum(abs(np.sum((pred == y)[bins == b]) - np.sum(conf[bins == b])) for b in range(15)) / 45
+    np.testing.assert_allclose(got["ece"], ece, rtol=1e-5)
+    np.testing.assert_allclose(got["top1"], np.mean(pred == y))
+    np.testing.assert_allclose(got["nll"], -np.mean(np.log(p[np.arange(45), y])), rtol=1e-5)
+    top5 = np.argsort(-p, 1)[:, :5]
+    np.testing.assert_allclose(got["top5"], np.mean([y[i] in top5[i] for i in range(45)]))
+
+
+def test_evaluate_every_stage_of_a_workdir(tmp_path):
+    work = str(tmp_path / "w")
+    summary = pipeline.train_and_evaluate(smoke.get_config(), work, devices=jax.devices()[:1])
+    student = evaluate_stage(work, "students/mas_kd")
+    row = summary["rows"][-1]
+    assert student["model"]["top1"] == pytest.approx(row["best_acc1"])  # the best checkpoint's test top-1
+    assert 0 <= student["model"]["ece"] <= 1
+    an = evaluate_stage(work, "analyzer")
+    assert set(an) >= {"teacher", "decoder/16d_T2", "decoder/32d_T8"}
+    assert an["decoder/16d_T2"]["top1"] == pytest.approx(summary["rows"][1]["best_acc1"])
+    assert json.load(open(os.path.join(work, "analyzer", "eval_test.json")))["examples"] == 100
+    assert main([f"--workdir={work}", "--stage=teacher", "--split=train"]) == 0
+    with pytest.raises(EvaluationError, match="students/nope/checkpoints/best does not exist"):
+        evaluate_stage(work, "students/nope")
+
+
+# --- robustness and CKA ---------------------------------------------------------------------------------------
+from mgd_jax.analysis import cka as cka_lib  # noqa: E402
+from mgd_jax.analysis import robustness as rob  # noqa: E402
+
+
+def test_linear_cka_properties():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 12))
+    y = x @ rng.normal(size=(12, 7)) + 0.3 * rng.normal(size=(40, 7))
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    feature_form = np.linalg.norm(yc.T @ xc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
+    np.testing.assert_allclose(cka_lib.linear_cka(x, y), feature_form, rtol=1e-10)
+    np.testing.assert_allclose(cka_lib.linear_cka(x, x), 1.0, rtol=1e-12)
+    q, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    np.testing.assert_allclose(cka_lib.linear_cka(x, 3.0 * x @ q + 1.0), 1.0, rtol=1e-10)  # rotation/scale/shift
+    assert cka_lib.linear_cka(x, rng.normal(size=(40, 12))) < 0.6
+
+
+def test_corruptions():
+    key = jax.random.key(0)
+    x = jax.random.uniform(key, (8, 16, 16, 3))
+    for kind, sev in rob.CORRUPTIONS.items():
+        np.testing.assert_array_equal(rob.corrupt(x, kind, 0.0, key), x)
+    g = rob.corrupt(x, "gaussian_noise", 0.2, key)
+    assert float(g.min()) >= 0 and float(g.max()) <= 1 and float(jnp.abs(g - x).mean()) > 0.05
+    sp = rob.corrupt(x, "salt_pepper", 0.1, key)
+    changed = np.mean(np.any(np.asarray(sp != x), axis=-1))
+    assert 0.05 < changed < 0.15 and set(np.unique(np.asarray(sp)[np.asarray(sp != x)])) <= {0.0, 1.0}
+    c = rob.corrupt(x, "contrast", 0.5, key)
+    np.testing.assert_allclose(c.mean(axis=(1, 2, 3)), x.mean(axis=(1, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(c.std(axis=(1, 2, 3)), 0.5 * x.std(axis=(1, 2, 3)), rtol=1e-4)
+
+
+def test_robustness_and_cka_tools_on_a_workdir(tmp_path):
+    work = str(tmp_path / "w")
+    pipeline.train_and_evaluate(smoke.get_config(), work, devices=jax.devices()[:1])
+    clean = evaluate_stage(work, "students/mas_kd")["model"]["top1"]
+    assert rob.main([f"--workdir={work}", "--stages=teacher,students/mas_kd"]) == 0
+    res = json.load(open(os.path.join(work, "analysis", "robustness.json")))
+    per = res["results"]["students/mas_kd"]
+    assert set(per) == set(rob.CORRUPTIONS)
+    for kind in per:  # severity 0 is the clean test accuracy of the best checkpoint
+        assert per[kind]["top1"][0] == pytest.approx(clean)
+    assert os.path.getsize(os.path.join(work, "analysis", "robustness.png")) > 1000
+    assert cka_lib.main([f"--workdir={work}", "--student=students/mas_kd", "--examples=64"]) == 0
+    c = json.load(open(os.path.join(work, "analysis", "cka_students_mas_kd.json")))
+    m = np.asarray(c["cka"])
+    assert m.shape == (5, 5) and np.all((m >= -1e-9) & (m <= 1 + 1e-9))
+    assert os.path.getsize(os.path.join(work, "analysis", "cka_students_mas_kd.png")) > 1000
+    assert rob.main([f"--workdir={work}", "--stages=analyzer"]) == 2  # no backbone: one-line error

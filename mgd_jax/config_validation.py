@@ -9,7 +9,7 @@ from mgd_jax.methods import get_method, known_methods
 from mgd_jax.models import ARCHITECTURES
 from mgd_jax.stages.student import GRANULARITY_MODES
 
-DATASETS = ("digits", "cifar100", "cifar10")
+DATASETS = ("digits", "cifar100", "cifar10", "stl10")
 
 
 class ConfigError(ValueError):

@@ -50,12 +50,13 @@ def load_digits(image_size: int = 16, test_size: int = 360, split_seed: int = 0)
     return ArrayDataset("digits", imgs[tr], labels[tr], imgs[te], labels[te], 10)
 
 
-_TFDS = {"cifar100": 100, "cifar10": 10}
+_TFDS = {"cifar100": 100, "cifar10": 10, "stl10": 10}
 
 
 def build_instructions(name: str, data_dir: str | None) -> str:
     dd = f" --data_dir={data_dir}" if data_dir else ""
-    archive = {"cifar100": "cifar-100-binary.tar.gz", "cifar10": "cifar-10-binary.tar.gz"}[name]
+    archive = {"cifar100": "cifar-100-binary.tar.gz", "cifar10": "cifar-10-binary.tar.gz",
+               "stl10": "stl10_binary.tar.gz"}[name]
     return (f"build it once, offline: put {archive} in a folder DIR, pip install -e '.[prepare]', then "
             f"`tfds build {name} --manual_dir=DIR --file_format=array_record{dd}` (see README, 'CIFAR-100 recipe')")
 
@@ -70,6 +71,19 @@ def _read_all(source) -> tuple[np.ndarray, np.ndarray]:
         images.extend(np.asarray(r["image"], np.uint8) for r in recs)
         labels.extend(int(r["label"]) for r in recs)
     return np.stack(images), np.asarray(labels, np.int32)
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear, antialiased resize of uint8 [N, H, W, C] (torchvision Resize on the short side of square images)."""
+    if images.shape[1] == size and images.shape[2] == size:
+        return images
+    import jax
+    out = []
+    for start in range(0, len(images), 1000):
+        chunk = images[start:start + 1000].astype(np.float32)
+        r = jax.image.resize(chunk, (len(chunk), size, size, images.shape[3]), "bilinear", antialias=True)
+        out.append(np.clip(np.round(np.asarray(r)), 0, 255).astype(np.uint8))
+    return np.concatenate(out)
 
 
 def load_tfds(name: str, data_dir: str | None = None) -> ArrayDataset:
@@ -102,6 +116,10 @@ def load_dataset(cfg) -> ArrayDataset:
         ds = load_digits(cfg.get("image_size", 16), cfg.get("test_size", 360), cfg.get("split_seed", 0))
     elif cfg.name in _TFDS:
         ds = load_tfds(cfg.name, cfg.get("data_dir", None))
+        size = cfg.get("image_size", None)
+        if size:  # e.g. STL-10's 96x96 images at 32x32 for CIFAR models (the reference's Resize(32))
+            ds = dataclasses.replace(ds, train_images=resize_images(ds.train_images, size),
+                                     test_images=resize_images(ds.test_images, size))
     else:
         raise ValueError(f"unknown dataset {cfg.name!r}; known: digits, {', '.join(_TFDS)}")
     ntr, nte = cfg.get("train_limit", None), cfg.get("test_limit", None)

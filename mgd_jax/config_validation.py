@@ -64,6 +64,14 @@ def validate_config(config) -> None:
         _fail("augment.pad", config.augment.pad, "must be >= 0")
     if config.eval_batch_size < 1:
         _fail("eval_batch_size", config.eval_batch_size, "must be >= 1")
+    mutual = config.get("mutual", None)
+    if mutual is not None:
+        if len(mutual.peers) < 2:
+            _fail("mutual.peers", tuple(mutual.peers), "mutual learning needs at least 2 peers")
+        for a in mutual.peers:
+            if a not in ARCHITECTURES:
+                _fail("mutual.peers", tuple(mutual.peers), f"unknown architecture {a!r}")
+        _check_stage("mutual", mutual)
     if not config.students:
         _fail("students", dict(config.students), "at least one student run is needed")
     for name, s in config.students.items():

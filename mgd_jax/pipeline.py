@@ -213,6 +213,63 @@ def check_methods(config, num_classes: int, image_shape) -> None:
                      outs["teacher", m.teacher_preact])
 
 
+def run_mutual(config, workdir, ds, mesh):
+    """Deep mutual learning of ``config.mutual.peers`` (with the granularity tubes when ``granularity``)."""
+    from mgd_jax.stages import mutual
+
+    cfg = config.mutual
+    models = [get_model(a, ds.num_classes) for a in cfg.peers]
+    grans = parse_granularities(config.granularities) if cfg.granularity else ()
+    analyzer = GranularityAnalyzer(grans, ds.num_classes, with_decoders=False) if grans else None
+    spe = _steps_per_epoch(len(ds.train_labels), cfg.batch_size, mesh, config.drop_remainder)
+    txs = []
+    for a in cfg.peers:
+        ocfg = cfg.optimizer.copy_and_resolve_references()
+        if a in ("MobileNetV2", "ShuffleV1", "ShuffleV2"):
+            ocfg.lr = cfg.low_lr
+        txs.append(optim.sgd(ocfg, spe))
+    seed = config.seed * 1000 + STUDENT_SEED_OFFSET
+    sample = eval_transform(ds.train_images[:2], config.augment)
+    states = mesh_lib.replicate(mutual.init_states(models, analyzer, txs, jax.random.key(seed), sample), mesh)
+    step = jax.jit(mutual.make_train_step(models, analyzer, txs, config.augment, grans), donate_argnums=0)
+    ev = jax.jit(mutual.make_eval_step(models, analyzer, config.augment))
+    names = [f"peer{i}" for i in range(len(models))]
+
+    def improve(best, metrics, epoch):
+        best, improved = dict(best), []
+        for k in names:
+            v = metrics[f"test/{k}/acc1"]
+            if k not in best or v > best[k]["acc1"]:
+                best[k] = {"acc1": v, "acc5": metrics[f"test/{k}/acc5"], "epoch": epoch + 1}
+                improved.append(k)
+        return best, improved
+
+    def export(st, prev, improved):
+        prev = dict(prev) if prev is not None else {k: _variables(st[k]) for k in names}
+        for k in improved:
+            prev[k] = _variables(st[k])
+        return prev
+
+    spec = StageSpec(
+        name="mutual", directory=os.path.join(workdir, "mutual"), num_epochs=cfg.epochs, batch_size=cfg.batch_size,
+        seed=seed, meta={"stage": "mutual", "peers": list(cfg.peers), "granularity": bool(cfg.granularity),
+                         "num_classes": ds.num_classes},
+        passes=[("mutual", step)],
+        evaluate=lambda st: evaluate_dataset(lambda b: ev(st, b), ds.test_images, ds.test_labels,
+                                             config.eval_batch_size, mesh),
+        improve=improve, export=export, **_loop_options(config))
+    like = jax.device_get({k: _variables(states[k]) for k in names})
+    _, _, result = fit(spec, states, None, ds, mesh, like)
+    rows = []
+    for i, k in enumerate(names):
+        b = result["best"].get(k, {})
+        rows.append({"stage": f"mutual {k} ({'MDP-DML' if grans else 'DML'})", "model": cfg.peers[i],
+                     "best_acc1": b.get("acc1"), "best_acc5": b.get("acc5"), "best_epoch": b.get("epoch"),
+                     "last_acc1": result["last"].get(f"test/{k}/acc1"),
+                     "last_acc5": result["last"].get(f"test/{k}/acc5")})
+    return rows
+
+
 def _check_workdir(config, workdir):
     """Refuse, before any compilation, a workdir whose stage checkpoints were made for another setup."""
     expect = {"teacher": {"arch": config.teacher.arch},
@@ -263,6 +320,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     print(f"data: {ds.name} train {ds.train_images.shape} test {ds.test_images.shape}; "
           f"mesh: {mesh.devices.size} x {mesh.devices.flat[0].platform}", flush=True)
 
+    if config.get("mutual", None) is not None:  # a training mode of its own: peers, no teacher
+        rows = run_mutual(config, workdir, ds, mesh)
+        return _write_summary(rows, workdir)
     rows = []
     t_model, t_vars, t_res = run_teacher(config, workdir, ds, mesh)
     rows.append(_row("teacher", config.teacher.arch, t_res))
@@ -277,6 +337,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
         _, s_res = run_student(config, name, scfg, workdir, ds, mesh, t_model, t_vars, t_analyzer, t_tubes)
         label = f"{scfg.method} / {scfg.granularity}"
         rows.append(_row(f"student {name} ({label})", config.student.arch, s_res))
+    return _write_summary(rows, workdir)
+
+
+def _write_summary(rows, workdir):
     table = summary_markdown(rows)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.md"), "w") as f:

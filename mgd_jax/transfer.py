@@ -13,6 +13,7 @@ mode; ``--no_adapt_bn`` keeps them).  Result: best and last test top-1 in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from mgd_jax import losses, optim
 from mgd_jax.analysis.common import AnalysisError, load_config, restore_best
@@ -93,6 +95,13 @@ def transfer(workdir: str, stage: str, dataset: str, epochs: int = 50, full_fine
     if config.data.get("data_dir", None):
         tcfg.data.data_dir = config.data.data_dir
     ds = load_dataset(tcfg.data)
+    channels = len(config.augment.mean)
+    if channels == 1 and ds.image_shape[-1] == 3:  # a grey-image model (the digits quickstart): luma images
+        luma = np.asarray([0.299, 0.587, 0.114], np.float32)
+        gray = lambda a: np.clip(np.round(a.astype(np.float32) @ luma), 0, 255).astype(np.uint8)[..., None]  # noqa
+        ds = dataclasses.replace(ds, train_images=gray(ds.train_images), test_images=gray(ds.test_images))
+        tcfg.augment.mean = (float(np.dot(luma, tcfg.augment.mean)),)
+        tcfg.augment.std = (float(np.dot(luma, tcfg.augment.std)),)
     from mgd_jax.stages.student import CLASSIFIER_NAMES
     cls = next(k for k in CLASSIFIER_NAMES if k in params)
     model = get_model(arch, int(params[cls]["kernel"].shape[-1]))  # its classifier is kept but unused

@@ -48,6 +48,28 @@ def _loop_options(config) -> dict:
                 checkpoint_every_steps=int(ck.get("every_steps", 0) or 0), keep_checkpoints=int(ck.get("keep", 2)))
 
 
+def _best_per_member(names, key_format: str, product):
+    """Best-so-far per member (granularity tube, DML peer), each by its own test top-1 (strictly better).
+
+    -> (improve, export) for StageSpec: the export holds each member's product at its own best epoch."""
+    def improve(best, metrics, epoch):
+        best, improved = dict(best), []
+        for nm in names:
+            v = metrics[key_format.format(metric="acc1", name=nm)]
+            if nm not in best or v > best[nm]["acc1"]:
+                best[nm] = {"acc1": v, "acc5": metrics[key_format.format(metric="acc5", name=nm)], "epoch": epoch + 1}
+                improved.append(nm)
+        return best, improved
+
+    def export(state, prev, improved):
+        prev = dict(prev) if prev is not None else {nm: product(state, nm) for nm in names}
+        for nm in improved:
+            prev[nm] = product(state, nm)
+        return prev
+
+    return improve, export
+
+
 def _variables(state):
     return {"params": state.params, "batch_stats": state.batch_stats}
 
@@ -100,20 +122,7 @@ def run_analyzer(config, workdir, ds, mesh, t_model, t_vars):
         passes.append(("+".join(grp), step))
     eval_step = jax.jit(analyzer_stage.make_eval_step(t_model, analyzer, config.augment))
 
-    def improve(best, metrics, epoch):
-        best, improved = dict(best), []
-        for nm in names:
-            v = metrics[f"test/acc1/{nm}"]
-            if nm not in best or v > best[nm]["acc1"]:
-                best[nm] = {"acc1": v, "acc5": metrics[f"test/acc5/{nm}"], "epoch": epoch + 1}
-                improved.append(nm)
-        return best, improved
-
-    def export(states, prev, improved):
-        prev = dict(prev) if prev is not None else {nm: states[nm].params for nm in names}
-        for nm in improved:
-            prev[nm] = states[nm].params
-        return prev
+    improve, export = _best_per_member(names, "test/{metric}/{name}", lambda st, nm: st[nm].params)
 
     spec = StageSpec(
         name="analyzer", directory=os.path.join(workdir, "analyzer"), num_epochs=cfg.epochs,
@@ -235,20 +244,7 @@ def run_mutual(config, workdir, ds, mesh):
     ev = jax.jit(mutual.make_eval_step(models, analyzer, config.augment))
     names = [f"peer{i}" for i in range(len(models))]
 
-    def improve(best, metrics, epoch):
-        best, improved = dict(best), []
-        for k in names:
-            v = metrics[f"test/{k}/acc1"]
-            if k not in best or v > best[k]["acc1"]:
-                best[k] = {"acc1": v, "acc5": metrics[f"test/{k}/acc5"], "epoch": epoch + 1}
-                improved.append(k)
-        return best, improved
-
-    def export(st, prev, improved):
-        prev = dict(prev) if prev is not None else {k: _variables(st[k]) for k in names}
-        for k in improved:
-            prev[k] = _variables(st[k])
-        return prev
+    improve, export = _best_per_member(names, "test/{name}/{metric}", lambda st, k: _variables(st[k]))
 
     spec = StageSpec(
         name="mutual", directory=os.path.join(workdir, "mutual"), num_epochs=cfg.epochs, batch_size=cfg.batch_size,

@@ -17,3 +17,18 @@ FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 from absl import logging as _absl_logging  # noqa: E402
 
 _absl_logging.set_verbosity(_absl_logging.WARNING)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory):
+    """configs/smoke.py trained once (1 device) for the tests that only read a finished workdir."""
+    import jax
+
+    from configs import smoke
+    from mgd_jax import pipeline
+
+    work = str(tmp_path_factory.mktemp("smoke") / "w")
+    summary = pipeline.train_and_evaluate(smoke.get_config(), work, devices=jax.devices()[:1])
+    return work, summary

@@ -7,8 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import smoke
-from mgd_jax import pipeline
 from mgd_jax.evaluate import EvaluationError, calibration_sums, evaluate_stage, main, summarize
 
 
@@ -33,9 +31,8 @@ def test_calibration_matches_numpy():
     np.testing.assert_allclose(got["top5"], np.mean([y[i] in top5[i] for i in range(45)]))
 
 
-def test_evaluate_every_stage_of_a_workdir(tmp_path):
-    work = str(tmp_path / "w")
-    summary = pipeline.train_and_evaluate(smoke.get_config(), work, devices=jax.devices()[:1])
+def test_evaluate_every_stage_of_a_workdir(smoke_workdir):
+    work, summary = smoke_workdir
     student = evaluate_stage(work, "students/mas_kd")
     row = summary["rows"][-1]
     assert student["model"]["top1"] == pytest.approx(row["best_acc1"])  # the best checkpoint's test top-1
@@ -82,9 +79,8 @@ def test_corruptions():
     np.testing.assert_allclose(c.std(axis=(1, 2, 3)), 0.5 * x.std(axis=(1, 2, 3)), rtol=1e-4)
 
 
-def test_robustness_and_cka_tools_on_a_workdir(tmp_path):
-    work = str(tmp_path / "w")
-    pipeline.train_and_evaluate(smoke.get_config(), work, devices=jax.devices()[:1])
+def test_robustness_and_cka_tools_on_a_workdir(smoke_workdir):
+    work, _ = smoke_workdir
     clean = evaluate_stage(work, "students/mas_kd")["model"]["top1"]
     assert rob.main([f"--workdir={work}", "--stages=teacher,students/mas_kd"]) == 0
     res = json.load(open(os.path.join(work, "analysis", "robustness.json")))

@@ -45,11 +45,8 @@ def test_missing_cifar_message_says_how_to_build(tmp_path):
     assert "tfds build cifar100 --manual_dir=DIR --file_format=array_record" in err
 
 
-def test_workdir_of_another_teacher_architecture(tmp_path):
-    from configs import smoke
-
-    workdir = str(tmp_path / "w")
-    pipeline.train_and_evaluate(smoke.get_config(), workdir, devices=jax.devices()[:1])
+def test_workdir_of_another_teacher_architecture(smoke_workdir):
+    workdir, _ = smoke_workdir
     code, _, err = _train("--config=configs/smoke.py", "--config.teacher.arch=resnet14", workdir=workdir)
     assert code == 2, err
     assert "teacher/checkpoints/latest was written for arch='resnet8' but the config asks for arch='resnet14'" in err

@@ -46,12 +46,9 @@ def test_transfer_protocol_and_errors(cifar_workdir):
     assert T.main([f"--workdir={cifar_workdir}", "--stage=analyzer", "--dataset=stl10"]) == 2
 
 
-def test_transfer_from_the_digits_quickstart(tmp_path):
+def test_transfer_from_the_digits_quickstart(smoke_workdir):
     """A grey-image (digits) student transfers to STL-10 through luma images."""
-    from configs import smoke
-
-    work = str(tmp_path / "w")
-    pipeline.train_and_evaluate(smoke.get_config(), work, devices=jax.devices()[:1])
+    work, _ = smoke_workdir
     with tfds.testing.mock_data(num_examples=32):
         out = T.transfer(work, "students/mas_kd", "stl10", epochs=1, devices=jax.devices()[:1])
     assert 0 <= out["best_top1"] <= 1

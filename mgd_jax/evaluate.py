@@ -59,11 +59,6 @@ def evaluate_stage(workdir: str, stage: str, split: str = "test", batch_size: in
     aug = config.augment
     directory = os.path.join(workdir, stage)
 
-    def counts_fn(fn):
-        def run(batch):
-            sums = fn(eval_transform(batch["image"], aug), batch["label"], batch["mask"])
-            return sums
-        return jax.jit(run)
 
     if stage == "analyzer":
         t_vars, _ = restore_best(os.path.join(workdir, "teacher"))
@@ -88,7 +83,7 @@ def evaluate_stage(workdir: str, stage: str, split: str = "test", batch_size: in
             logits, _, _ = apply_backbone(model, params, stats, x, train=False)
             return {"model": calibration_sums(logits, y, m)}
 
-    run = counts_fn(fn)
+    run = jax.jit(lambda batch: fn(eval_transform(batch["image"], aug), batch["label"], batch["mask"]))
     totals = None
     n = len(labels)
     for start in range(0, n, batch_size):  # exact sums over the whole split

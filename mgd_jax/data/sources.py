@@ -96,7 +96,7 @@ def load_tfds(name: str, data_dir: str | None = None) -> ArrayDataset:
     try:
         train = tfds.data_source(name, split="train", data_dir=data_dir, download=False)
         test = tfds.data_source(name, split="test", data_dir=data_dir, download=False)
-    except Exception as e:  # noqa: BLE001 - tfds raises AssertionError, DatasetNotFoundError, NotImplementedError...
+    except Exception as e:  # noqa: BLE001 - tfds raises several types (assertion, not-found, format errors)
         if not builder.is_prepared():
             why = f"dataset {name!r} is not built in {builder.data_dir}"
         else:

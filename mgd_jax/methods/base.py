@@ -50,7 +50,8 @@ class Method:
         return None, variables.get("state", {})
 
     def init_loss(self, variables: dict, student: Outputs, teacher: Outputs, train: bool):
-        raise NotImplementedError
+        """Overridden by methods with an init stage (AB, FT, FSP); ``has_init_stage`` tells which."""
+        raise TypeError(f"method {self.name!r} has no init stage")
 
     def check_pair(self, student_arch: str, teacher_arch: str, student: Outputs, teacher: Outputs) -> None:
         """Raise MethodPairError naming method, pair and reason when the method cannot work for the pair."""

@@ -83,6 +83,12 @@ def get_config():
     c.granularities = PAPER_GRANULARITIES
     c.progress = True
     c.compilation_cache = True  # persistent XLA compilation cache in <workdir>/.jax_cache (train.py)
+    # CPU only: "auto" = one XLA device per core, the batch split over them (mgd_jax/train/cpu.py); an int; or 0
+    # for XLA's single CPU device.  Ignored when XLA_FLAGS sets a device count.
+    c.cpu_devices = "auto"
+    # Compute dtype of the backbones: float32 (the paper's) or bfloat16 (mixed precision for GPU / TPU:
+    # float32 parameters, BatchNorm statistics, tubes and losses; mgd_jax/precision.py).
+    c.precision = "float32"
     # latest checkpoint also every N optimizer steps inside an epoch (a kill redoes at most N steps); keep K.
     c.checkpoint = dict(every_steps=500, keep=2)
     # Multi-host (README "Preemption and multi-host"); unset values come from JAX_* environment variables.

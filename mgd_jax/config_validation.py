@@ -7,6 +7,7 @@ import ml_collections
 
 from mgd_jax.methods import get_method, known_methods
 from mgd_jax.models import ARCHITECTURES
+from mgd_jax.precision import DTYPES
 from mgd_jax.stages.student import GRANULARITY_MODES
 
 DATASETS = ("digits", "cifar100", "cifar10", "stl10")
@@ -51,6 +52,12 @@ def validate_config(config) -> None:
         arch = config[who].arch
         if arch not in ARCHITECTURES:
             _fail(f"{who}.arch", arch, f"unknown architecture; known: {', '.join(ARCHITECTURES)}")
+    prec = config.get("precision", "float32")
+    if prec not in DTYPES:
+        _fail("precision", prec, f"unknown precision; known: {', '.join(DTYPES)}")
+    cpu_devices = config.get("cpu_devices", "auto")
+    if not (cpu_devices == "auto" or (isinstance(cpu_devices, int) and cpu_devices >= 0)):
+        _fail("cpu_devices", cpu_devices, "must be 'auto' (one per core), a count, or 0 (XLA's default)")
     _check_stage("teacher", config.teacher)
     _check_stage("analyzer", config.analyzer)
     _check_stage("student", config.student)

@@ -15,7 +15,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from mgd_jax import optim
+from mgd_jax import optim, precision
 from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities
 from mgd_jax.config_validation import ConfigError, validate_config
 from mgd_jax.data import load_dataset
@@ -74,13 +74,18 @@ def _variables(state):
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
+def _model(config, arch, num_classes):
+    """The backbone ``arch``, computing in ``config.precision`` (float32 by default)."""
+    return precision.with_compute_dtype(get_model(arch, num_classes), config.get("precision", "float32"))
+
+
 def _steps_per_epoch(n, batch_size, mesh, drop):
     return mesh_lib.steps_per_epoch(n, batch_size, mesh.devices.size, drop)
 
 
 def run_teacher(config, workdir, ds, mesh):
     cfg = config.teacher
-    model = get_model(cfg.arch, ds.num_classes)
+    model = _model(config, cfg.arch, ds.num_classes)
     tx = optim.sgd(cfg.optimizer, _steps_per_epoch(len(ds.train_labels), cfg.batch_size, mesh, config.drop_remainder))
     key = jax.random.key(config.seed * 1000 + TEACHER_SEED_OFFSET)
     sample = eval_transform(ds.train_images[:2], config.augment)
@@ -149,7 +154,7 @@ def run_student(config, name, scfg, workdir, ds, mesh, t_model, t_vars, t_analyz
         mode=scfg.granularity, granularities=grans, temperature=scfg.temperature, w_ce=scfg.weights.ce,
         w_logit_kd=scfg.weights.logit_kd, w_method=scfg.weights.method, w_granularity=scfg.weights.granularity)
     method = _student_method(scfg)
-    s_model = get_model(config.student.arch, ds.num_classes)
+    s_model = _model(config, config.student.arch, ds.num_classes)
     s_analyzer = None if scfg.granularity == "none" else GranularityAnalyzer(grans, ds.num_classes, False)
     s_mods = student_stage.StudentModules(s_model, s_analyzer, method)
     t_mods = student_stage.TeacherModules(t_model, t_analyzer)
@@ -227,7 +232,7 @@ def run_mutual(config, workdir, ds, mesh):
     from mgd_jax.stages import mutual
 
     cfg = config.mutual
-    models = [get_model(a, ds.num_classes) for a in cfg.peers]
+    models = [_model(config, a, ds.num_classes) for a in cfg.peers]
     grans = parse_granularities(config.granularities) if cfg.granularity else ()
     analyzer = GranularityAnalyzer(grans, ds.num_classes, with_decoders=False) if grans else None
     spe = _steps_per_epoch(len(ds.train_labels), cfg.batch_size, mesh, config.drop_remainder)

@@ -1,0 +1,94 @@
+"""Options for speed: bfloat16 compute (float32 master weights), one CPU device per core."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mgd_jax import optim, precision
+from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities
+from mgd_jax.methods import get_method
+from mgd_jax.models import get_model
+from mgd_jax.stages import student as student_stage
+
+AUG = ml_collections.ConfigDict(dict(pad=2, flip=True, mean=(0.3,), std=(0.4,)))
+OPT = ml_collections.ConfigDict(dict(lr=0.05, momentum=0.9, weight_decay=5e-4, milestones=(1,), gamma=0.1))
+GRANS = parse_granularities([(16, 2.0), (32, 8.0)])
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _student_step(dtype):
+    key = jax.random.key(0)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, size=(16, 16, 16, 1), dtype=np.uint8),
+             "label": rng.integers(0, 10, size=(16,)).astype(np.int32)}
+    sample = jnp.zeros((2, 16, 16, 1))
+    t_model = precision.with_compute_dtype(get_model("resnet14", 10), dtype)
+    an = GranularityAnalyzer(GRANS, 10)
+    t_vars = t_model.init(key, sample)
+    tubes = an.init(jax.random.key(1), jnp.zeros((1, 64)))["params"]
+    teacher = {"backbone": t_vars, "analyzer": tubes}
+    s_mods = student_stage.StudentModules(precision.with_compute_dtype(get_model("resnet8", 10), dtype),
+                                          GranularityAnalyzer(GRANS, 10, False), get_method("kd"))
+    t_mods = student_stage.TeacherModules(t_model, an)
+    tx = optim.sgd(OPT, 2)
+    state = student_stage.init_state(s_mods, t_mods, teacher, tx, key, sample)
+    obj = student_stage.Objective("mas", GRANS, w_ce=0.2, w_logit_kd=0.8)
+    step = jax.jit(student_stage.make_train_step(s_mods, t_mods, obj, tx, AUG))
+    new_state, metrics = step(state, teacher, batch, jax.random.key(2))
+    return state, new_state, jax.device_get(metrics), step, (state, teacher, batch, jax.random.key(2))
+
+
+def test_bfloat16_step_keeps_float32_state_and_matches_float32_loss():
+    s0, s32, m32, _, _ = _student_step(None)
+    _, s16, m16, _, _ = _student_step("bfloat16")
+    for leaf in jax.tree.leaves((s16.params, s16.batch_stats, s16.opt_state)):
+        assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
+    for k, v in m32.items():  # every loss term, accuracy and the gradient norm, within bfloat16 rounding
+        assert np.isfinite(m16[k]), k
+        np.testing.assert_allclose(m16[k], v, rtol=0.05, atol=0.02, err_msg=k)
+    # the update itself: bf16 and f32 steps move the weights the same way
+    d32 = jax.tree.leaves(jax.tree.map(lambda a, b: a - b, s32.params, s0.params))
+    d16 = jax.tree.leaves(jax.tree.map(lambda a, b: a - b, s16.params, s0.params))
+    cos = sum(float(jnp.vdot(a, b)) for a, b in zip(d32, d16)) / np.sqrt(
+        sum(float(jnp.vdot(a, a)) for a in d32) * sum(float(jnp.vdot(b, b)) for b in d16))
+    assert cos > 0.98, cos
+
+
+def test_bfloat16_convolutions_run_in_bfloat16():
+    _, _, _, step, args = _student_step("bfloat16")
+    text = step.lower(*args).as_text()
+    conv_lines = [line for line in text.splitlines() if "stablehlo.convolution" in line]
+    assert conv_lines and all("bf16" in line for line in conv_lines)
+    _, _, _, step32, args32 = _student_step(None)
+    assert "bf16" not in step32.lower(*args32).as_text()
+
+
+def test_unknown_precision_is_refused():
+    import pytest
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        precision.with_compute_dtype(get_model("resnet8", 10), "fp8")
+
+
+def _device_count(env_flags, code_prefix=""):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    if env_flags is not None:
+        env["XLA_FLAGS"] = env_flags
+    code = (code_prefix + "from mgd_jax.train import cpu; n = cpu.configure_host_devices('auto'); import jax; "
+            "print(n, jax.local_device_count(), cpu.num_cores())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    return [None if w == "None" else int(w) for w in out.stdout.split()]
+
+
+def test_one_cpu_device_per_core_unless_xla_flags_says_otherwise():
+    set_n, devices, cores = _device_count(None)
+    assert set_n == cores and devices == cores
+    set_n, devices, _ = _device_count("--xla_force_host_platform_device_count=3")
+    assert set_n is None and devices == 3
+    # too late once a backend has started: nothing is changed (and nothing pretends it was)
+    set_n, devices, _ = _device_count(None, "import jax; jax.devices(); ")
+    assert set_n is None and devices == 1

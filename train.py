@@ -26,7 +26,7 @@ def main(argv):
     from mgd_jax.train import cpu
 
     try:
-        cpu.configure_host_devices(FLAGS.config.get("cpu_devices", "auto"))  # before XLA starts (reads XLA_FLAGS)
+        cpu.configure_host_devices(FLAGS.config.get("cpu_devices", None))  # before XLA starts (reads XLA_FLAGS)
         distributed.maybe_initialize(FLAGS.config.get("distributed", None))  # before any device is touched
         if FLAGS.config.get("compilation_cache", True):  # compiled steps are reused by a resumed or repeated run
             import jax

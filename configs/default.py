@@ -74,8 +74,9 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
     # tfds data_dir (None: tfds' default, $TFDS_DATA_DIR or ~/tensorflow_datasets); train/test_limit: smoke runs.
+    # on_device: training set resident on the devices, rows gathered inside the step (None: on GPU / TPU only).
     c.data = dict(name="cifar100", data_dir=config_dict.placeholder(str), train_limit=config_dict.placeholder(int),
-                  test_limit=config_dict.placeholder(int))
+                  test_limit=config_dict.placeholder(int), on_device=config_dict.placeholder(bool))
     # SPEC §5: zero-pad 4 in pixel space, random 32x32 crop, horizontal flip, normalise.
     c.augment = dict(pad=4, flip=True, mean=CIFAR100_MEAN, std=CIFAR100_STD)
     c.drop_remainder = False  # the reference keeps the last, smaller batch (782 steps / epoch)
@@ -83,9 +84,9 @@ def get_config():
     c.granularities = PAPER_GRANULARITIES
     c.progress = True
     c.compilation_cache = True  # persistent XLA compilation cache in <workdir>/.jax_cache (train.py)
-    # CPU only: "auto" = one XLA device per core, the batch split over them (mgd_jax/train/cpu.py); an int; or 0
+    # CPU only: None = one XLA device per core, the batch split over them (mgd_jax/train/cpu.py); a count; or 0
     # for XLA's single CPU device.  Ignored when XLA_FLAGS sets a device count.
-    c.cpu_devices = "auto"
+    c.cpu_devices = config_dict.placeholder(int)
     # Compute dtype of the backbones: float32 (the paper's) or bfloat16 (mixed precision for GPU / TPU:
     # float32 parameters, BatchNorm statistics, tubes and losses; mgd_jax/precision.py).
     c.precision = "float32"

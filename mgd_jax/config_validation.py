@@ -52,12 +52,15 @@ def validate_config(config) -> None:
         arch = config[who].arch
         if arch not in ARCHITECTURES:
             _fail(f"{who}.arch", arch, f"unknown architecture; known: {', '.join(ARCHITECTURES)}")
+    on_device = config.data.get("on_device", None)
+    if not (on_device is None or isinstance(on_device, bool)):
+        _fail("data.on_device", on_device, "must be None (on for GPU / TPU), True or False")
     prec = config.get("precision", "float32")
     if prec not in DTYPES:
         _fail("precision", prec, f"unknown precision; known: {', '.join(DTYPES)}")
-    cpu_devices = config.get("cpu_devices", "auto")
-    if not (cpu_devices == "auto" or (isinstance(cpu_devices, int) and cpu_devices >= 0)):
-        _fail("cpu_devices", cpu_devices, "must be 'auto' (one per core), a count, or 0 (XLA's default)")
+    cpu_devices = config.get("cpu_devices", None)
+    if not (cpu_devices is None or (isinstance(cpu_devices, int) and cpu_devices >= 0)):
+        _fail("cpu_devices", cpu_devices, "must be None (one per core), a count, or 0 (XLA's default)")
     _check_stage("teacher", config.teacher)
     _check_stage("analyzer", config.analyzer)
     _check_stage("student", config.student)

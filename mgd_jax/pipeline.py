@@ -45,7 +45,14 @@ def _best_by(key: str):
 def _loop_options(config) -> dict:
     ck = config.get("checkpoint", None) or {}
     return dict(drop_remainder=config.drop_remainder, progress=config.progress,
-                checkpoint_every_steps=int(ck.get("every_steps", 0) or 0), keep_checkpoints=int(ck.get("keep", 2)))
+                checkpoint_every_steps=int(ck.get("every_steps", 0) or 0), keep_checkpoints=int(ck.get("keep", 2)),
+                on_device=_data_on_device(config))
+
+
+def _data_on_device(config) -> bool:
+    """``data.on_device``: True / False, or None = on for GPU / TPU (the host path is as fast on CPU)."""
+    v = config.data.get("on_device", None)
+    return jax.default_backend() != "cpu" if v is None else bool(v)
 
 
 def _best_per_member(names, key_format: str, product):

@@ -77,6 +77,8 @@ def test_workdir_of_another_teacher_architecture(smoke_workdir):
     ("teacher.batch_size", 0, "must be an integer >= 1"),
     ("data.name", "imagenet21k", "unknown dataset"),
     ("augment.pad", -1, "must be >= 0"),
+    ("precision", "fp8", "unknown precision"),
+    ("cpu_devices", -2, "must be None"),
 ])
 def test_validate_config_table(field, value, match):
     c = quickstart.get_config()

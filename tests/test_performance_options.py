@@ -78,7 +78,7 @@ def _device_count(env_flags, code_prefix=""):
     env.pop("XLA_FLAGS", None)
     if env_flags is not None:
         env["XLA_FLAGS"] = env_flags
-    code = (code_prefix + "from mgd_jax.train import cpu; n = cpu.configure_host_devices('auto'); import jax; "
+    code = (code_prefix + "from mgd_jax.train import cpu; n = cpu.configure_host_devices(); import jax; "
             "print(n, jax.local_device_count(), cpu.num_cores())")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     return [None if w == "None" else int(w) for w in out.stdout.split()]
@@ -92,3 +92,41 @@ def test_one_cpu_device_per_core_unless_xla_flags_says_otherwise():
     # too late once a backend has started: nothing is changed (and nothing pretends it was)
     set_n, devices, _ = _device_count(None, "import jax; jax.devices(); ")
     assert set_n is None and devices == 1
+
+
+def test_device_resident_data_trains_like_the_host_path(smoke_workdir, tmp_path):
+    """data.on_device=True (rows gathered inside the jitted step) reproduces the host data path's run."""
+    from configs import smoke
+    from mgd_jax import pipeline
+
+    _, host = smoke_workdir
+    config = smoke.get_config()
+    config.data.on_device = True
+    resident = pipeline.train_and_evaluate(config, str(tmp_path / "w"), devices=jax.devices()[:1])
+    assert [r["stage"] for r in resident["rows"]] == [r["stage"] for r in host["rows"]]
+    for a, b in zip(resident["rows"], host["rows"]):
+        for k, v in b.items():
+            if isinstance(v, float):
+                np.testing.assert_allclose(a[k], v, rtol=1e-4, atol=1e-4, err_msg=f"{b['stage']} {k}")
+
+
+def test_gather_rows_step_equals_the_row_step():
+    from mgd_jax.train import loop
+    from mgd_jax.train import mesh as mesh_lib
+
+    def step(state, frozen, batch, key):
+        x = batch["image"].astype(jnp.float32) * frozen + jax.random.normal(key, ())
+        return state + jnp.sum(x * batch["label"][:, None, None, None]), {"m": jnp.mean(x)}
+
+    mesh = mesh_lib.make_mesh(jax.devices())
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(40, 4, 4, 1), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=(40,)).astype(np.int32)
+    idx = rng.permutation(40)[:8].astype(np.int32)
+    data = mesh_lib.replicate({"image": images, "label": labels}, mesh)
+    key = jax.random.key(3)
+    want = jax.jit(step)(jnp.float32(1), 2.0, mesh_lib.shard_batch({"image": images[idx], "label": labels[idx]},
+                                                                     mesh), key)
+    got = loop.gather_rows(step)(jnp.float32(1), 2.0, mesh_lib.shard_batch({"index": idx}, mesh), key, data)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    np.testing.assert_allclose(got[1]["m"], want[1]["m"], rtol=1e-6)

@@ -25,21 +25,21 @@ def num_cores() -> int:
         return os.cpu_count() or 1
 
 
-def configure_host_devices(count: int | str | None = "auto") -> int | None:
+def configure_host_devices(count: int | None = None) -> int | None:
     """Adds ``--xla_force_host_platform_device_count`` to XLA_FLAGS unless it is there already.
 
-    ``count``: "auto" (one device per core), an int, or None / 0 (leave XLA's default, one CPU device).
+    ``count``: None (one device per core), a count, or 0 (leave XLA's default, one CPU device).
     Returns the count that was set, or None when nothing was changed.
     """
     flags = os.environ.get("XLA_FLAGS", "")
-    if DEVICE_COUNT_FLAG in flags or not count:
+    if DEVICE_COUNT_FLAG in flags or count == 0:
         return None
     if "jax" in sys.modules:
         from jax._src import xla_bridge
         if xla_bridge.backends_are_initialized():  # too late: XLA_FLAGS was read already
             return None
-    n = num_cores() if count == "auto" else int(count)
+    n = num_cores() if count is None else int(count)
     if n < 1:
-        raise ValueError(f"cpu_devices must be 'auto' or a positive count, got {count!r}")
+        raise ValueError(f"cpu_devices must be None (one per core), a positive count or 0, got {count!r}")
     os.environ["XLA_FLAGS"] = f"{flags} --{DEVICE_COUNT_FLAG}={n}".strip()
     return n

@@ -6,6 +6,12 @@ A stage hands the loop:
   (``step(state, frozen, batch, key) -> (state, metrics)``);
 * ``evaluate(state) -> metrics`` and ``improve(best, metrics) -> (best, improved_keys)``;
 * ``export(state, previous_export, improved_keys) -> export``: the stage's product, saved as ``best``.
+
+Data path: by default each step's rows are gathered on the host and placed on the mesh.  With
+``on_device=True`` the training images and labels are put on every device once per stage and each step
+receives only the batch's row indices; the rows are gathered inside the jitted step (augmentation runs there
+already), so the step needs nothing from the host but 4 bytes per image.  Metrics stay on the device until
+the loop fetches them in groups (at checkpoints and epoch ends), so no step waits for the host.
 """
 from __future__ import annotations
 
@@ -40,6 +46,18 @@ class StageSpec:
     batch_extras: Callable | None = None  # (indices, epoch, pass, step) -> extra batch arrays (CRD's indices)
     checkpoint_every_steps: int = 0  # also checkpoint inside an epoch (0: at epoch ends only)
     keep_checkpoints: int = 2
+    on_device: bool = False  # training data resident on the devices, batches gathered inside the step
+
+
+def gather_rows(step: Callable) -> Callable:
+    """``step(state, frozen, batch, key)`` -> the same step fed by row indices into device-resident data."""
+
+    def step_on_device(state, frozen, batch, key, data):
+        batch = dict(batch)
+        idx = batch.pop("index")
+        return step(state, frozen, {"image": data["image"][idx], "label": data["label"][idx], **batch}, key)
+
+    return jax.jit(step_on_device, donate_argnums=0)
 
 
 def evaluate_dataset(eval_fn: Callable, images: np.ndarray, labels: np.ndarray, batch_size: int, mesh) -> dict:
@@ -146,6 +164,11 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer):
                dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
     stage_key = jax.random.key(spec.seed)
     every = int(spec.checkpoint_every_steps or 0)
+    if spec.on_device:
+        data = mesh_lib.replicate({"image": dataset.train_images, "label": dataset.train_labels}, mesh)
+        passes = [(label, gather_rows(step)) for label, step in spec.passes]
+    else:
+        data, passes = None, spec.passes
 
     def flush(pending, epoch, p, i):
         if not pending:
@@ -163,17 +186,21 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer):
         for epoch in range(start_epoch, spec.num_epochs):
             t0 = time.time()
             for p in range(start_pass if epoch == start_epoch else 0, npass):
-                label, step = spec.passes[p]
+                label, step = passes[p]
                 base_key = mesh_lib.replicate(jax.random.fold_in(stage_key, p), mesh)
                 batches = mesh_lib.epoch_batches(n, spec.batch_size, spec.seed, epoch, p, ndev, spec.drop_remainder)
                 first = start_batch if (epoch == start_epoch and p == start_pass) else 0
                 pending = []
                 for i in range(first, len(batches)):
                     idx = batches[i]
-                    rows = {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}
+                    if data is None:
+                        rows = {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}
+                    else:
+                        rows = {"index": idx.astype(np.int32)}
                     if spec.batch_extras is not None:
                         rows.update(spec.batch_extras(idx, epoch, p, i))
-                    state, m = step(state, frozen, mesh_lib.shard_batch(rows, mesh), base_key)
+                    args = (state, frozen, mesh_lib.shard_batch(rows, mesh), base_key)
+                    state, m = step(*args) if data is None else step(*args, data)
                     gstep = (epoch * npass + p) * steps + i + 1
                     pending.append((gstep, len(idx), m))
                     bar.update(1)

@@ -1,0 +1,159 @@
+"""Where a step's time goes on XLA:CPU: thunk times from a jax.profiler trace, grouped by what the op does.
+
+    python benchmarks/profile_step.py                      # MAS+KD student step, resnet56 -> resnet20, batch 64
+    python benchmarks/profile_step.py --stage=teacher --teacher=resnet56
+
+Categories: convolution forward / input gradient (dgrad) / weight gradient (wgrad, XLA writes it as a
+convolution whose "batch" is the input channels and whose window is the whole feature map), the transposes
+that feed the weight gradients, other elementwise fusions (BatchNorm, ReLU, residual adds, their backward),
+reductions (BatchNorm statistics), dots, collectives (with several devices: the all-reduces of BatchNorm's
+global-batch statistics and of the gradients) and the time devices wait for each other at them.  Convolution rows also show GFLOP/s (2 x MACs of the op / its time),
+next to the float32 matmul ceiling of the same run.  Times are summed over devices (core-ms per step).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import step_speed  # noqa: E402  (configures the CPU devices before jax starts)
+
+import jax  # noqa: E402
+
+from mgd_jax.train import mesh as mesh_lib  # noqa: E402
+
+_INST = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([0-9,]*)\]\S* ([\w\-]+)\(")
+
+
+def _computations(hlo: str) -> dict[str, list[str]]:
+    comps, cur = {}, None
+    for line in hlo.splitlines():
+        m = re.match(r"^(?:ENTRY )?%([\w.\-]+) \(", line)
+        if m:
+            cur = comps.setdefault(m.group(1), [])
+        elif cur is not None and _INST.match(line):
+            cur.append(line)
+    return comps
+
+
+def _shape(s: str) -> list[int]:
+    return [int(d) for d in s.split(",") if d]
+
+
+def classify(hlo: str):
+    """-> function(instruction name) -> (category, conv FLOPs or 0)."""
+    comps = _computations(hlo)
+    where = {}
+    for lines in comps.values():
+        for line in lines:
+            where[_INST.match(line).group(1)] = line
+
+    def conv_info(line, body):
+        shapes = {_INST.match(b).group(1): _shape(_INST.match(b).group(3)) for b in body}
+        out = _shape(_INST.match(line).group(3))
+        ops = re.search(r"convolution\(%([\w.\-]+), %([\w.\-]+)\)", line)
+        rhs = shapes.get(ops.group(2)) if ops else None
+        win = re.search(r"window=\{size=(\d+)x(\d+)", line)
+        kh, kw = (int(win.group(1)), int(win.group(2))) if win else (1, 1)
+        flops = 0
+        if rhs and len(rhs) == 4:
+            flops = 2 * out[0] * out[1] * out[2] * out[3] * kh * kw * rhs[2]
+        op = re.search(r'op_name="([^"]*)"', line)
+        if kh * kw > 9:  # a window as large as the feature map: the weight gradient
+            return "conv wgrad", flops
+        if op and "/transpose(" in op.group(1):
+            return "conv dgrad", flops
+        return "conv forward", flops
+
+    def kind(name):
+        if name.startswith(("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")):
+            return "collective (all-reduce)", 0
+        if name.startswith(("Rendezvous", "Wait:")):
+            return "waiting for the other devices", 0
+        line = where.get(name)
+        if line is None:
+            return "other", 0
+        called = re.search(r"calls=%([\w.\-]+)", line)
+        body = [line] + (comps.get(called.group(1), []) if called else [])
+        ops = [_INST.match(b).group(4) for b in body]
+        if "convolution" in ops:
+            conv = [b for b in body if _INST.match(b).group(4) == "convolution"][-1]
+            return conv_info(conv, body)
+        if "dot" in ops:
+            return "dot", 0
+        if "transpose" in ops or name.startswith("transpose"):
+            return "transpose", 0
+        if "reduce" in ops or "reduce-window" in ops:
+            return "reduce", 0
+        if set(ops) <= {"copy", "bitcast", "parameter"}:
+            return "copy", 0
+        return "elementwise", 0
+
+    return kind
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="resnet56")
+    p.add_argument("--student", default="resnet20")
+    p.add_argument("--stage", default="student", choices=["teacher", "analyzer", "student"])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--devices", type=int, default=0, help="mesh size (0: all local devices)")
+    a = p.parse_args()
+    devs = jax.devices()[:a.devices or None]
+    mesh = mesh_lib.make_mesh(devs)
+    ceiling = step_speed.matmul_ceiling()
+    b = step_speed.Bench(a.teacher, mesh, a.batch, a.steps)
+    captured = {}
+    timer = step_speed.time_step
+
+    def traced(step, state, args, batches, steps):
+        captured["hlo"] = step.lower(state, *args(batches[0])).compile().as_text()
+        tmp = tempfile.mkdtemp()
+        jax.profiler.start_trace(tmp)
+        r = timer(step, state, args, batches, steps)
+        jax.profiler.stop_trace()
+        captured["xspace"] = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0]
+        captured["runs"] = steps + 1  # time_step's warm-up call is inside the trace too
+        captured["tmp"] = tmp
+        return r
+
+    step_speed.time_step = traced
+    r = {"teacher": b.teacher, "analyzer": lambda: b.analyzer_step(True),
+         "student": lambda: b.student(a.student)}[a.stage]()
+    kind = classify(captured["hlo"])
+    times, flops, names = collections.Counter(), collections.Counter(), collections.Counter()
+    prof = jax.profiler.ProfileData.from_file(captured["xspace"])
+    for plane in prof.planes:
+        for line in plane.lines:
+            if line.name == "python" or "Compil" in line.name or "codegen" in line.name:
+                continue
+            for ev in line.events:
+                if ev.name.startswith("ThunkExecutor"):
+                    continue
+                k, f = kind(ev.name)
+                times[k] += ev.duration_ns / 1e6 / captured["runs"]
+                names[k, re.sub(r"[.\d]+$", "", ev.name)] += ev.duration_ns / 1e6 / captured["runs"]
+                flops[k] += f / captured["runs"]
+    shutil.rmtree(captured["tmp"], ignore_errors=True)
+    total = sum(times.values())
+    ncores = step_speed.cpu.num_cores() if devs[0].platform == "cpu" else 1
+    print(f"{a.stage} step, {a.teacher} -> {a.student}, batch {a.batch}, {len(devs)} x {devs[0].device_kind}; "
+          f"{r['ms']:.1f} ms/step wall, {total:.1f} core-ms/step in ops; matmul ceiling {ceiling / 1e9:.0f} GFLOP/s")
+    print(f"| category | core-ms / step | share | GFLOP/s per core (ceiling {ceiling / ncores / 1e9:.0f}) | ops (core-ms) |")
+    print("|---|---|---|---|---|")
+    for k, v in times.most_common():
+        rate = f"{flops[k] / (v / 1e3) / 1e9:.0f}" if flops[k] else ""
+        top = ", ".join(f"{n} {t:.0f}" for (c, n), t in names.most_common() if c == k)
+        print(f"| {k} | {v:.1f} | {100 * v / total:.0f}% | {rate} | {top[:90]} |")
+
+
+if __name__ == "__main__":
+    main()

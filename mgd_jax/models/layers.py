@@ -83,6 +83,22 @@ def conv(features: int, kernel: int, stride: int = 1, padding: int | None = None
                    bias_init=nn.initializers.zeros, name=name)
 
 
+def fusion_fence(x: jax.Array, guard: jax.Array, train: bool) -> jax.Array:
+    """``x`` unchanged, stored once: a cut that XLA:CPU's fusion cannot see through (training on CPU only).
+
+    XLA:CPU fuses cheap elementwise producers into every consumer, duplicating them.  In a residual stream
+    x_l = relu(bn(conv(.)) + x_{l-1}) the transposes that feed the weight-gradient convolutions then
+    recompute the whole chain x_1 .. x_l instead of reading the stored x_l: quadratic in depth, 44% of a
+    resnet56 training step (benchmarks/profile_step.py).  An identity ``lax.cond`` on a replicated scalar
+    (``guard``, a parameter: no communication) is a boundary fusion cannot cross, so x_l is materialised
+    and read.  The other branch returns NaN when ``guard`` is not finite, i.e. when training has diverged
+    already (the loop stops on a non-finite loss).  On GPU / TPU a cond costs a host round trip: skipped.
+    """
+    if not train or jax.default_backend() != "cpu":
+        return x
+    return jax.lax.cond(jnp.isfinite(guard), lambda t: t, lambda t: jnp.full_like(t, jnp.nan), x)
+
+
 def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
     """ShuffleNet's channel shuffle in NHWC: the PyTorch NCHW view(N, g, C/g) -> transpose -> flatten order."""
     n, h, w, c = x.shape

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mgd_jax.models.layers import BatchNorm, Linear, conv
+from mgd_jax.models.layers import BatchNorm, Linear, conv, fusion_fence
 
 
 class BasicBlock(nn.Module):
@@ -29,7 +29,7 @@ class BasicBlock(nn.Module):
             x = conv(self.planes, 1, self.stride, padding=0, name="downsample_0")(x)
             x = BatchNorm(name="downsample_1")(x, train)
         preact = out + x
-        return nn.relu(preact), preact
+        return fusion_fence(nn.relu(preact), self.variables["params"]["bn2"]["scale"][0], train), preact
 
 
 class CifarResNet(nn.Module):

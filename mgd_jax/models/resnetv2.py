@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mgd_jax.models.layers import BatchNorm, Linear, conv
+from mgd_jax.models.layers import BatchNorm, Linear, conv, fusion_fence
 
 
 class Bottleneck(nn.Module):
@@ -23,7 +23,7 @@ class Bottleneck(nn.Module):
         if self.stride != 1 or x.shape[-1] != 4 * self.planes:
             x = BatchNorm(name="shortcut_1")(conv(4 * self.planes, 1, self.stride, 0, name="shortcut_0")(x), train)
         pre = out + x
-        return nn.relu(pre), pre
+        return fusion_fence(nn.relu(pre), self.variables["params"]["bn3"]["scale"][0], train), pre
 
 
 class ResNet50(nn.Module):

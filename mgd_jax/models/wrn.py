@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mgd_jax.models.layers import BatchNorm, Linear, conv
+from mgd_jax.models.layers import BatchNorm, Linear, conv, fusion_fence
 
 
 class WideBasicBlock(nn.Module):
@@ -26,7 +26,7 @@ class WideBasicBlock(nn.Module):
         o = nn.relu(BatchNorm(name="bn2")(o, train))
         o = conv(self.out_planes, 3, name="conv2")(o)
         shortcut = x if equal else conv(self.out_planes, 1, self.stride, 0, name="convShortcut")(act)
-        return shortcut + o, bn_x
+        return fusion_fence(shortcut + o, self.variables["params"]["bn2"]["scale"][0], train), bn_x
 
 
 class NetworkBlock(nn.Module):

@@ -16,6 +16,7 @@ the loop fetches them in groups (at checkpoints and epoch ends), so no step wait
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -47,6 +48,16 @@ class StageSpec:
     checkpoint_every_steps: int = 0  # also checkpoint inside an epoch (0: at epoch ends only)
     keep_checkpoints: int = 2
     on_device: bool = False  # training data resident on the devices, batches gathered inside the step
+
+
+def host_rss_mib() -> float:
+    """This process's resident memory now (Linux /proc), else its peak so far; logged every epoch."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def gather_rows(step: Callable) -> Callable:
@@ -219,7 +230,8 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer):
             train_metrics, done_passes = done_passes, {}
             check_finite({k[len("train/"):]: v for k, v in train_metrics.items()}, spec.name, epoch)
             eval_metrics = {f"test/{k}": v for k, v in spec.evaluate(state).items()}
-            metrics = {**train_metrics, **eval_metrics, "epoch_seconds": time.time() - t0}
+            metrics = {**train_metrics, **eval_metrics, "epoch_seconds": time.time() - t0,
+                       "host_rss_mib": host_rss_mib()}
             best, improved = spec.improve(best, eval_metrics, epoch)
             last = eval_metrics
             if writer is not None:

@@ -75,6 +75,8 @@ def test_method_trains(name, mode):
         state, m = step(state, teacher, _batch(i, sampler=sampler), key)
     losses = {k: float(v) for k, v in m.items() if k.startswith("loss")}
     assert all(np.isfinite(v) for v in losses.values()), losses
+    assert np.isfinite(float(m["grad_norm"])), "non-finite gradient"
+    assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(state.params)), "non-finite parameters"
     has_method_loss = "loss/method" in losses
     assert has_method_loss == (name not in ("kd", "abound", "fsp")), losses
     if mode != "none":

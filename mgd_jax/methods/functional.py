@@ -39,8 +39,9 @@ def match_hw(s: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def l2n(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-    """F.normalize: x / max(||x||, eps)."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+    """F.normalize: x / max(||x||, eps), written as sqrt(max(||x||^2, eps^2)) so that the gradient at x = 0
+    is 0 like PyTorch's (d||x||/dx = x/||x|| is 0/0 there: NaN, e.g. RKD's zero anchor-to-itself vectors)."""
+    return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
 
 
 def smooth_l1(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -98,6 +98,18 @@ def classify(hlo: str):
     return kind
 
 
+def _busy(events) -> tuple[int, int]:
+    """(ns covered by at least one event, ns from the first event's start to the last event's end)."""
+    spans = sorted((e.start_ns, e.start_ns + e.duration_ns) for e in events)
+    covered, (lo, hi) = 0, spans[0]
+    for a, b in spans[1:]:
+        if a > hi:
+            covered, lo, hi = covered + hi - lo, a, b
+        else:
+            hi = max(hi, b)
+    return covered + hi - lo, spans[-1][1] - spans[0][0]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="resnet56")
@@ -130,14 +142,16 @@ def main():
          "student": lambda: b.student(a.student)}[a.stage]()
     kind = classify(captured["hlo"])
     times, flops, names = collections.Counter(), collections.Counter(), collections.Counter()
+    busy = {}  # worker thread -> (busy ns, span ns, events): how much of the step a thread has work
     prof = jax.profiler.ProfileData.from_file(captured["xspace"])
     for plane in prof.planes:
         for line in plane.lines:
             if line.name == "python" or "Compil" in line.name or "codegen" in line.name:
                 continue
-            for ev in line.events:
-                if ev.name.startswith("ThunkExecutor"):
-                    continue
+            evs = [ev for ev in line.events if not ev.name.startswith("ThunkExecutor")]
+            if len(evs) > 100 * captured["runs"]:  # XLA's worker threads (not the client's dispatch threads)
+                busy[line.name] = _busy(evs) + (len(evs),)
+            for ev in evs:
                 k, f = kind(ev.name)
                 times[k] += ev.duration_ns / 1e6 / captured["runs"]
                 names[k, re.sub(r"[.\d]+$", "", ev.name)] += ev.duration_ns / 1e6 / captured["runs"]
@@ -147,6 +161,9 @@ def main():
     ncores = step_speed.cpu.num_cores() if devs[0].platform == "cpu" else 1
     print(f"{a.stage} step, {a.teacher} -> {a.student}, batch {a.batch}, {len(devs)} x {devs[0].device_kind}; "
           f"{r['ms']:.1f} ms/step wall, {total:.1f} core-ms/step in ops; matmul ceiling {ceiling / 1e9:.0f} GFLOP/s")
+    for thread, (b_ns, span, n) in sorted(busy.items()):
+        print(f"thread {thread}: an op or a wait in progress {100 * b_ns / span:.0f}% of the traced steps, "
+              f"{n / captured['runs']:.0f} op events per step")
     print(f"| category | core-ms / step | share | GFLOP/s per core (ceiling {ceiling / ncores / 1e9:.0f}) | ops (core-ms) |")
     print("|---|---|---|---|---|")
     for k, v in times.most_common():

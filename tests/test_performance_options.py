@@ -130,3 +130,39 @@ def test_gather_rows_step_equals_the_row_step():
     got = loop.gather_rows(step)(jnp.float32(1), 2.0, mesh_lib.shard_batch({"index": idx}, mesh), key, data)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
     np.testing.assert_allclose(got[1]["m"], want[1]["m"], rtol=1e-6)
+
+
+def _teacher_step_hlo(fence: bool, monkeypatch):
+    from mgd_jax.models import resnet
+    from mgd_jax.stages import teacher as teacher_stage
+
+    if not fence:
+        monkeypatch.setattr(resnet, "fusion_fence", lambda x, guard, train: x)
+    model = get_model("resnet20", 10)
+    tx = optim.sgd(OPT, 2)
+    state = teacher_stage.init_state(model, tx, jax.random.key(0), jnp.zeros((2, 16, 16, 1)))
+    batch = {"image": np.zeros((8, 16, 16, 1), np.uint8), "label": np.zeros((8,), np.int32)}
+    step = jax.jit(teacher_stage.make_train_step(model, tx, AUG))
+    out = step(state, batch, jax.random.key(1))
+    return step.lower(state, batch, jax.random.key(1)).compile().as_text(), out
+
+
+def _max_fusion_operands(hlo, prefix):
+    import re
+    counts = [line.split(" fusion(", 1)[1].split("), kind", 1)[0].count("%")
+              for line in hlo.splitlines() if re.match(rf"\s*(ROOT )?%{prefix}[.\d]* = ", line)]
+    return max(counts, default=0)
+
+
+def test_fusion_fence_stops_residual_recompute_and_keeps_the_step(monkeypatch):
+    """Without the fence XLA:CPU recomputes the residual chain inside the weight-gradient transposes (many
+    operands per fusion); with it each transpose reads stored activations.  Values stay the same."""
+    fenced_hlo, (fenced_state, fenced_m) = _teacher_step_hlo(True, monkeypatch)
+    plain_hlo, (plain_state, plain_m) = _teacher_step_hlo(False, monkeypatch)
+    if jax.default_backend() == "cpu":
+        assert _max_fusion_operands(plain_hlo, "transpose_copy_fusion") > 1.5 * _max_fusion_operands(
+            fenced_hlo, "transpose_copy_fusion")
+    for k in plain_m:
+        np.testing.assert_allclose(fenced_m[k], plain_m[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(fenced_state.params), jax.tree.leaves(plain_state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -1,4 +1,5 @@
 """Options for speed: bfloat16 compute (float32 master weights), one CPU device per core."""
+import functools
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ GRANS = parse_granularities([(16, 2.0), (32, 8.0)])
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@functools.lru_cache(maxsize=None)  # one compile per dtype for the tests below (the step donates nothing)
 def _student_step(dtype):
     key = jax.random.key(0)
     rng = np.random.default_rng(0)

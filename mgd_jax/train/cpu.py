@@ -1,4 +1,4 @@
-"""CPU setup: one XLA device per core, and the convolution backend that measured faster here.
+"""CPU setup: one XLA device per core.
 
 XLA reads ``XLA_FLAGS`` once, when the first backend starts, so ``configure_host_devices`` must run before
 anything touches a device (train.py and the benchmarks call it first).  It changes nothing that the user

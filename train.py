@@ -11,10 +11,57 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file (ml_collections).",
-                                lock_config=True)
+
+
+def _unknown_override(e: BaseException) -> None:
+    """ml_collections resolves ``--config.a.b=v`` overrides when the flag is defined: a field the config does not
+    have fails there, at import, as a KeyError/AttributeError holding only the field's name."""
+    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError("'lr'\nDid you mean ..."))
+        e = e.args[0]
+    text = str(e.args[0]) if e.args else str(e)
+    key, *hint = [ln.strip() for ln in text.splitlines() if ln.strip()] or ["?"]
+    key = key.strip("\"' ")
+    culprits = [a for a in sys.argv[1:] if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+    arg = culprits[0] if culprits else "--config.*"
+    print(f"error: {arg}: the config has no field {key!r}" + (f" ({hint[0]})" if hint else ""), file=sys.stderr)
+    sys.exit(2)
+
+
+try:
+    config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file (ml_collections).",
+                                    lock_config=True)
+except (KeyError, AttributeError) as e:
+    _unknown_override(e)
 flags.DEFINE_string("workdir", "runs/quickstart", "Directory for checkpoints, metrics and the summary.")
 FLAGS = flags.FLAGS
+
+
+def _one_line(e: BaseException) -> str:
+    """A flag / config-file error as one line: ml_collections embeds the config file's own traceback in the
+    message; its last line ('ValueError: unknown method ...') is what the user needs."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    head, last = lines[0], lines[-1]
+    if len(lines) > 1 and ":" in last and last.split(":", 1)[0].replace(".", "").isidentifier():
+        last = last.split(":", 1)[1].strip()  # 'ValueError: unknown method' -> 'unknown method'
+    if head.startswith("flag --") and len(lines) > 1:
+        return f"{head.split(':', 1)[0][len('flag '):]}: {last}"
+    return last if len(lines) > 1 else head
+
+
+def parse_flags(argv):
+    """absl's parser, but a bad --config (missing file, a config argument the file refuses, an unknown or mistyped
+    override) is one line on stderr and exit status 2, not a traceback."""
+    try:
+        rest = FLAGS(argv)
+        FLAGS.config.get("seed", None)  # a file that failed to load raises on first use: here, not in main()
+        return rest
+    except (KeyError, AttributeError) as e:
+        _unknown_override(e)
+    except (flags.Error, OSError, ValueError, TypeError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv):
@@ -40,4 +87,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

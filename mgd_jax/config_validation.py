@@ -58,6 +58,9 @@ def validate_config(config) -> None:
     prec = config.get("precision", "float32")
     if prec not in DTYPES:
         _fail("precision", prec, f"unknown precision; known: {', '.join(DTYPES)}")
+    if prec == "float16":  # its 5-bit exponent under/overflows gradients without loss scaling, which we do not do
+        _fail("precision", prec, "float16 needs loss scaling, which is not implemented; use bfloat16 (same speed on "
+                                 "GPU / TPU, float32's range) or float32")
     cpu_devices = config.get("cpu_devices", None)
     if not (cpu_devices is None or (isinstance(cpu_devices, int) and cpu_devices >= 0)):
         _fail("cpu_devices", cpu_devices, "must be None (one per core), a count, or 0 (XLA's default)")

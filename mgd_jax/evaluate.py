@@ -16,11 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mgd_jax import losses
-from mgd_jax.analysis.common import AnalysisError, load_config, restore_best
+from mgd_jax.analysis.common import AnalysisError, load_config, model_of, restore_best
 from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities
 from mgd_jax.data import load_dataset
 from mgd_jax.data.augment import eval_transform
-from mgd_jax.models import get_model
 from mgd_jax.stages.common import apply_backbone
 from mgd_jax.train import mesh as mesh_lib
 
@@ -63,7 +62,7 @@ def evaluate_stage(workdir: str, stage: str, split: str = "test", batch_size: in
     if stage == "analyzer":
         t_vars, _ = restore_best(os.path.join(workdir, "teacher"))
         tubes, meta = restore_best(directory)
-        t_model = get_model(config.teacher.arch, ds.num_classes)
+        t_model = model_of(config, config.teacher.arch, ds.num_classes)
         an = GranularityAnalyzer(parse_granularities(config.granularities), ds.num_classes)
 
         def fn(x, y, m):
@@ -75,7 +74,7 @@ def evaluate_stage(workdir: str, stage: str, split: str = "test", batch_size: in
     else:
         variables, meta = restore_best(directory)
         arch = config.teacher.arch if stage == "teacher" else config.student.arch
-        model = get_model(arch, ds.num_classes)
+        model = model_of(config, arch, ds.num_classes)
         params = variables["params"] if stage == "teacher" else variables["params"]["backbone"]
         stats = variables["batch_stats"] if stage == "teacher" else variables["batch_stats"]["backbone"]
 

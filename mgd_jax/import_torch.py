@@ -10,6 +10,7 @@ writes ``runs/x/teacher/checkpoints`` (and ``runs/x/analyzer/checkpoints``) as f
 from __future__ import annotations
 
 import argparse
+import pickle
 import re
 import sys
 
@@ -33,11 +34,15 @@ def load_torch_file(path: str) -> dict:
         raise CheckpointImportError("importing PyTorch checkpoints needs torch: pip install torch==2.13.0") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointImportError(f"{path}: no such file") from None
-    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError (and others) for unsafe files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointImportError(f"{path}: refused, it is not a weights-only checkpoint ({first})") from None
+    except FileNotFoundError as e:
+        raise CheckpointImportError(f"{path}: no such file") from e
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        # what torch raises for a file that is not a weights-only checkpoint: pickled code (UnpicklingError),
+        # not a torch zip file (RuntimeError), empty (EOFError), a directory (OSError); the cause stays chained
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or ["empty file"]
+        first = next((ln for ln in lines if "GLOBAL" in ln), lines[0])  # the refused global names the problem
+        raise CheckpointImportError(f"{path}: refused, it is not a weights-only PyTorch checkpoint "
+                                    f"({type(e).__name__}: {first})") from e
     return obj
 
 
@@ -145,8 +150,16 @@ def import_to_workdir(arch: str, teacher_path: str, workdir: str, num_classes: i
     """Writes the teacher (and analyzer) stage checkpoints of ``workdir`` as finished stages."""
     import os
 
+    from mgd_jax.models import ARCHITECTURES
     from mgd_jax.train.checkpoint import StageCheckpoints
 
+    if arch not in ARCHITECTURES:
+        raise CheckpointImportError(f"--arch={arch!r}: unknown architecture; known: {', '.join(ARCHITECTURES)}")
+    for stage_name in ("teacher", "analyzer") if tubes else ("teacher",):
+        d = os.path.join(workdir, stage_name, "checkpoints", "latest")
+        if os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d)):
+            raise CheckpointImportError(f"{workdir} already has a {stage_name} stage ({d}); import into a new "
+                                        f"--workdir or delete {os.path.dirname(d)}")
     ck = load_torch_file(teacher_path)
     sd = ck.get("model", ck) if isinstance(ck, dict) else ck
     variables = convert_backbone(arch, sd, num_classes, where=teacher_path)
@@ -183,9 +196,10 @@ def main(argv=None):
     p.add_argument("--workdir", required=True)
     a = p.parse_args(argv)
     tubes = {k: v for k, v in ((64, a.tube64), (256, a.tube256)) if v}
+    from mgd_jax.errors import USER_ERRORS
     try:
         import_to_workdir(a.arch, a.teacher, a.workdir, a.num_classes, tubes or None)
-    except (CheckpointImportError, ValueError) as e:
+    except (CheckpointImportError, *USER_ERRORS) as e:  # this module's class too: `python -m` runs it as __main__
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"imported {a.arch} into {a.workdir}")

@@ -26,11 +26,42 @@ from mgd_jax.stages import analyzer as analyzer_stage
 from mgd_jax.stages import student as student_stage
 from mgd_jax.stages import teacher as teacher_stage
 from mgd_jax.train import mesh as mesh_lib
-from mgd_jax.train.checkpoint import StageCheckpoints, check_meta
+from mgd_jax.train.checkpoint import StageCheckpoints, check_meta, flatten_config
 from mgd_jax.train.loop import StageSpec, evaluate_dataset, fit
 from mgd_jax.train.metrics import summary_markdown
 
 TEACHER_SEED_OFFSET, ANALYZER_SEED_OFFSET, STUDENT_SEED_OFFSET = 0, 1, 2
+
+# Config fields that do not change a stage's numbers (where the data lives, how it reaches the devices).
+_NOT_RESULT_FIELDS = ("data.data_dir", "data.on_device")
+
+
+def stage_config(config, stage: str, student: str | None = None) -> dict:
+    """Every config value that changes ``stage``'s result, flat as ``{'config.teacher.optimizer.lr': 0.05, ...}``.
+
+    Stored in each checkpoint's metadata and compared on resume (``checkpoint.check_meta``), so a changed loss
+    weight, temperature, granularity, seed, schedule or method option is refused instead of silently continuing
+    the old run.  A stage includes the fields of the stages it reads (a student: its teacher's and analyzer's)."""
+    def fields(*names):
+        out = {}
+        for name in names:
+            if name in config:
+                out.update(flatten_config(f"config.{name}", config[name]))
+        return out
+
+    common = {k: v for k, v in fields("seed", "data", "augment", "drop_remainder", "precision").items()
+              if k[len("config."):] not in _NOT_RESULT_FIELDS}
+    if stage == "mutual":
+        return {**common, **fields("mutual", "granularities")}
+    teacher = {**common, **fields("teacher")}
+    if stage == "teacher":
+        return teacher
+    analyzer = {**teacher, **fields("analyzer", "granularities")}
+    if stage == "analyzer":
+        return analyzer
+    if stage in ("student", "student_init"):
+        return {**analyzer, **fields("student"), **flatten_config(f"config.students.{student}", config.students[student])}
+    raise ValueError(f"unknown stage {stage!r}")
 
 
 def _best_by(key: str):
@@ -106,7 +137,8 @@ def run_teacher(config, workdir, ds, mesh):
     spec = StageSpec(
         name="teacher", directory=os.path.join(workdir, "teacher"), num_epochs=cfg.epochs,
         batch_size=cfg.batch_size, seed=config.seed * 1000 + TEACHER_SEED_OFFSET,
-        meta={"stage": "teacher", "arch": cfg.arch, "num_classes": ds.num_classes},
+        meta={"stage": "teacher", "arch": cfg.arch, "num_classes": ds.num_classes,
+              "config": stage_config(config, "teacher")},
         passes=[("teacher", train_step)],
         evaluate=lambda s: evaluate_dataset(lambda b: eval_step(_variables(s), b), ds.test_images, ds.test_labels,
                                             config.eval_batch_size, mesh),
@@ -140,7 +172,7 @@ def run_analyzer(config, workdir, ds, mesh, t_model, t_vars):
         name="analyzer", directory=os.path.join(workdir, "analyzer"), num_epochs=cfg.epochs,
         batch_size=cfg.batch_size, seed=seed,
         meta={"stage": "analyzer", "teacher_arch": config.teacher.arch, "num_classes": ds.num_classes,
-              "granularities": [[g.dim, g.temperature] for g in grans]},
+              "granularities": [[g.dim, g.temperature] for g in grans], "config": stage_config(config, "analyzer")},
         passes=passes,
         evaluate=lambda s: evaluate_dataset(lambda b: eval_step(t_vars, {nm: s[nm].params for nm in names}, b),
                                             ds.test_images, ds.test_labels, config.eval_batch_size, mesh),
@@ -177,7 +209,8 @@ def run_student(config, name, scfg, workdir, ds, mesh, t_model, t_vars, t_analyz
     state = student_stage.init_state(s_mods, t_mods, host_teacher, tx, jax.random.key(seed), sample, ctx)
     directory = os.path.join(workdir, "students", name)
     meta = {"stage": "student", "arch": cfg.arch, "teacher_arch": config.teacher.arch, "method": scfg.method,
-            "granularity": scfg.granularity, "num_classes": ds.num_classes}
+            "granularity": scfg.granularity, "num_classes": ds.num_classes,
+            "config": stage_config(config, "student", name)}
     extras = None
     if method.needs_contrast:
         from mgd_jax.data.contrast import ContrastSampler
@@ -261,7 +294,7 @@ def run_mutual(config, workdir, ds, mesh):
     spec = StageSpec(
         name="mutual", directory=os.path.join(workdir, "mutual"), num_epochs=cfg.epochs, batch_size=cfg.batch_size,
         seed=seed, meta={"stage": "mutual", "peers": list(cfg.peers), "granularity": bool(cfg.granularity),
-                         "num_classes": ds.num_classes},
+                         "num_classes": ds.num_classes, "config": stage_config(config, "mutual")},
         passes=[("mutual", step)],
         evaluate=lambda st: evaluate_dataset(lambda b: ev(st, b), ds.test_images, ds.test_labels,
                                              config.eval_batch_size, mesh),
@@ -279,10 +312,19 @@ def run_mutual(config, workdir, ds, mesh):
 
 
 def _check_workdir(config, workdir):
-    """Refuse, before any compilation, a workdir whose stage checkpoints were made for another setup."""
-    expect = {"teacher": {"arch": config.teacher.arch},
+    """Refuse, before any compilation or any file is written, a workdir whose stage checkpoints were made for
+    another setup (any stage: teacher, analyzer, each student and its init stage, mutual learning)."""
+    expect = {"teacher": {"arch": config.teacher.arch, "config": stage_config(config, "teacher")},
               "analyzer": {"teacher_arch": config.teacher.arch,
-                           "granularities": [[int(d), float(t)] for d, t in config.granularities]}}
+                           "granularities": [[int(d), float(t)] for d, t in config.granularities],
+                           "config": stage_config(config, "analyzer")}}
+    if config.get("mutual", None) is not None:
+        expect = {"mutual": {"config": stage_config(config, "mutual")}}
+    else:
+        for name in config.students:
+            fp = {"config": stage_config(config, "student", name)}
+            expect[f"students/{name}"] = fp
+            expect[f"students/{name}/init"] = fp
     for stage, exp in expect.items():
         d = os.path.join(workdir, stage, "checkpoints")
         if os.path.isdir(d):
@@ -314,9 +356,6 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     except OSError as e:
         raise ConfigError(f"--workdir={workdir!r}: not writable ({e.strerror})") from None
     _check_workdir(config, workdir)
-    if jax.process_index() == 0:  # what was run, for evaluation tools and people
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1))
     mesh = mesh_lib.make_mesh(devices)
     ndev = mesh.devices.size
     for stage in ("teacher", "analyzer", "student"):
@@ -325,6 +364,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
                               f"divisible by the {ndev} devices of the mesh")
     ds = load_dataset(config.data)
     check_methods(config, ds.num_classes, ds.image_shape)
+    if jax.process_index() == 0:  # what was run, for evaluation tools and people: only once every check passed
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=1))
     print(f"data: {ds.name} train {ds.train_images.shape} test {ds.test_images.shape}; "
           f"mesh: {mesh.devices.size} x {mesh.devices.flat[0].platform}", flush=True)
 

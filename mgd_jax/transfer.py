@@ -24,12 +24,12 @@ import ml_collections
 import numpy as np
 
 from mgd_jax import losses, optim
-from mgd_jax.analysis.common import AnalysisError, load_config, restore_best
+from mgd_jax.analysis.common import AnalysisError, load_config, model_of, restore_best
 from mgd_jax.data import augment, load_dataset
-from mgd_jax.models import get_model
 from mgd_jax.models.layers import Linear
 from mgd_jax.stages.common import TrainState, apply_backbone, classification_counts, step_key, train_metrics
 from mgd_jax.train import mesh as mesh_lib
+from mgd_jax.train.checkpoint import flatten_config
 from mgd_jax.train.loop import StageSpec, evaluate_dataset, fit
 
 NORMALISATION = {  # STL-10: the reference's data/stl.py; CIFAR-10: the usual constants (no reference value)
@@ -87,7 +87,7 @@ def transfer(workdir: str, stage: str, dataset: str, epochs: int = 50, full_fine
     if not stage.startswith("students/") and stage != "teacher":
         raise AnalysisError(f"stage {stage!r} has no backbone; use teacher or students/<name>")
     config = load_config(workdir)
-    variables, _ = restore_best(os.path.join(workdir, stage))
+    variables, source_meta = restore_best(os.path.join(workdir, stage))
     arch = config.teacher.arch if stage == "teacher" else config.student.arch
     params = variables["params"] if stage == "teacher" else variables["params"]["backbone"]
     stats = variables["batch_stats"] if stage == "teacher" else variables["batch_stats"]["backbone"]
@@ -104,7 +104,7 @@ def transfer(workdir: str, stage: str, dataset: str, epochs: int = 50, full_fine
         tcfg.augment.std = (float(np.dot(luma, tcfg.augment.std)),)
     from mgd_jax.stages.student import CLASSIFIER_NAMES
     cls = next(k for k in CLASSIFIER_NAMES if k in params)
-    model = get_model(arch, int(params[cls]["kernel"].shape[-1]))  # its classifier is kept but unused
+    model = model_of(config, arch, int(params[cls]["kernel"].shape[-1]))  # its classifier is kept but unused
     head = Linear(ds.num_classes)
     mesh = mesh_lib.make_mesh(devices)
     steps = mesh_lib.steps_per_epoch(len(ds.train_labels), tcfg.batch_size, mesh.devices.size)
@@ -128,9 +128,16 @@ def transfer(workdir: str, stage: str, dataset: str, epochs: int = 50, full_fine
             return {**metrics, "epoch": epoch + 1}, ["all"]
         return best, []
 
+    # Everything that changes the result, so that a rerun with other options (or after the source stage was
+    # retrained) is refused with the field's name instead of returning the old result under the new options.
+    identity = {"transfer.full_finetune": full_finetune, "transfer.adapt_bn": adapt_bn, "transfer.seed": seed,
+                **flatten_config("transfer", tcfg), "config.precision": config.get("precision", "float32"),
+                "source.stage": stage, "source.best_epoch": source_meta.get("epoch"),
+                **{f"source.{k}": v for k, v in dict(source_meta.get("config", {})).items()}}
     spec = StageSpec(name=f"transfer/{name}", directory=directory, num_epochs=tcfg.epochs,
                      batch_size=tcfg.batch_size, seed=seed,
-                     meta={"stage": "transfer", "arch": arch, "dataset": dataset, "full": full_finetune},
+                     meta={"stage": "transfer", "arch": arch, "dataset": dataset, "full": full_finetune,
+                           "config": identity},
                      passes=[("transfer", step)],
                      evaluate=lambda s: evaluate_dataset(lambda b: ev(s, b), ds.test_images, ds.test_labels, 500,
                                                          mesh),

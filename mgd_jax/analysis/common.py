@@ -7,6 +7,7 @@ import os
 import ml_collections
 import orbax.checkpoint as ocp
 
+from mgd_jax import precision
 from mgd_jax.data import load_dataset
 from mgd_jax.models import get_model
 from mgd_jax.stages.common import apply_backbone
@@ -23,6 +24,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         raise AnalysisError(f"{path} is missing: analysis tools need a workdir written by train.py")
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
+
+
+def model_of(config, arch: str, num_classes: int):
+    """The backbone as the run computed it: ``config.precision`` (float32 unless the run used bfloat16)."""
+    return precision.with_compute_dtype(get_model(arch, num_classes), config.get("precision", "float32"))
 
 
 def restore_best(directory: str):
@@ -46,7 +52,7 @@ def backbone_fn(workdir: str, stage: str, config, num_classes: int, preact: bool
         raise AnalysisError(f"stage {stage!r} has no backbone; use teacher or students/<name>")
     variables, meta = restore_best(os.path.join(workdir, stage))
     arch = config.teacher.arch if stage == "teacher" else config.student.arch
-    model = get_model(arch, num_classes)
+    model = model_of(config, arch, num_classes)
     params = variables["params"] if stage == "teacher" else variables["params"]["backbone"]
     stats = variables["batch_stats"] if stage == "teacher" else variables["batch_stats"]["backbone"]
 

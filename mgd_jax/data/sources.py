@@ -96,14 +96,17 @@ def load_tfds(name: str, data_dir: str | None = None) -> ArrayDataset:
     try:
         train = tfds.data_source(name, split="train", data_dir=data_dir, download=False)
         test = tfds.data_source(name, split="test", data_dir=data_dir, download=False)
-    except Exception as e:  # noqa: BLE001 - tfds raises several types (assertion, not-found, format errors)
+    except (OSError, AssertionError, RuntimeError, ValueError) as e:
+        # what tfds raises for a dataset that is missing (not-found / assertion errors), or built in a format
+        # data_source cannot read (NotImplementedError, a RuntimeError); programming errors propagate.  The
+        # cause stays chained and its first line is shown.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not builder.is_prepared():
-            why = f"dataset {name!r} is not built in {builder.data_dir}"
+            why = f"dataset {name!r} is not built in {builder.data_dir} ({type(e).__name__}: {first})"
         else:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            why = f"dataset {name!r} in {builder.data_dir} cannot be read randomly ({first}; was it built " \
-                  f"without --file_format=array_record?)"
-        raise DatasetNotFoundError(f"{why}; {build_instructions(name, data_dir)}") from None
+            why = f"dataset {name!r} in {builder.data_dir} cannot be read randomly ({type(e).__name__}: {first}; " \
+                  f"was it built without --file_format=array_record?)"
+        raise DatasetNotFoundError(f"{why}; {build_instructions(name, data_dir)}") from e
     xtr, ytr = _read_all(train)
     xte, yte = _read_all(test)
     return ArrayDataset(name, xtr, ytr, xte, yte, _TFDS[name])

@@ -8,9 +8,15 @@ Integrity: orbax writes a step into a temporary folder and renames it when compl
 manifest (SHA-256 of every file) as the commit mark.  On start, temporary folders (a kill during a write) and
 steps without a manifest are removed; a step whose files do not match its manifest (truncated or altered) is
 moved aside with a warning naming it, and the previous good step is used.
+
+Saves are idempotent: a step that already exists with its manifest is complete, so saving it again (a run
+killed between the ``best`` and the ``latest`` save redoes that epoch) keeps it instead of failing.  A full
+disk is reported in one line (``DiskFullError``) naming the directory and the space a checkpoint needs; the
+half-written step is removed on the next start, which resumes from the last complete checkpoint.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -33,6 +39,27 @@ class StageMismatchError(ValueError):
 
 class CorruptCheckpointWarning(UserWarning):
     pass
+
+
+class DiskFullError(OSError):
+    """No space left while writing a checkpoint (reported as one line; rerunning resumes)."""
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """ENOSPC anywhere in the exception chain (tensorstore reports it as text: RESOURCE_EXHAUSTED ... No space)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _tree_mib(tree) -> float:
+    return sum(np.dtype(x.dtype).itemsize * int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree)) / 2 ** 20
 
 
 def _abstract(tree):
@@ -138,22 +165,40 @@ class StageCheckpoints:
         self.best = ocp.CheckpointManager(self.paths["best"],
                                           options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
 
-    def _save(self, which: str, step: int, tree, meta: dict):
+    def _save(self, which: str, step: int, tree, meta: dict) -> bool:
+        """Save ``tree`` as step ``step`` of ``which``; False if that step is already complete (kept as is)."""
         mngr = getattr(self, which)
-        if jax.process_count() == 1:
-            tree = jax.tree.map(np.asarray, jax.device_get(tree))
-        mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
-                  force=True)
-        mngr.wait_until_finished()
-        if jax.process_index() == 0:
-            write_manifest(os.path.join(self.paths[which], str(int(step))))
+        step_dir = os.path.join(self.paths[which], str(int(step)))
+        if os.path.exists(os.path.join(step_dir, MANIFEST)):
+            return False  # committed earlier (verified at start): a redone epoch computes the same values
+        if os.path.isdir(step_dir):  # a write of this run that failed before its manifest: start it afresh
+            if jax.process_index() == 0:
+                shutil.rmtree(step_dir, ignore_errors=True)
+            _sync(f"remove {step_dir}")
+            mngr.reload()
+        try:
+            if jax.process_count() == 1:
+                tree = jax.tree.map(np.asarray, jax.device_get(tree))
+            mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                                         meta=ocp.args.JsonSave(meta)), force=True)
+            mngr.wait_until_finished()
+            if jax.process_index() == 0:
+                write_manifest(step_dir)
+        except Exception as e:  # noqa: BLE001 - only a full disk is turned into a user error; the rest re-raises
+            if not _is_disk_full(e):
+                raise
+            raise DiskFullError(
+                f"no space left on the device of {self.paths[which]} while saving step {int(step)} (a checkpoint of "
+                f"this stage needs about {_tree_mib(tree):.1f} MiB); free some space and rerun the same command: it "
+                f"resumes from the last complete checkpoint") from e
         _sync(f"manifest {which} {step}")
+        return True
 
-    def save_latest(self, step: int, state, meta: dict):
-        self._save("latest", step, state, meta)
+    def save_latest(self, step: int, state, meta: dict) -> bool:
+        return self._save("latest", step, state, meta)
 
-    def save_best(self, epoch: int, export, meta: dict):
-        self._save("best", epoch, export, meta)
+    def save_best(self, epoch: int, export, meta: dict) -> bool:
+        return self._save("best", epoch, export, meta)
 
     @staticmethod
     def _meta(mngr) -> dict | None:
@@ -186,10 +231,37 @@ class StageCheckpoints:
         self.best.close()
 
 
+def flatten_config(prefix: str, value) -> dict:
+    """A (nested) config -> ``{'prefix.a.b': value}``, the form stage identities are stored and compared in."""
+    if hasattr(value, "items"):
+        out = {}
+        for k, v in sorted(value.items()):
+            out.update(flatten_config(f"{prefix}.{k}", v))
+        return out
+    return {prefix: value}
+
+
+def _plain(v):
+    """JSON's view of a value (tuples become lists), so stored and expected values compare alike."""
+    return json.loads(json.dumps(v))
+
+
 def check_meta(meta: dict, expected: dict, where: str) -> None:
-    """Refuse a checkpoint made for another setup (e.g. another architecture) with one line naming it."""
+    """Refuse a checkpoint made for another setup with one line naming the first field that differs.
+
+    ``expected['config']`` (if given) is a flat ``{field: value}`` of every config value that changes the stage's
+    result.  Fields are compared where both sides have them: a checkpoint written before a field existed (or
+    before identities were stored at all) stays resumable."""
     for k, v in expected.items():
-        if k in meta and meta[k] != v:
+        if k == "config" and isinstance(meta.get(k), dict):
+            stored = meta[k]
+            for field in sorted(set(stored) & set(v)):
+                a, b = stored[field], _plain(v[field])
+                if a != b:
+                    raise StageMismatchError(
+                        f"{where} was written for {field}={a!r} but the config asks for {field}={b!r}; "
+                        f"use another --workdir or delete {where}")
+        elif k != "config" and k in meta and meta[k] != _plain(v):
             raise StageMismatchError(
                 f"{where} was written for {k}={meta[k]!r} but the config asks for {k}={v!r}; "
                 f"use another --workdir or delete {where}")

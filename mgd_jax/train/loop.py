@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from mgd_jax.train import faults
 from mgd_jax.train import mesh as mesh_lib
 from mgd_jax.train.checkpoint import StageCheckpoints
 from mgd_jax.train.metrics import MetricWriter, NonFiniteLossError, check_finite
@@ -60,12 +61,18 @@ def host_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+ROWS = "rows"  # on_device: the batch's row indices into the device-resident training set
+
+
 def gather_rows(step: Callable) -> Callable:
-    """``step(state, frozen, batch, key)`` -> the same step fed by row indices into device-resident data."""
+    """``step(state, frozen, batch, key)`` -> the same step fed by row indices into device-resident data.
+
+    The rows travel under their own key, so the rest of the batch (CRD's ``index`` and ``contrast_idx``) reaches
+    the step unchanged."""
 
     def step_on_device(state, frozen, batch, key, data):
         batch = dict(batch)
-        idx = batch.pop("index")
+        idx = batch.pop(ROWS)
         return step(state, frozen, {"image": data["image"][idx], "label": data["label"][idx], **batch}, key)
 
     return jax.jit(step_on_device, donate_argnums=0)
@@ -92,13 +99,21 @@ def evaluate_dataset(eval_fn: Callable, images: np.ndarray, labels: np.ndarray, 
 
 
 def _first_nonfinite(pending: list[tuple[int, int, dict]]):
-    """pending: [(global step, batch size, device metrics)] -> (step, term, value) of the first bad loss term."""
+    """pending: [(global step, batch size, device metrics)] -> (step, name, value) of the first non-finite loss
+    term or gradient norm (a NaN gradient can leave the loss finite while it turns the parameters into NaN)."""
     host = jax.device_get([m for _, _, m in pending])
     for (gstep, _, _), m in zip(pending, host):
         for k, v in m.items():
-            if k.startswith("loss") and not np.isfinite(v):
+            if k.startswith(("loss", "grad_norm")) and not np.isfinite(v):
                 return gstep, k, float(v)
     return None
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+    return jax.numpy.all(jax.numpy.stack([jax.numpy.all(jax.numpy.isfinite(x)) for x in leaves])) if leaves \
+        else jax.numpy.bool_(True)
 
 
 class _Accumulator:
@@ -187,11 +202,22 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer):
         bad = _first_nonfinite(pending)
         if bad is not None:
             gstep, term, value = bad
+            what = "gradient norm" if term.startswith("grad_norm") else "loss term"
             raise NonFiniteLossError(
-                f"{spec.name}: loss term {term!r} became {value} at step {gstep} (epoch {epoch + 1}); stopped, "
+                f"{spec.name}: {what} {term!r} became {value} at step {gstep} (epoch {epoch + 1}); stopped, "
                 f"the last good checkpoint stays the latest")
         acc.add(pending)
         pending.clear()
+
+    def save_latest(gstep, epoch, meta, point):
+        """The latest checkpoint, only of finite parameters / statistics (never a NaN 'last good' state)."""
+        if not bool(_all_finite(state)):
+            raise NonFiniteLossError(
+                f"{spec.name}: the trained state became non-finite by step {gstep} (epoch {epoch + 1}) although "
+                f"every logged loss and gradient norm was finite; stopped, the last good checkpoint stays the latest")
+        faults.point(spec.name, f"before_{point}")
+        ckpt.save_latest(gstep, state, meta)
+        faults.point(spec.name, f"after_{point}")
 
     try:
         for epoch in range(start_epoch, spec.num_epochs):
@@ -207,7 +233,7 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer):
                     if data is None:
                         rows = {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}
                     else:
-                        rows = {"index": idx.astype(np.int32)}
+                        rows = {ROWS: idx.astype(np.int32)}
                     if spec.batch_extras is not None:
                         rows.update(spec.batch_extras(idx, epoch, p, i))
                     args = (state, frozen, mesh_lib.shard_batch(rows, mesh), base_key)
@@ -217,10 +243,10 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer):
                     bar.update(1)
                     if every and gstep % every == 0 and i + 1 < len(batches):
                         flush(pending, epoch, p, i)
-                        ckpt.save_latest(gstep, state, {
+                        save_latest(gstep, epoch, {
                             **spec.meta, "epoch": epoch, "best": best, "last": last,
                             "position": {"pass": p, "batch": i + 1, "done_passes": done_passes,
-                                         "sums": acc.sums, "count": acc.count}})
+                                         "sums": acc.sums, "count": acc.count}}, "mid")
                     if i % 50 == 49 and not bar.disable:  # an occasional host sync for the display
                         bar.set_postfix(epoch=epoch + 1, **{k: f"{float(v):.3f}" for k, v in m.items()
                                                             if k.startswith("loss")})
@@ -238,9 +264,14 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer):
                 writer.write(epoch, metrics)
             if improved or export is None:
                 export = jax.device_get(spec.export(state, export, improved))  # a host copy: state buffers are donated
+                if not bool(_all_finite(export)):
+                    raise NonFiniteLossError(f"{spec.name}: the stage's product became non-finite in epoch "
+                                             f"{epoch + 1}; stopped, the last good checkpoint stays the latest")
+                faults.point(spec.name, "before_best")
                 ckpt.save_best(epoch + 1, export, {**spec.meta, "epoch": epoch + 1, "best": best})
-            ckpt.save_latest((epoch + 1) * npass * steps, state,
-                             {**spec.meta, "epoch": epoch + 1, "best": best, "last": last})
+                faults.point(spec.name, "after_best")
+            save_latest((epoch + 1) * npass * steps, epoch,
+                        {**spec.meta, "epoch": epoch + 1, "best": best, "last": last}, "latest")
             shown = {k.split("/", 1)[1]: f"{v:.4f}" for k, v in eval_metrics.items()}
             bar.set_postfix(epoch=epoch + 1, **shown)
             if bar.disable and jax.process_index() == 0:

@@ -1,0 +1,42 @@
+"""Deterministic fault injection at the loop's save boundaries, for the reliability tests.
+
+``MGD_JAX_KILL_AT="<stage>:<point>[:<n>][,...]"`` makes the process SIGKILL itself the ``n``-th time (default 1)
+stage ``<stage>`` (e.g. ``teacher``, ``analyzer``, ``student/mas_kd``) reaches ``<point>``:
+
+    before_mid / after_mid        the mid-epoch ``latest`` checkpoint (``checkpoint.every_steps``)
+    before_best / after_best      the epoch-end ``best`` checkpoint (only when it is saved)
+    before_latest / after_latest  the epoch-end ``latest`` checkpoint
+
+A real ``kill -9`` at exactly that moment, so a test can place a kill in each window between two saves instead
+of hoping that random timing lands there.  Unset (always, outside tests), it costs one dictionary lookup.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "MGD_JAX_KILL_AT"
+POINTS = ("before_mid", "after_mid", "before_best", "after_best", "before_latest", "after_latest")
+_hits: dict[tuple[str, str], int] = {}
+
+
+def _targets(spec: str) -> dict[tuple[str, str], int]:
+    out = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or parts[1] not in POINTS:
+            raise ValueError(f"{ENV}={spec!r}: each entry is <stage>:<point>[:<n>], point one of {', '.join(POINTS)}")
+        out[parts[0], parts[1]] = int(parts[2]) if len(parts) == 3 else 1
+    return out
+
+
+def point(stage: str, name: str) -> None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    n = _targets(spec).get((stage, name))
+    if n is None:
+        return
+    _hits[stage, name] = _hits.get((stage, name), 0) + 1
+    if _hits[stage, name] == n:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,6 +1,8 @@
 """The paper's CIFAR-100 top-1 (%) table (the authors' README; SPEC §8), copied exactly.
 
 Keys: (method, granularity mode) -> {"teacher,student": top-1}; TEACHER_STUDENT: the pairs' own accuracies.
+Mode 'none' is the paper's baseline column: runs of the RepDistiller protocol (CE + method, no logit KD), which
+our mode 'baseline' reproduces (not our 'none', the MG-weights ablation; mgd_jax/sweep.py ``paper_number``).
 """
 
 TEACHER_STUDENT = {

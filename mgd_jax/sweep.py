@@ -1,13 +1,18 @@
 """Sweeps: methods x granularity modes x teacher/student pairs x seeds, the results table and plots.
 
     python -m mgd_jax.sweep --config=configs/cifar100.py --pairs="resnet56,resnet20;vgg13,vgg8" \
-        --methods=kd,hint,crd --modes=none,mag,mas --seeds=0,1,2 --root=runs/sweep
+        --methods=kd,hint,crd --modes=baseline,none,mag,mas --seeds=0,1,2 --root=runs/sweep
 
+Modes (configs/default.py ``STUDENT_MODES``): ``baseline`` = the paper's baseline protocol (RepDistiller's
+weights: CE + method, no logit KD; KD: 0.1 CE + 0.9 KD), ``none`` = the MG scripts' weights (CE + logit KD +
+method) without the granularity terms, the ablation that isolates them; ``mag`` / ``mas`` = the paper's method.
 One workdir per (pair, seed) holds the teacher, its analyzer and one student per method x mode; running the
 command again resumes unfinished runs and skips finished ones.  Writes ``<root>/results.md`` (mean ± std
-over seeds of the best and the last test top-1, the paper's number beside ours where it has one),
-``results.json``, ``curves.png`` (test top-1 per epoch) and ``gains.png`` (MAG / MAS minus the plain
-baseline).  ``--set key=value`` overrides config fields (Python literals), e.g. ``--set student.epochs=10``.
+over seeds of the best and the last test top-1, each row's protocol, the paper's number beside the row that
+reproduces its protocol), ``results.json``, ``curves.png`` (test top-1 per epoch) and ``gains.png`` (MAG / MAS
+minus a baseline row, named on the plot: ``none`` when swept, else ``baseline``).  ``--set key=value``
+overrides config fields (Python literals), e.g. ``--set student.epochs=10``; the teacher's schedule comes with
+the config, e.g. ``--config=configs/cifar100.py:resnet56,resnet20,kd,mas,repdistiller``.
 """
 from __future__ import annotations
 
@@ -40,9 +45,7 @@ def run_config(base, pair, methods, modes, seed, sets):
 
     t, s = pair
     c = base()
-    c.teacher.arch, c.student.arch = t, s
-    if s in default.LOW_LR_STUDENTS:
-        c.student.optimizer.lr = 0.01
+    default.set_pair(c, t, s)
     c.seed = seed
     c.progress = False
     import ml_collections
@@ -73,10 +76,34 @@ def collect(root, pairs, methods, modes, seeds):
     return res
 
 
+# Each mode's protocol, as the table's protocol column names it (weights: configs/default.py STUDENT_MODES).
+PROTOCOLS = {
+    "baseline": "CE + method, no logit KD (RepDistiller; the paper's baselines)",
+    "none": "CE + logit KD + method (MG scripts, no granularity terms)",
+    "mag": "MG scripts + granularity KL (MAG)",
+    "mas": "MG scripts + granularity KL + stable excitation (MAS)",
+}
+KD_PROTOCOLS = {"baseline": "0.1 CE + 0.9 logit KD (RepDistiller; the paper's baseline)",
+                "none": "0.2 CE + 0.8 logit KD (MG script, no granularity terms)"}
+
+
+def protocol(method: str, mode: str) -> str:
+    if method == "none":
+        return "CE only (no teacher)"
+    return (KD_PROTOCOLS if method == "kd" else {}).get(mode, PROTOCOLS[mode])
+
+
+def paper_number(method: str, mode: str, pair: str):
+    """The paper's top-1 for the row that reproduces its protocol: its baselines (mode 'none' of its table) are
+    runs of the RepDistiller protocol, our mode 'baseline'; our 'none' (the ablation) has no paper number."""
+    key = {"baseline": "none", "mag": "mag", "mas": "mas"}.get(mode)
+    return PAPER.get((method, key), {}).get(pair) if key else None
+
+
 def table(res, pairs, methods, modes) -> str:
     keys = [f"{t},{s}" for t, s in pairs]
-    head = "| method | " + " | ".join(k.replace(",", " -> ") for k in keys) + " |"
-    lines = [head, "|---|" + "---|" * len(keys)]
+    head = "| method | protocol | " + " | ".join(k.replace(",", " -> ") for k in keys) + " |"
+    lines = [head, "|---|---|" + "---|" * len(keys)]
     for m in methods:
         for mode in modes:
             cells = []
@@ -89,11 +116,21 @@ def table(res, pairs, methods, modes) -> str:
                 last = 100 * np.asarray([r["last"] for r in runs])
                 sd = best.std(ddof=1) if len(best) > 1 else 0.0
                 cell = f"{best.mean():.2f} ± {sd:.2f} (last {last.mean():.2f}, n={len(runs)})"
-                paper = PAPER.get((m, mode), {}).get(k)
+                paper = paper_number(m, mode, k)
                 cells.append(cell + (f" / paper {paper:.2f}" if paper is not None else ""))
-            label = {"none": m, "mag": f"MAG+{m}", "mas": f"MAS+{m}"}[mode]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            label = {"baseline": m, "none": m, "mag": f"MAG+{m}", "mas": f"MAS+{m}"}[mode]
+            lines.append(f"| {label} | {protocol(m, mode)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+GAIN_TITLES = {"none": "MAG / MAS minus mode 'none':\nthe same MG-script weights without the granularity terms",
+               "baseline": "MAG / MAS minus mode 'baseline':\nthe paper's baseline protocol (RepDistiller's weights)"}
+
+
+def gain_reference(modes) -> str | None:
+    """The row MAG / MAS gains are measured from: the 'none' ablation when swept (it differs from MAG / MAS by
+    the granularity terms only), else the paper's 'baseline' protocol."""
+    return next((m for m in ("none", "baseline") if m in modes), None)
 
 
 def plots(res, pairs, methods, modes, root):
@@ -119,9 +156,10 @@ def plots(res, pairs, methods, modes, root):
 
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(methods) * len(keys)), 3.6))
     labels, x = [], 0
+    ref = gain_reference(modes)
     for k in keys:
         for m in methods:
-            base = res.get((k, m, "none"))
+            base = res.get((k, m, ref)) if ref else None
             if not base:
                 continue
             b = np.mean([r["best"] for r in base])
@@ -135,16 +173,23 @@ def plots(res, pairs, methods, modes, root):
     ax.axhline(0, color="k", lw=0.8)
     if labels:
         ax.set_xticks([p for p, _ in labels], [t for _, t in labels], fontsize=7)
-    ax.set_ylabel("best top-1 gain over the baseline (points)")
-    ax.legend()
+    ax.set_ylabel("best top-1 gain (points)")
+    ax.set_title(GAIN_TITLES[ref] if ref else "no baseline mode swept", fontsize=8)
+    if labels:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(root, "gains.png"), dpi=110)
     plt.close(fig)
 
 
 def sweep(config_path, pairs, methods, modes, seeds, root, sets=None, devices=None):
+    from configs import default
+    from mgd_jax.config_validation import ConfigError
     from mgd_jax.pipeline import train_and_evaluate
 
+    unknown = [m for m in modes if m not in default.STUDENT_MODES]
+    if unknown:
+        raise ConfigError(f"--modes: unknown mode(s) {', '.join(unknown)}; known: {', '.join(default.STUDENT_MODES)}")
     base = load_base(config_path)
     root = os.path.abspath(root)
     os.makedirs(root, exist_ok=True)
@@ -169,7 +214,7 @@ def main(argv=None):
     p.add_argument("--config", default="configs/cifar100.py")
     p.add_argument("--pairs", required=True, help='"teacher,student;teacher,student"')
     p.add_argument("--methods", default="kd")
-    p.add_argument("--modes", default="none,mag,mas")
+    p.add_argument("--modes", default="baseline,none,mag,mas", help="of: baseline, none, mag, mas")
     p.add_argument("--seeds", default="0")
     p.add_argument("--root", required=True)
     p.add_argument("--set", action="append", default=[], help="key=value (a Python literal)")

@@ -1,9 +1,13 @@
-"""The sweep command: methods x modes x pairs x seeds, resumable, table with the paper's numbers, plots."""
+"""The sweep command: methods x modes x pairs x seeds, resumable, table with the paper's numbers, plots; the
+baseline protocols and teacher schedules of the configs it sweeps."""
 import json
 import os
+import sys
 
 import jax
+import pytest
 
+from configs import cifar100, default
 from conftest import ROOT
 from mgd_jax import sweep as sweep_lib
 from mgd_jax.paper_results import TOP1
@@ -12,11 +16,11 @@ from mgd_jax.paper_results import TOP1
 def test_sweep_runs_resumes_and_tabulates(tmp_path, monkeypatch):
     root = str(tmp_path / "sweep")
     args = dict(config_path=str(ROOT / "configs" / "smoke.py"), pairs=[("resnet8", "resnet8")], methods=["kd"],
-                modes=["none", "mas"], seeds=[0, 1], root=root, devices=jax.devices()[:1])
+                modes=["baseline", "mas"], seeds=[0, 1], root=root, devices=jax.devices()[:1])
     res, md = sweep_lib.sweep(**args)
-    assert set(res) == {("resnet8,resnet8", "kd", "none"), ("resnet8,resnet8", "kd", "mas")}
+    assert set(res) == {("resnet8,resnet8", "kd", "baseline"), ("resnet8,resnet8", "kd", "mas")}
     assert all(len(v) == 2 for v in res.values())  # two seeds each
-    assert "| kd | " in md and "| MAS+kd | " in md and "n=2" in md
+    assert "| kd | 0.1 CE + 0.9 logit KD (RepDistiller" in md and "| MAS+kd | " in md and "n=2" in md
     for f in ("results.md", "results.json", "curves.png", "gains.png"):
         assert os.path.getsize(os.path.join(root, f)) > 100
     # finished runs are not trained again
@@ -38,3 +42,64 @@ def test_table_puts_the_paper_beside_ours():
                                                 {"seed": 1, "best": 0.73, "last": 0.72, "curve": [0.72]}]}
     md = sweep_lib.table(res, [("resnet56", "resnet20")], ["kd"], ["mas"])
     assert f"72.00 ± 1.41 (last 71.00, n=2) / paper {TOP1[('kd', 'mas')]['resnet56,resnet20']:.2f}" in md
+
+
+def _runs(best):
+    return [{"seed": 0, "best": best, "last": best, "curve": [best]}]
+
+
+def test_table_puts_the_paper_beside_the_row_of_its_protocol():
+    """The paper's baselines are RepDistiller-protocol runs (CE + method): its number goes beside our 'baseline'
+    row, not beside the 'none' ablation (CE + logit KD + method); every row names its protocol."""
+    k = "resnet56,resnet20"
+    res = {(k, "hint", mode): _runs(0.7) for mode in ("baseline", "none", "mag")}
+    md = sweep_lib.table(res, [("resnet56", "resnet20")], ["hint"], ["baseline", "none", "mag"])
+    rows = {line.split(" | ")[1]: line for line in md.splitlines()[2:]}
+    assert set(rows) == {sweep_lib.PROTOCOLS[m] for m in ("baseline", "none", "mag")}
+    assert md.splitlines()[0].startswith("| method | protocol | ")
+    assert rows[sweep_lib.PROTOCOLS["baseline"]].endswith(f"/ paper {TOP1[('hint', 'none')][k]:.2f} |")
+    assert "paper" not in rows[sweep_lib.PROTOCOLS["none"]]
+    assert rows[sweep_lib.PROTOCOLS["mag"]].endswith(f"/ paper {TOP1[('hint', 'mag')][k]:.2f} |")
+    assert sweep_lib.gain_reference(["baseline", "none", "mas"]) == "none"
+    assert sweep_lib.gain_reference(["baseline", "mas"]) == "baseline"
+
+
+def test_baseline_mode_is_repdistillers_protocol():
+    c = cifar100.get_config("resnet56,resnet20,hint,baseline")
+    s = c.students.hint_baseline
+    assert (s.granularity, s.protocol) == ("none", "repdistiller")
+    assert dict(s.weights) == dict(ce=1.0, logit_kd=0.0, method=100.0, granularity=1.0)
+    base = sweep_lib.load_base(str(ROOT / "configs" / "cifar100.py"))
+    c = sweep_lib.run_config(base, ("resnet32x4", "ShuffleV1"), ["kd", "crd", "abound"], ["baseline", "none"], 0, {})
+    w = {name: dict(s.weights) for name, s in c.students.items()}
+    assert w["kd_baseline"] == dict(ce=0.1, logit_kd=0.9, method=0.0, granularity=1.0)  # -r 0.1 -a 0.9 -b 0
+    assert w["kd_none"] == dict(ce=0.2, logit_kd=0.8, method=1.0, granularity=1.0)  # the MG script
+    assert w["crd_baseline"] == dict(ce=1.0, logit_kd=0.0, method=0.8, granularity=1.0)  # -a 0 -b 0.8
+    assert w["crd_none"] == dict(ce=1.0, logit_kd=1.0, method=0.8, granularity=1.0)
+    assert c.students.abound_baseline.init.optimizer.lr == c.student.optimizer.lr == default.LOW_LR
+    for m in default.METHOD_WEIGHTS:
+        assert default.REPDISTILLER_WEIGHTS[m]["logit_kd"] == (0.9 if m == "kd" else 0.0), m
+    with pytest.raises(ValueError, match="unknown student mode"):
+        default.student_run("kd", "plain")
+
+
+def test_teacher_schedules(monkeypatch):
+    """The authors' teacher.py (60/120/180) by default; RepDistiller's (150/180/210) by name."""
+    assert cifar100.get_config("resnet56,resnet20,kd,mas").teacher.optimizer.milestones == (60, 120, 180)
+    c = cifar100.get_config("resnet56,resnet20,kd,mas,repdistiller")
+    assert c.teacher.optimizer.milestones == (150, 180, 210) and c.teacher.epochs == 240
+    with pytest.raises(ValueError, match="unknown teacher schedule"):
+        cifar100.get_config("resnet56,resnet20,kd,mas,torch")
+    base = sweep_lib.load_base(str(ROOT / "configs" / "cifar100.py") + ":resnet56,resnet20,kd,mas,repdistiller")
+    assert sweep_lib.run_config(base, ("vgg13", "vgg8"), ["kd"], ["mas"], 0, {}).teacher.optimizer.milestones == (
+        150, 180, 210)
+    # a command-line override still wins
+    from absl import flags
+    from ml_collections import config_flags
+    argv = ["train.py", f"--config={ROOT / 'configs' / 'cifar100.py'}:resnet56,resnet20,kd,mas,repdistiller",
+            "--config.teacher.optimizer.milestones=(100,200)"]
+    monkeypatch.setattr(sys, "argv", argv)
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True)
+    fv(argv)
+    assert fv.config.teacher.optimizer.milestones == (100, 200)

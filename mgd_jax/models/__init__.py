@@ -15,6 +15,20 @@ for _family in (resnet, resnetv2, wrn, vgg, mobilenetv2, shufflenet):
 
 ARCHITECTURES = tuple(_REGISTRY)
 
+# Top-level modules (parameter names) that RepDistiller's ``get_feat_modules()`` leaves out of the student's
+# "feature modules": the classifier, and for WRN the final BN, for MobileNetV2 the last 1x1 conv + BN, for
+# ShuffleV2 the last 1x1 conv + BN.  The AB / FSP init stage trains the other modules only and runs these
+# frozen, in eval mode (SPEC_BASELINES §3; mgd_jax/stages/student.py).
+NON_FEATURE_MODULES = {
+    resnet.CifarResNet: ("fc",),
+    resnetv2.ResNet50: ("linear",),
+    wrn.WideResNet: ("bn1", "fc"),
+    vgg.VGG: ("classifier",),
+    mobilenetv2.MobileNetV2: ("conv2_0", "conv2_1", "classifier"),
+    shufflenet.ShuffleV1: ("fc",),
+    shufflenet.ShuffleV2: ("conv2", "bn2", "fc"),
+}
+
 
 def get_model(name: str, num_classes: int) -> nn.Module:
     if name not in _REGISTRY:
@@ -22,3 +36,13 @@ def get_model(name: str, num_classes: int) -> nn.Module:
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     return _REGISTRY[name](int(num_classes))
+
+
+def non_feature_modules(model) -> tuple[str, ...]:
+    """The top-level parameter names of ``model`` (a zoo module, or one wrapped by ``precision``) that are not
+    feature modules: see ``NON_FEATURE_MODULES``."""
+    module = getattr(model, "module", model)  # precision.MixedPrecision wraps the flax module
+    for cls, names in NON_FEATURE_MODULES.items():
+        if isinstance(module, cls):
+            return names
+    raise ValueError(f"no feature-module split known for {type(module).__name__}")

@@ -8,15 +8,19 @@ are taken w.r.t. the student's parameters only.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
 import optax
+from flax import linen as nn
 
 from mgd_jax import losses
 from mgd_jax.analyzer import Granularity, GranularityAnalyzer
 from mgd_jax.data import augment
 from mgd_jax.methods import Method, Outputs
+from mgd_jax.models import non_feature_modules
+from mgd_jax.models.layers import BatchNorm
 from mgd_jax.stages.common import TrainState, apply_backbone, classification_counts, step_key, train_metrics
 
 GRANULARITY_MODES = ("none", "mag", "mas")
@@ -161,23 +165,40 @@ def make_eval_step(s: StudentModules, aug_cfg):
 CLASSIFIER_NAMES = ("fc", "linear", "classifier")
 
 
-def _classifier_name(backbone_params) -> str:
-    return next(k for k in CLASSIFIER_NAMES if k in backbone_params)
+@contextlib.contextmanager
+def _eval_mode(top_level_names):
+    """Inside: every BatchNorm under the named top-level modules runs in eval mode (running statistics, no
+    update), whatever ``train`` the backbone passes, as a PyTorch module left in ``eval()`` while the rest of
+    the network is in ``train()``."""
+    names = frozenset(top_level_names)
+
+    def interceptor(call, args, kwargs, context):
+        m = context.module
+        if isinstance(m, BatchNorm) and context.method_name == "__call__" and m.path and m.path[0] in names:
+            if "train" in kwargs:
+                kwargs = {**kwargs, "train": False}
+            else:
+                args = (args[0], False, *args[2:])
+        return call(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        yield
 
 
 def init_stage_state(s: StudentModules, t: TeacherModules, teacher, student: TrainState, tx, key, sample_images,
                      ctx=None) -> TrainState:
-    """The init stage trains the method's init module (and, for AB / FSP, the student's feature layers; the
-    classifier is left out).  Non-trained parts ride along in ``batch_stats``."""
+    """The init stage trains the method's init module and, for AB / FSP, the student's feature modules
+    (RepDistiller's ``get_feat_modules()``).  The rest of the backbone (``models.non_feature_modules``: the
+    classifier, WRN's final BN, MobileNetV2's / ShuffleV2's last conv + BN) and, for FT, the whole backbone are
+    frozen: outside the optimizer (no update, no weight decay), riding along in ``batch_stats["fixed"]``."""
     logits, feats = s.backbone.apply({"params": student.params["backbone"],
                                       "batch_stats": student.batch_stats["backbone"]}, sample_images)
     t_out = teacher_forward(t, teacher, sample_images, decode=False, preact=s.method.teacher_preact)
     init_params = s.method.init(jax.random.fold_in(key, 1), Outputs(logits, feats), t_out, ctx).get("init_params", {})
     backbone = dict(student.params["backbone"])
-    cls = _classifier_name(backbone)
-    classifier = backbone.pop(cls)
+    frozen = {k: backbone.pop(k) for k in non_feature_modules(s.backbone)}
     params = {"init": init_params}
-    fixed = {"classifier": {cls: classifier}}
+    fixed = {"frozen": frozen}
     if s.method.init_trains_student:
         params["features"] = backbone
     else:
@@ -187,11 +208,14 @@ def init_stage_state(s: StudentModules, t: TeacherModules, teacher, student: Tra
 
 def _init_backbone_params(params, batch_stats):
     features = params["features"] if "features" in params else batch_stats["fixed"]["features"]
-    return {**features, **batch_stats["fixed"]["classifier"]}
+    return {**features, **batch_stats["fixed"]["frozen"]}
 
 
 def make_init_step(s: StudentModules, t: TeacherModules, tx, aug_cfg):
+    """One init-stage step.  The feature modules (AB / FSP) run in train mode, the frozen modules in eval mode
+    (their BN statistics stay as they are; WRN's final BN is on AB's last preact map)."""
     m = s.method
+    frozen = non_feature_modules(s.backbone)
 
     def init_step(state: TrainState, teacher, batch, base_key):
         x = augment.train_transform(batch["image"], step_key(base_key, state.step), aug_cfg)
@@ -199,8 +223,9 @@ def make_init_step(s: StudentModules, t: TeacherModules, tx, aug_cfg):
 
         def loss_fn(params):
             bb = _init_backbone_params(params, state.batch_stats)
-            logits, feats, new_bs = apply_backbone(s.backbone, bb, state.batch_stats["backbone"], x,
-                                                   train=m.init_trains_student, preact=m.init_student_preact)
+            with _eval_mode(frozen):
+                logits, feats, new_bs = apply_backbone(s.backbone, bb, state.batch_stats["backbone"], x,
+                                                       train=m.init_trains_student, preact=m.init_student_preact)
             mvars = {"params": params["init"], "state": state.batch_stats.get("method", {})}
             loss, mstate = m.init_loss(mvars, Outputs(logits, feats), t_out, True)
             return loss, (new_bs, mstate)

@@ -11,6 +11,13 @@ from mgd_jax.methods import functional as F
 from mgd_jax.methods import modules as M
 
 CASES = json.loads((FIXTURES / "baseline_reference_values.json").read_text())["cases"]
+# One float32 tolerance for every case.  Measured (JAX float32 on CPU vs the reference's float32 values): <= 8e-7
+# relative everywhere (KDSVD 8e-7, VID 6e-7, CRD 6e-7, RKD 6e-7, NST 5e-7, PKT 3e-7); the reference's own float32
+# and float64 values differ by <= 1.5e-6 (PKT; CRD's Z 1.4e-6).  So 1e-5 is float32 rounding with a 6x margin, also
+# for CRD / KDSVD / NST / PKT and ConvReg's sum, which had 1e-4 or 2e-5 (the fixture's advice) without a need.
+# The fixture's float64 values are not compared here: run in float64 on upcast inputs, the pure functions match them
+# to <= 7e-15; ConvReg, VID and CRD to ~1e-8 (float32 pieces remain: BatchNorm statistics, VID's log-scale and
+# CRD's Z as built below).  A float64 copy of every case would double this file's run time.
 RTOL = 1e-5
 
 
@@ -72,7 +79,7 @@ def test_hint_convreg(case):
     out, _ = reg.apply({"params": params, "batch_stats": stats}, nhwc(x["x_s"]), True, mutable=["batch_stats"])
     want = c["values"]["float32"]
     assert tuple(out.shape) == (want["regressed_shape"][0], *want["regressed_shape"][2:], want["regressed_shape"][1])
-    close(float(np.sum(np.asarray(out, np.float64))), want["regressed_sum"], rtol=1e-4)
+    close(float(np.sum(np.asarray(out, np.float64))), want["regressed_sum"])
     close(F.hint_mse(out, f_t), want["loss"])
 
 
@@ -128,7 +135,7 @@ def test_kdsvd_canonical_sign():
     x = draw(c["inputs"])
     per = F.kdsvd([nhwc(x[f"g_s[{i}]"]) for i in range(3)], [nhwc(x[f"g_t[{i}]"]) for i in range(3)])
     want = c["values_canonical_sign_largest_abs_entry_of_each_v_column_positive"]["float32"]
-    close(per, want["per_pair"], rtol=1e-4)
+    close(per, want["per_pair"])
 
 
 def test_fsp():
@@ -151,7 +158,7 @@ def test_rkd():
 def test_pkt():
     c = CASES["pkt"]
     x = draw(c["inputs"])
-    close(F.pkt(jnp.asarray(x["f_s"]), jnp.asarray(x["f_t"])), c["values"]["float32"], rtol=2e-5)
+    close(F.pkt(jnp.asarray(x["f_s"]), jnp.asarray(x["f_t"])), c["values"]["float32"])
 
 
 def test_abound():
@@ -172,7 +179,7 @@ def test_nst():
     c = CASES["nst"]
     x = draw(c["inputs"])
     close(F.nst([nhwc(x[f"g_s[{i}]"]) for i in range(2)], [nhwc(x[f"g_t[{i}]"]) for i in range(2)]),
-          c["values"]["float32"], rtol=2e-5)
+          c["values"]["float32"])
 
 
 def test_afd():
@@ -202,15 +209,17 @@ def test_crd_two_steps():
     kw = dict(feat_dim=8, n_data=64, temperature=float(np.float32(0.07)), momentum=0.5)
     loss1, state = crd_step_loss(params, state, jnp.asarray(x["f_s_step1"]), jnp.asarray(x["f_t_step1"]),
                                  jnp.asarray(ints["idx1"]), jnp.asarray(ints["contrast_idx1"]), **kw)
-    close(loss1, v["loss_step1"], rtol=1e-4)
-    close(state["z_v1"], v["Z_v1(student-anchor)"], rtol=1e-4)
-    close(state["z_v2"], v["Z_v2(teacher-anchor)"], rtol=1e-4)
-    close(jnp.sum(state["memory_v1"]), v["memory_v1_sum_after_step1"], rtol=1e-4)
-    close(jnp.sum(state["memory_v2"]), v["memory_v2_sum_after_step1"], rtol=1e-4)
+    close(loss1, v["loss_step1"])
+    close(state["z_v1"], v["Z_v1(student-anchor)"])
+    close(state["z_v2"], v["Z_v2(teacher-anchor)"])
+    close(jnp.sum(state["memory_v1"]), v["memory_v1_sum_after_step1"])
+    close(jnp.sum(state["memory_v2"]), v["memory_v2_sum_after_step1"])
     loss2, state = crd_step_loss(params, state, jnp.asarray(x["f_s_step2"]), jnp.asarray(x["f_t_step2"]),
                                  jnp.asarray(ints["idx2"]), jnp.asarray(ints["contrast_idx2"]), **kw)
-    close(loss2, v["loss_step2"], rtol=1e-4)
-    close(jnp.sum(state["memory_v1"]), v["memory_v1_sum_after_step2"], rtol=1e-4)
-    close(jnp.sum(state["memory_v2"]), v["memory_v2_sum_after_step2"], rtol=1e-4)
+    close(loss2, v["loss_step2"])
+    close(jnp.sum(state["memory_v1"]), v["memory_v1_sum_after_step2"])
+    close(jnp.sum(state["memory_v2"]), v["memory_v2_sum_after_step2"])
     np.testing.assert_allclose(state["memory_v1"][jnp.asarray(ints["idx2"])],
-                               v["memory_v1_rows_idx2_after_step2"], rtol=1e-4, atol=1e-6)
+                               v["memory_v1_rows_idx2_after_step2"], rtol=0, atol=5e-7)
+    # rows of unit vectors (|entry| <= 1): an absolute bound; measured 1.2e-7 (one float32 ulp at 1), and the
+    # reference's float32 rows are 8.8e-8 from its float64 ones

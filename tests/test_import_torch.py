@@ -13,7 +13,11 @@ from mgd_jax.analyzer import Tube
 from mgd_jax.import_torch import CheckpointImportError, convert_backbone, convert_tube, load_torch_file, main
 from mgd_jax.models import get_model
 
-torch = pytest.importorskip("torch")
+try:
+    import torch
+except ImportError:  # a failure, not a skip: the import path is tested on the authors' files or not at all
+    pytest.fail("tests/test_import_torch.py needs torch: pip install torch==2.13.0 (CI's .ci/run installs it)",
+                pytrace=False)
 TORCH = FIXTURES / "torch"
 SHAPES = json.loads((TORCH / "torch_state_dict_shapes.json").read_text())
 
@@ -30,15 +34,20 @@ def test_imported_model_matches_reference_outputs(arch):
     x = jnp.asarray(_nhwc(ref["input_nchw"]))
     logits, feats = model.apply(v, x)
     _, pre = model.apply(v, x, preact=True)
-    np.testing.assert_allclose(logits, ref["logits"], atol=1e-4, rtol=1e-4)
+    # README's "within 1e-5": |ours - torch| <= 1e-5 + 1e-5 |torch| elementwise.  Measured (float32, CPU): max
+    # |diff| 7.6e-6 on features of magnitude <= 10 (wrn_16_1's last block), <= 7.2e-7 on logits, <= 3.3e-7 on
+    # tube outputs, at most 4.8e-6 beyond the rtol part.  Running variances off by 5e-6 (a BatchNorm eps of
+    # 1.5e-5 for 1e-5) fail it on all three architectures; the former 1e-4 / 1e-4 let that pass.
+    tol = dict(atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(logits, ref["logits"], **tol)
     for i in range(len(feats)):
-        np.testing.assert_allclose(feats[i], _nhwc(ref[f"feat{i}_nchw"]), atol=1e-4, rtol=1e-4)
-        np.testing.assert_allclose(pre[i], _nhwc(ref[f"preact_feat{i}_nchw"]), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(feats[i], _nhwc(ref[f"feat{i}_nchw"]), **tol)
+        np.testing.assert_allclose(pre[i], _nhwc(ref[f"preact_feat{i}_nchw"]), **tol)
     for dim in (64, 256):
         p = convert_tube(load_torch_file(str(TORCH / f"{arch}_tube{dim}.pth")), dim, feats[-1].shape[-1], 100)
         enc, dec = Tube(dim, 100).apply({"params": p}, feats[-1])
-        np.testing.assert_allclose(enc, ref[f"enc{dim}"], atol=1e-4, rtol=1e-4)
-        np.testing.assert_allclose(dec, ref[f"dec{dim}"], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(enc, ref[f"enc{dim}"], **tol)
+        np.testing.assert_allclose(dec, ref[f"dec{dim}"], **tol)
 
 
 @pytest.mark.parametrize("arch", sorted(SHAPES))
@@ -78,7 +87,7 @@ def test_pickled_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"model": Evil()}, f)
-    with pytest.raises(CheckpointImportError, match="refused, it is not a weights-only checkpoint"):
+    with pytest.raises(CheckpointImportError, match="refused, it is not a weights-only PyTorch checkpoint"):
         load_torch_file(str(path))
     assert not (tmp_path / "pwned").exists()
 

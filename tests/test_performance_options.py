@@ -49,15 +49,20 @@ def test_bfloat16_step_keeps_float32_state_and_matches_float32_loss():
     _, s16, m16, _, _ = _student_step("bfloat16")
     for leaf in jax.tree.leaves((s16.params, s16.batch_stats, s16.opt_state)):
         assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
-    for k, v in m32.items():  # every loss term, accuracy and the gradient norm, within bfloat16 rounding
+    # README: every loss term and the gradient norm within bfloat16's rounding, 2^-8 (8 significant bits) = 0.39%
+    # relative.  Measured: loss terms <= 0.078% (granularity/16d_T2), gradient norm 0.27%; accuracies equal.
+    for k, v in m32.items():
         assert np.isfinite(m16[k]), k
-        np.testing.assert_allclose(m16[k], v, rtol=0.05, atol=0.02, err_msg=k)
+        if k.startswith("acc"):  # a bf16 rounding may flip a near tie: at most one of the 16 samples
+            np.testing.assert_allclose(m16[k], v, rtol=0, atol=1 / 16, err_msg=k)
+        else:
+            np.testing.assert_allclose(m16[k], v, rtol=2.0 ** -8, atol=0, err_msg=k)
     # the update itself: bf16 and f32 steps move the weights the same way
     d32 = jax.tree.leaves(jax.tree.map(lambda a, b: a - b, s32.params, s0.params))
     d16 = jax.tree.leaves(jax.tree.map(lambda a, b: a - b, s16.params, s0.params))
     cos = sum(float(jnp.vdot(a, b)) for a, b in zip(d32, d16)) / np.sqrt(
         sum(float(jnp.vdot(a, a)) for a in d32) * sum(float(jnp.vdot(b, b)) for b in d16))
-    assert cos > 0.98, cos
+    assert cos > 0.99, cos  # measured 0.9965
 
 
 def test_bfloat16_convolutions_run_in_bfloat16():
@@ -129,9 +134,18 @@ def test_gather_rows_step_equals_the_row_step():
     key = jax.random.key(3)
     want = jax.jit(step)(jnp.float32(1), 2.0, mesh_lib.shard_batch({"image": images[idx], "label": labels[idx]},
                                                                      mesh), key)
-    got = loop.gather_rows(step)(jnp.float32(1), 2.0, mesh_lib.shard_batch({"index": idx}, mesh), key, data)
+    got = loop.gather_rows(step)(jnp.float32(1), 2.0, mesh_lib.shard_batch({loop.ROWS: idx}, mesh), key, data)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
     np.testing.assert_allclose(got[1]["m"], want[1]["m"], rtol=1e-6)
+
+    # the rest of the batch reaches the step as it is: CRD's 'index' (its memory rows) and 'contrast_idx'
+    def crd_like(state, frozen, batch, key):
+        return state + jnp.sum(batch["index"]) + jnp.sum(batch["contrast_idx"]), {"m": jnp.mean(batch["image"])}
+
+    extras = {"index": idx + 100, "contrast_idx": np.stack([idx, idx + 1], 1)}
+    got = loop.gather_rows(crd_like)(jnp.float32(0), 2.0, mesh_lib.shard_batch({loop.ROWS: idx, **extras}, mesh),
+                                     key, data)
+    assert float(got[0]) == float(np.sum(idx + 100) + np.sum(np.stack([idx, idx + 1], 1)))
 
 
 def _teacher_step_hlo(fence: bool, monkeypatch):

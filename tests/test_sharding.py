@@ -1,4 +1,6 @@
 """Data parallelism: the jitted steps on a 4-device mesh give the 1-device result (global-batch BatchNorm)."""
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -64,9 +66,15 @@ def _run_all_stages(devices):
                            s_metrics))
 
 
+def _require_four_devices():
+    if jax.device_count() < 4:  # a failure, not a skip: CI must run these
+        pytest.fail(f"needs 4 devices, found {jax.device_count()}: tests/conftest.py sets XLA_FLAGS="
+                    "--xla_force_host_platform_device_count=4 before jax starts (was jax imported before conftest, "
+                    "or XLA_FLAGS set to another count?)")
+
+
 def test_four_devices_equal_one_device():
-    if jax.device_count() < 4:
-        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=4 (set by conftest)")
+    _require_four_devices()
     one = _run_all_stages(jax.devices()[:1])
     four = _run_all_stages(jax.devices()[:4])
     chex.assert_trees_all_close(one, four, atol=1e-5, rtol=1e-5)
@@ -77,28 +85,59 @@ def test_four_devices_equal_one_device():
     assert float(np.abs(one[0]["fc"]["kernel"]).sum()) > 0 and one[-1]["grad_norm"] > 0
 
 
-def test_student_gradients_only_reach_student():
-    """The teacher enters as its own argument: the step's outputs do not depend on differentiating it."""
+def _perturbed(tree, seed, scale=0.02):
+    """``tree`` + scale * |N(0, 1)| per entry: no BatchNorm statistic left at its 0 / 1 init, no zero bias."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: jnp.asarray(a + scale * np.abs(rng.standard_normal(a.shape)), a.dtype), tree)
+
+
+def test_teacher_is_frozen_by_construction():
+    """The optimizer updates ``state.params`` and the step writes ``state.batch_stats``; the teacher is in
+    neither (so nothing can train it or its BN statistics), it is read from the step's argument, and it runs in
+    inference mode (running statistics: a sample's outputs do not depend on the rest of the batch)."""
     t_model = get_model("resnet8", 10)
     an = GranularityAnalyzer(GRANS, 10)
     key = jax.random.key(0)
     sample = jnp.zeros((2, 16, 16, 1))
-    t_vars = t_model.init(key, sample)
-    tubes = an.init(key, jnp.zeros((1, 64)))["params"]
-    s_mods = student_stage.StudentModules(get_model("resnet8", 10), GranularityAnalyzer(GRANS, 10, False),
-                                          get_method("kd"))
+    teacher = _perturbed({"backbone": t_model.init(jax.random.key(11), sample),
+                          "analyzer": an.init(jax.random.key(12), jnp.zeros((1, 64)))["params"]}, 13)
+    s_an = GranularityAnalyzer(GRANS, 10, False)
+    s_mods = student_stage.StudentModules(get_model("resnet8", 10), s_an, get_method("kd"))
     t_mods = student_stage.TeacherModules(t_model, an)
-    teacher = {"backbone": t_vars, "analyzer": tubes}
     tx = optim.sgd(OPT, 2)
     state = student_stage.init_state(s_mods, t_mods, teacher, tx, key, sample)
-    assert set(state.params) == {"backbone", "analyzer"}
+    # what the optimizer trains is exactly the student's backbone and its encoders (no decoders), nothing more
+    assert set(state.params) == {"backbone", "analyzer"} and set(state.batch_stats) == {"backbone"}
     assert all("decoder" not in k for k in state.params["analyzer"]["16d_T2"])  # student decoders are not trained
+    n_student = sum(a.size for a in jax.tree.leaves(jax.eval_shape(
+        lambda: (get_model("resnet8", 10).init(key, sample)["params"],
+                 s_an.init(key, jnp.zeros((1, 64)), decode=False)["params"]))))
+    assert sum(a.size for a in jax.tree.leaves(state.params)) == n_student
+    t_leaves = [np.asarray(a) for a in jax.tree.leaves(teacher)]
+
+    def holds_teacher_leaf(tree):
+        return any(a.shape == t.shape and np.array_equal(a, t) for a in map(np.asarray, jax.tree.leaves(tree))
+                   for t in t_leaves)
+
+    assert not holds_teacher_leaf((state.params, state.batch_stats, state.opt_state))
     step = jax.jit(student_stage.make_train_step(s_mods, t_mods, student_stage.Objective("mag", GRANS), tx, AUG))
     b = _batches(1)[0]
-    before = jax.device_get(teacher)
     new_state, m = step(state, teacher, b, jax.random.key(3))
-    chex.assert_trees_all_equal(before, jax.device_get(teacher))
     assert int(new_state.step) == 1 and np.isfinite(m["loss"])
+    # the step returns the same trees: no teacher variable or statistic joins the state on the way
+    for name in ("params", "batch_stats", "opt_state"):
+        assert jax.tree.structure(getattr(new_state, name)) == jax.tree.structure(getattr(state, name)), name
+    assert not holds_teacher_leaf((new_state.params, new_state.batch_stats))
+    # the teacher is read from the argument: another teacher gives another update
+    other_state, _ = step(state, _perturbed(teacher, 14), b, jax.random.key(3))
+    assert max(jax.tree.leaves(jax.tree.map(lambda a, c: float(jnp.max(jnp.abs(a - c))), other_state.params,
+                                            new_state.params))) > 1e-4
+    # inference mode: the teacher's outputs for 4 samples do not depend on the other 12 of the batch
+    fwd = functools.partial(student_stage.teacher_forward, t_mods, decode=True, preact=False)
+    x = jnp.asarray(b["image"], jnp.float32) / 255.0
+    full, part = jax.jit(lambda t: (fwd(t, x), fwd(t, x[:4])))(teacher)
+    chex.assert_trees_all_close(jax.tree.map(lambda a: a[:4], (full.logits, full.encodings, full.decodings)),
+                                (part.logits, part.encodings, part.decodings), atol=1e-5, rtol=1e-5)
 
 
 def _crd_steps(devices):
@@ -132,8 +171,7 @@ def _crd_steps(devices):
 
 
 def test_crd_memory_four_devices_equal_one_device():
-    if jax.device_count() < 4:
-        pytest.skip("needs 4 devices")
+    _require_four_devices()
     one, four = _crd_steps(jax.devices()[:1]), _crd_steps(jax.devices()[:4])
     chex.assert_trees_all_close(one, four, atol=1e-5, rtol=1e-5)
     mem = one[1]["method"]["memory_v1"]

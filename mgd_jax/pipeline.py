@@ -385,7 +385,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
                      "last_acc1": last.get(f"test/acc1/{g.name}"), "last_acc5": last.get(f"test/acc5/{g.name}")})
     for name, scfg in config.students.items():
         _, s_res = run_student(config, name, scfg, workdir, ds, mesh, t_model, t_vars, t_analyzer, t_tubes)
-        label = f"{scfg.method} / {scfg.granularity}"
+        mode = "baseline" if scfg.get("protocol", "mg") == "repdistiller" else scfg.granularity  # configs/default.py
+        label = f"{scfg.method} / {mode}"
         rows.append(_row(f"student {name} ({label})", config.student.arch, s_res))
     return _write_summary(rows, workdir)
 

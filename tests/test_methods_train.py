@@ -1,4 +1,6 @@
-"""Every baseline method x granularity mode trains (real steps, small inputs); pair checks refuse bad pairs."""
+"""Every baseline method x granularity mode trains (real steps, small inputs) on the default multi-device mesh
+(2 devices: one per core on a 2-core machine; the batch split over them, state replicated); pair checks refuse
+bad pairs."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -12,6 +14,7 @@ from mgd_jax.data.contrast import ContrastSampler
 from mgd_jax.methods import MethodPairError, Outputs, get_method, known_methods
 from mgd_jax.models import get_model
 from mgd_jax.stages import student as S
+from mgd_jax.train import mesh as mesh_lib
 
 AUG = ml_collections.ConfigDict(dict(pad=2, flip=True, mean=(0.3, 0.3, 0.3), std=(0.4, 0.4, 0.4)))
 OPT = ml_collections.ConfigDict(dict(lr=0.05, momentum=0.9, weight_decay=5e-4, milestones=(), gamma=0.1))
@@ -41,7 +44,7 @@ def _setup(method_name, mode, t_arch="resnet14", s_arch="resnet8", size=16, n_tr
     return method, s_mods, t_mods, obj, tx, teacher, state, ctx
 
 
-def _batch(i, n=8, size=16, sampler=None):
+def _host_batch(i, n=8, size=16, sampler=None):
     rng = np.random.default_rng(i)
     b = {"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
          "label": rng.integers(0, 10, n).astype(np.int32)}
@@ -50,10 +53,22 @@ def _batch(i, n=8, size=16, sampler=None):
     return b
 
 
+@pytest.fixture(scope="module")
+def mesh():
+    if jax.device_count() < 2:
+        pytest.fail("needs >= 2 devices (conftest sets XLA_FLAGS=--xla_force_host_platform_device_count=4)")
+    return mesh_lib.make_mesh(jax.devices()[:2])
+
+
 @pytest.mark.parametrize("mode", ["none", "mag", "mas"])
 @pytest.mark.parametrize("name", METHODS)
-def test_method_trains(name, mode):
+def test_method_trains(name, mode, mesh):
     method, s_mods, t_mods, obj, tx, teacher, state, ctx = _setup(name, mode)
+    teacher, state = mesh_lib.replicate(teacher, mesh), mesh_lib.replicate(state, mesh)
+
+    def _batch(i, sampler=None):
+        return mesh_lib.shard_batch(_host_batch(i, sampler=sampler), mesh)
+
     sampler = None
     if method.needs_contrast:
         labels = np.random.default_rng(0).integers(0, 10, ctx["num_train"]).astype(np.int32)
@@ -61,14 +76,16 @@ def test_method_trains(name, mode):
     key = jax.random.key(5)
     if method.has_init_stage:
         itx = optim.sgd(OPT, 2)
-        istate = S.init_stage_state(s_mods, t_mods, teacher, state, itx, key, jnp.zeros((2, 16, 16, 3)), ctx)
+        istate = mesh_lib.replicate(S.init_stage_state(s_mods, t_mods, jax.device_get(teacher), jax.device_get(state),
+                                                       itx, key, jnp.zeros((2, 16, 16, 3)), ctx), mesh)
         istep = jax.jit(S.make_init_step(s_mods, t_mods, itx, AUG))
         before = jax.tree.leaves(istate.params)
         for i in range(2):
             istate, m = istep(istate, teacher, _batch(i), key)
             assert np.isfinite(float(m["loss/init"])) and float(m["loss/init"]) > 0
         assert any(not np.allclose(a, b) for a, b in zip(before, jax.tree.leaves(istate.params)))
-        state = S.finish_init_stage(s_mods, istate, state, tx)
+        state = mesh_lib.replicate(S.finish_init_stage(s_mods, jax.device_get(istate), jax.device_get(state), tx),
+                                   mesh)
     step = jax.jit(S.make_train_step(s_mods, t_mods, obj, tx, AUG))
     before = state.params
     for i in range(2):
@@ -169,3 +186,34 @@ def test_contrast_sampler(mode):
     assert not np.array_equal(sampler(idx, 2, 0, 8)["contrast_idx"], ci)
     big = ContrastSampler(labels, k=200, mode=mode)(idx, 0, 0, 0)["contrast_idx"]  # K > 80: with replacement
     assert big.shape == (4, 201) and np.all(labels[big[0, 1:]] != labels[0])
+
+
+def test_kdsvd_on_two_devices_does_not_deadlock():
+    """jaxlib 0.10's batched CPU SVD blocks XLA intra-op pool threads while it waits for its own sub-tasks on the
+    same pool: with one device per core, two devices' SVDs at once deadlocked the KDSVD step forever (0% CPU).
+    Run in a child process with a deadline, so a regression fails this test instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, numpy as np\n"
+        "from jax.sharding import Mesh, NamedSharding, PartitionSpec as P\n"
+        "from mgd_jax.methods import functional as F\n"
+        "mesh = Mesh(np.array(jax.devices()), ('data',))\n"
+        "sh = NamedSharding(mesh, P('data'))\n"
+        "rng = np.random.default_rng(0)\n"
+        "shapes = [(256, 8, 8, 16), (256, 4, 4, 32), (256, 2, 2, 64)]\n"
+        "gs = [jax.device_put(rng.standard_normal(s).astype(np.float32), sh) for s in shapes]\n"
+        "gt = [jax.device_put(rng.standard_normal(s).astype(np.float32), sh) for s in shapes]\n"
+        "f = jax.jit(jax.value_and_grad(lambda a, b: sum(F.kdsvd(a, b))))\n"
+        "for _ in range(10):\n"
+        "    v, g = f(gs, gt)\n"
+        "    jax.block_until_ready(g)\n"
+        "print('ok', float(v))\n")
+    env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    try:
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the KDSVD step on 2 CPU devices did not finish in 90 s (LAPACK thread-pool deadlock)")
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
+    assert np.isfinite(float(r.stdout.split()[1]))

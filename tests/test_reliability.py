@@ -1,4 +1,5 @@
 """Preemption and failure: SIGKILL at random moments, corrupted checkpoints, non-finite losses."""
+import json
 import os
 import signal
 import subprocess
@@ -14,50 +15,110 @@ from conftest import ROOT
 from configs import smoke
 from mgd_jax import pipeline
 from mgd_jax.train import checkpoint as ckpt_lib
+from mgd_jax.train import faults
 from mgd_jax.train.metrics import NonFiniteLossError
 
 STAGES = ["teacher", "analyzer", "students/mas_kd"]
 
 
-def _latest(workdir, stage):
+def _latest(workdir, stage, which="latest"):
     ck = ckpt_lib.StageCheckpoints(os.path.join(workdir, stage, "checkpoints"))
-    step = ck.latest.latest_step()
-    out = ck.latest.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    mngr = getattr(ck, which)
+    step = mngr.latest_step()
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     ck.close()
     return step, out
 
 
-def _cmd(workdir):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    # no compilation cache: restarts must take as long as the first run for the random kill times to land
-    return [sys.executable, "train.py", "--config=configs/smoke.py", "--config.compilation_cache=False",
+def _cmd(workdir, cache=True):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", faults.ENV)}
+    # the default mesh of train.py on this machine: one CPU device per core
+    return [sys.executable, "train.py", "--config=configs/smoke.py", f"--config.compilation_cache={cache}",
             f"--workdir={workdir}"], env
 
 
-def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path):
-    ref = str(tmp_path / "ref")
+def _committed(workdir) -> set:
+    """Every checkpoint step of every stage that is complete (has its manifest)."""
+    out = set()
+    for root, _, files in os.walk(workdir):
+        if ckpt_lib.MANIFEST in files:
+            out.add(os.path.relpath(root, workdir))
+    return out
+
+
+def _assert_same_run(ref, work):
+    for stage in STAGES:
+        for which in ("latest", "best"):
+            s_ref, a = _latest(ref, stage, which)
+            s_got, b = _latest(work, stage, which)
+            assert s_ref == s_got, (stage, which)
+            chex.assert_trees_all_equal(a, b)
+    assert json.load(open(os.path.join(ref, "summary.json"))) == json.load(open(os.path.join(work, "summary.json")))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """The smoke config trained once, uninterrupted, by train.py in its own process."""
+    ref = str(tmp_path_factory.mktemp("reference") / "w")
     cmd, env = _cmd(ref)
-    t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
-    full = time.time() - t0
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    return ref
+
+
+# One kill at each save boundary, in order, each in a fresh process resuming the previous one's workdir.
+# Smoke config: 3 steps per epoch, a mid-epoch checkpoint every 2 steps, 2 epochs per stage.
+KILL_CHAIN = [
+    "teacher:after_mid",       # latest/2 written
+    "teacher:before_best",     # epoch 1 trained again from step 2, killed before best/1
+    "teacher:after_best",      # best/1 written, latest/3 not: the restart redoes epoch 1 and meets best/1 again
+    "teacher:before_latest",   # best/1 exists (kept), killed before latest/3
+    "teacher:after_latest",    # latest/3 written
+    "analyzer:before_mid",     # teacher finishes; the analyzer dies before its first checkpoint
+    "analyzer:after_best",
+    "student/mas_kd:after_best",
+    "student/mas_kd:after_mid",  # resumed from step 2: its first mid-epoch checkpoint is epoch 2's (step 4)
+]
+NO_NEW_CHECKPOINT = ("teacher:before_best", "teacher:before_latest")  # these windows hold only redone work
+
+
+def test_kill_at_each_save_boundary_then_resume_is_bitwise_exact(reference_run, tmp_path):
     work = str(tmp_path / "killed")
     cmd, env = _cmd(work)
+    for point in KILL_CHAIN:
+        before = _committed(work)
+        r = subprocess.run(cmd, cwd=ROOT, env={**env, faults.ENV: point}, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == -signal.SIGKILL, f"{point}: the process was not killed there\n{r.stderr[-3000:]}"
+        assert "Traceback" not in r.stderr, r.stderr[-3000:]
+        if point not in NO_NEW_CHECKPOINT:
+            assert _committed(work) - before, f"{point}: no new checkpoint before the kill"
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same_run(reference_run, work)
+
+
+def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(reference_run, tmp_path):
+    """Kills land only after the restarted process wrote a new checkpoint (never all in start-up), at a random
+    moment after it; every kill is preceded by progress."""
+    work = str(tmp_path / "killed")
+    # no compilation cache: restarts take as long as the first run, so the work between kills is real
+    cmd, env = _cmd(work, cache=False)
     rng = np.random.default_rng(0)
-    kills = 0
-    for _ in range(4):
+    progress = []
+    for _ in range(3):
+        before = _committed(work)
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(float(rng.uniform(0.2, 0.5)) * full)
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            kills += 1
-        p.wait()
-    assert kills >= 2
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
-    for stage in STAGES:
-        s_ref, a = _latest(ref, stage)
-        s_got, b = _latest(work, stage)
-        assert s_ref == s_got
-        chex.assert_trees_all_equal(a, b)
+        deadline = time.time() + 240
+        while p.poll() is None and not (_committed(work) - before) and time.time() < deadline:
+            time.sleep(0.02)
+        assert p.poll() is None, "the run finished before it could be killed"
+        time.sleep(float(rng.uniform(0.0, 0.4)))  # somewhere in the work after that checkpoint
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+        progress.append(len(_committed(work) - before))
+    assert all(n > 0 for n in progress), progress  # each restart got further than the one before
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    _assert_same_run(reference_run, work)
 
 
 def test_corrupted_checkpoint_falls_back_with_a_warning(tmp_path):

@@ -156,10 +156,11 @@ def import_to_workdir(arch: str, teacher_path: str, workdir: str, num_classes: i
     if arch not in ARCHITECTURES:
         raise CheckpointImportError(f"--arch={arch!r}: unknown architecture; known: {', '.join(ARCHITECTURES)}")
     for stage_name in ("teacher", "analyzer") if tubes else ("teacher",):
-        d = os.path.join(workdir, stage_name, "checkpoints", "latest")
-        if os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d)):
-            raise CheckpointImportError(f"{workdir} already has a {stage_name} stage ({d}); import into a new "
-                                        f"--workdir or delete {os.path.dirname(d)}")
+        for which in ("latest", "best"):  # an earlier import killed between its two saves leaves only best
+            d = os.path.join(workdir, stage_name, "checkpoints", which)
+            if os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d)):
+                raise CheckpointImportError(f"{workdir} already has a {stage_name} stage ({d}); import into a new "
+                                            f"--workdir or delete {os.path.dirname(os.path.dirname(d))}")
     ck = load_torch_file(teacher_path)
     sd = ck.get("model", ck) if isinstance(ck, dict) else ck
     variables = convert_backbone(arch, sd, num_classes, where=teacher_path)

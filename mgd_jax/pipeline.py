@@ -365,8 +365,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     ds = load_dataset(config.data)
     check_methods(config, ds.num_classes, ds.image_shape)
     if jax.process_index() == 0:  # what was run, for evaluation tools and people: only once every check passed
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1))
+        _write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
     print(f"data: {ds.name} train {ds.train_images.shape} test {ds.test_images.shape}; "
           f"mesh: {mesh.devices.size} x {mesh.devices.flat[0].platform}", flush=True)
 
@@ -391,12 +390,25 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     return _write_summary(rows, workdir)
 
 
+def _write_atomic(path: str, text: str) -> None:
+    """A result file is either the old or the new one, never half-written (a kill mid-write)."""
+    from mgd_jax.train.checkpoint import _is_disk_full, disk_full_error
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if _is_disk_full(e):
+            raise disk_full_error(os.path.dirname(path), f"while writing {os.path.basename(path)}", e) from e
+        raise
+
+
 def _write_summary(rows, workdir):
     table = summary_markdown(rows)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.md"), "w") as f:
-            f.write(table)
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+        _write_atomic(os.path.join(workdir, "summary.md"), table)
+        _write_atomic(os.path.join(workdir, "summary.json"), json.dumps(rows, indent=1))
         print("\n" + table, flush=True)
     return {"rows": rows, "table": table}

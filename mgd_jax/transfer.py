@@ -131,7 +131,8 @@ def transfer(workdir: str, stage: str, dataset: str, epochs: int = 50, full_fine
     # Everything that changes the result, so that a rerun with other options (or after the source stage was
     # retrained) is refused with the field's name instead of returning the old result under the new options.
     identity = {"transfer.full_finetune": full_finetune, "transfer.adapt_bn": adapt_bn, "transfer.seed": seed,
-                **flatten_config("transfer", tcfg), "config.precision": config.get("precision", "float32"),
+                **{k: v for k, v in flatten_config("transfer", tcfg).items() if k != "transfer.data.data_dir"},
+                "config.precision": config.get("precision", "float32"),
                 "source.stage": stage, "source.best_epoch": source_meta.get("epoch"),
                 **{f"source.{k}": v for k, v in dict(source_meta.get("config", {})).items()}}
     spec = StageSpec(name=f"transfer/{name}", directory=directory, num_epochs=tcfg.epochs,

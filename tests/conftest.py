@@ -32,3 +32,13 @@ def smoke_workdir(tmp_path_factory):
     work = str(tmp_path_factory.mktemp("smoke") / "w")
     summary = pipeline.train_and_evaluate(smoke.get_config(), work, devices=jax.devices()[:1])
     return work, summary
+
+
+# The longest tests (child processes training the smoke config several times) start first, so that with
+# `pytest -n 2` they do not end up alone at the end of the run.
+_SLOW_FIRST = ("test_reliability.py::test_kill_at_each_save_boundary", "test_multihost.py::",
+               "test_reliability.py::test_sigkill_at_random_moments", "test_sweep.py::test_sweep_runs")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: next((i for i, s in enumerate(_SLOW_FIRST) if s in item.nodeid), len(_SLOW_FIRST)))

@@ -29,6 +29,16 @@ def _train(*args, workdir):
     (["--config.students.kd.temperature=0.0"], "config.students.kd.temperature=0.0: temperature must be > 0"),
     (["--config=configs/cifar100.py:resnet56,resnet20,kd,mas", "--config.data.data_dir=/nonexistent/tfds"],
      "dataset 'cifar100' is not built in /nonexistent/tfds/cifar100"),
+    # the config file's own errors, which ml_collections wraps in a traceback inside the flag's message
+    (["--config=configs/cifar100.py:resnet56,resnet20,fitnet3,mas"],
+     "--config=configs/cifar100.py: unknown method 'fitnet3'"),
+    (["--config=configs/cifar100.py:resnet56,resnet20"], "--config=configs/cifar100.py: config argument must be"),
+    (["--config=configs/nonexistent.py"], "No such file or directory: 'configs/nonexistent.py'"),
+    (["--config.teacher.optimizer.lrr=0.1"],
+     "--config.teacher.optimizer.lrr=0.1: the config has no field 'lrr' (Did you mean \"lr\""),
+    (["--config.teacher.lr=0.1"], "--config.teacher.lr=0.1: the config has no field 'lr'"),
+    (["--config.teacher.epochs=many"], "--config.teacher.epochs=many: invalid literal for int()"),
+    (["--config.precision=float16"], "config.precision='float16': float16 needs loss scaling"),
 ])
 def test_train_py_one_line_errors(args, expected, tmp_path):
     code, out, err = _train(*args, workdir=tmp_path / "w")

@@ -14,6 +14,8 @@ from mgd_jax.data.contrast import ContrastSampler
 from mgd_jax.methods import MethodPairError, Outputs, get_method, known_methods
 from mgd_jax.models import get_model
 from mgd_jax.stages import student as S
+from mgd_jax import precision
+from mgd_jax.train import loop
 from mgd_jax.train import mesh as mesh_lib
 
 AUG = ml_collections.ConfigDict(dict(pad=2, flip=True, mean=(0.3, 0.3, 0.3), std=(0.4, 0.4, 0.4)))
@@ -22,19 +24,19 @@ GRANS = parse_granularities([(16, 2.0), (32, 8.0)])
 METHODS = [m for m in known_methods() if m != "none"]
 
 
-def _setup(method_name, mode, t_arch="resnet14", s_arch="resnet8", size=16, n_train=40, **options):
+def _setup(method_name, mode, t_arch="resnet14", s_arch="resnet8", size=16, n_train=40, dtype=None, **options):
     if method_name == "crd":
         options = {"nce_k": 12, "feat_dim": 16, **options}
     method = get_method(method_name, **options)
-    t_model = get_model(t_arch, 10)
+    t_model = precision.with_compute_dtype(get_model(t_arch, 10), dtype)
     x = jnp.zeros((2, size, size, 3))
     key = jax.random.key(0)
     an = GranularityAnalyzer(GRANS, 10)
     t_vars = t_model.init(key, x)
     d = t_model.apply(t_vars, x)[1][-1].shape[-1]
     teacher = {"backbone": t_vars, "analyzer": an.init(key, jnp.zeros((1, d)))["params"]}
-    s_mods = S.StudentModules(get_model(s_arch, 10), None if mode == "none" else GranularityAnalyzer(GRANS, 10, False),
-                              method)
+    s_mods = S.StudentModules(precision.with_compute_dtype(get_model(s_arch, 10), dtype),
+                              None if mode == "none" else GranularityAnalyzer(GRANS, 10, False), method)
     t_mods = S.TeacherModules(t_model, an)
     w = default.METHOD_WEIGHTS[method_name]
     obj = S.Objective(mode, GRANS, w_ce=w["ce"], w_logit_kd=w["logit_kd"], w_method=w["method"])
@@ -44,12 +46,18 @@ def _setup(method_name, mode, t_arch="resnet14", s_arch="resnet8", size=16, n_tr
     return method, s_mods, t_mods, obj, tx, teacher, state, ctx
 
 
-def _host_batch(i, n=8, size=16, sampler=None):
-    rng = np.random.default_rng(i)
-    b = {"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-         "label": rng.integers(0, 10, n).astype(np.int32)}
+N_TRAIN = 40
+_rng = np.random.default_rng(0)
+TRAIN = {"image": _rng.integers(0, 256, (N_TRAIN, 16, 16, 3), dtype=np.uint8),
+         "label": _rng.integers(0, 10, N_TRAIN).astype(np.int32)}
+
+
+def _host_batch(i, n=8, sampler=None, on_device=False):
+    """Batch i of the training set: its rows, or (on_device) only their indices, as the loop sends them."""
+    idx = np.arange(i * n, (i + 1) * n)
+    b = {loop.ROWS: idx.astype(np.int32)} if on_device else {k: v[idx] for k, v in TRAIN.items()}
     if sampler is not None:
-        b.update(sampler(np.arange(i * n, (i + 1) * n), 0, 0, i))
+        b.update(sampler(idx, 0, 0, i))
     return b
 
 
@@ -63,31 +71,41 @@ def mesh():
 @pytest.mark.parametrize("mode", ["none", "mag", "mas"])
 @pytest.mark.parametrize("name", METHODS)
 def test_method_trains(name, mode, mesh):
-    method, s_mods, t_mods, obj, tx, teacher, state, ctx = _setup(name, mode)
+    """Modes none / mag in float32 with host batches; mas with the GPU / TPU defaults: bfloat16 compute, the
+    training set resident on the devices (the step gets row indices and gathers; CRD's index and contrast
+    indices ride along), donated state (``loop.gather_rows``)."""
+    accel = mode == "mas"
+    method, s_mods, t_mods, obj, tx, teacher, state, ctx = _setup(name, mode, dtype="bfloat16" if accel else None)
     teacher, state = mesh_lib.replicate(teacher, mesh), mesh_lib.replicate(state, mesh)
+    data = mesh_lib.replicate(TRAIN, mesh) if accel else None
 
     def _batch(i, sampler=None):
-        return mesh_lib.shard_batch(_host_batch(i, sampler=sampler), mesh)
+        return mesh_lib.shard_batch(_host_batch(i, sampler=sampler, on_device=accel), mesh)
+
+    def compile_step(fn):
+        if not accel:
+            return jax.jit(fn)
+        on_device = loop.gather_rows(fn)
+        return lambda st, fr, b, k: on_device(st, fr, b, k, data)
 
     sampler = None
     if method.needs_contrast:
-        labels = np.random.default_rng(0).integers(0, 10, ctx["num_train"]).astype(np.int32)
-        sampler = ContrastSampler(labels, method.nce_k, method.mode)
+        sampler = ContrastSampler(TRAIN["label"], method.nce_k, method.mode)
     key = jax.random.key(5)
     if method.has_init_stage:
         itx = optim.sgd(OPT, 2)
         istate = mesh_lib.replicate(S.init_stage_state(s_mods, t_mods, jax.device_get(teacher), jax.device_get(state),
                                                        itx, key, jnp.zeros((2, 16, 16, 3)), ctx), mesh)
-        istep = jax.jit(S.make_init_step(s_mods, t_mods, itx, AUG))
-        before = jax.tree.leaves(istate.params)
+        istep = compile_step(S.make_init_step(s_mods, t_mods, itx, AUG))
+        before = jax.tree.leaves(jax.device_get(istate.params))
         for i in range(2):
             istate, m = istep(istate, teacher, _batch(i), key)
             assert np.isfinite(float(m["loss/init"])) and float(m["loss/init"]) > 0
         assert any(not np.allclose(a, b) for a, b in zip(before, jax.tree.leaves(istate.params)))
         state = mesh_lib.replicate(S.finish_init_stage(s_mods, jax.device_get(istate), jax.device_get(state), tx),
                                    mesh)
-    step = jax.jit(S.make_train_step(s_mods, t_mods, obj, tx, AUG))
-    before = state.params
+    step = compile_step(S.make_train_step(s_mods, t_mods, obj, tx, AUG))
+    before = jax.device_get(state.params)  # the step donates its state
     for i in range(2):
         state, m = step(state, teacher, _batch(i, sampler=sampler), key)
     losses = {k: float(v) for k, v in m.items() if k.startswith("loss")}

@@ -2,7 +2,6 @@
 import json
 import os
 
-import chex
 import jax
 import ml_collections
 import numpy as np
@@ -55,49 +54,6 @@ def test_three_stages_write_results(full_run):
     arows = [json.loads(line) for line in open(os.path.join(workdir, "analyzer/metrics.jsonl"))]
     assert {"test/acc1/16d_T2", "test/acc1/32d_T8", "train/loss/16d_T2", "train/loss/32d_T8"} <= set(arows[0])
     assert os.listdir(os.path.join(workdir, "teacher/tensorboard"))
-
-
-class _Killed(Exception):
-    pass
-
-
-def test_resume_after_interruption_is_exact(full_run, tmp_path, monkeypatch):
-    workdir_full, c, _ = full_run
-    workdir = str(tmp_path / "resumed")
-    original = ckpt_lib.StageCheckpoints.save_latest
-    # after teacher epoch 1; in the analyzer's second pass of epoch 2 (a mid-epoch checkpoint); after
-    # student epoch 1
-    kill_at = {("teacher", 1, None), ("analyzer", 1, (1, 1)), ("student", 1, None)}
-
-    def save_then_die(self, step, state, meta):
-        original(self, step, state, meta)
-        pos = meta.get("position")
-        key = (meta["stage"], meta["epoch"], (pos["pass"], pos["batch"]) if pos else None)
-        if key in kill_at:
-            kill_at.discard(key)
-            raise _Killed(f"killed after saving {key}")
-
-    monkeypatch.setattr(ckpt_lib.StageCheckpoints, "save_latest", save_then_die)
-    c = smoke.get_config()  # checkpoints every 2 steps; 3 steps per epoch: mid-epoch checkpoints
-    for _ in range(3):
-        with pytest.raises(_Killed):
-            pipeline.train_and_evaluate(c, workdir, devices=jax.devices()[:1])
-    pipeline.train_and_evaluate(c, workdir, devices=jax.devices()[:1])
-    assert not kill_at
-    chex.assert_trees_all_equal(_final(workdir_full, c), _final(workdir, c))
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "students/mas_kd/metrics.jsonl"))]
-    assert [r["epoch"] for r in rows] == [1, 2]
-
-    # a finished workdir: the same command again trains nothing (only evaluation batches carry a mask)
-    original_shard = pipeline.mesh_lib.shard_batch
-
-    def no_training(rows, mesh):
-        assert "mask" in rows, "a finished stage was trained again"
-        return original_shard(rows, mesh)
-
-    monkeypatch.setattr(pipeline.mesh_lib, "shard_batch", no_training)
-    summary = pipeline.train_and_evaluate(c, workdir, devices=jax.devices()[:1])
-    assert summary["rows"][-1]["best_acc1"] is not None
 
 
 def test_crd_and_init_stage_methods_through_the_pipeline(tmp_path):

@@ -39,7 +39,7 @@ def test_cifar100_config_parses_pairs():
     assert c.student.optimizer.milestones == (150, 180, 210) and c.student.optimizer.lr == 0.05
     assert c.teacher.optimizer.milestones == (60, 120, 180)
     assert c.analyzer.optimizer.lr == 0.01 and c.analyzer.optimizer.milestones == (30, 45)
-    with pytest.raises(ValueError, match="teacher,student,method,granularity"):
+    with pytest.raises(ValueError, match="teacher,student,method,mode"):
         cifar100.get_config("resnet56,resnet20")
 
 

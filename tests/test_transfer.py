@@ -52,3 +52,22 @@ def test_transfer_from_the_digits_quickstart(smoke_workdir):
     with tfds.testing.mock_data(num_examples=32):
         out = T.transfer(work, "students/mas_kd", "stl10", epochs=1, devices=jax.devices()[:1])
     assert 0 <= out["best_top1"] <= 1
+
+
+def test_transfer_never_returns_a_result_made_with_other_options(cifar_workdir):
+    """A finished transfer run is reused only for the same options: --no_adapt_bn, --epochs or the seed (or a
+    retrained source) are refused with the field's name, instead of returning the old result labelled with the
+    new options."""
+    from mgd_jax.train.checkpoint import StageMismatchError
+
+    with tfds.testing.mock_data(num_examples=32):
+        first = T.transfer(cifar_workdir, "students/kd_mas", "cifar10", epochs=1, devices=jax.devices()[:1])
+        again = T.transfer(cifar_workdir, "students/kd_mas", "cifar10", epochs=1, devices=jax.devices()[:1])
+        assert again == first  # the same options: the finished result
+        for kwargs, field in [({"adapt_bn": False}, "transfer.adapt_bn"), ({"seed": 1}, "transfer.seed"),
+                              ({"epochs": 2}, "transfer.epochs")]:
+            with pytest.raises(StageMismatchError, match=f"was written for {field}="):
+                T.transfer(cifar_workdir, "students/kd_mas", "cifar10", **{"epochs": 1, **kwargs},
+                           devices=jax.devices()[:1])
+        assert T.main([f"--workdir={cifar_workdir}", "--stage=students/kd_mas", "--dataset=cifar10", "--epochs=1",
+                       "--no_adapt_bn"]) == 2

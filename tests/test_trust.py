@@ -4,11 +4,11 @@ import errno
 import json
 import os
 import pickle
+import shutil
 import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -166,8 +166,9 @@ def test_evaluate_uses_the_runs_precision(smoke_workdir, monkeypatch):
     ("students.mas_kd.method", "attention"),
     ("students.mas_kd.granularity", "mag"),
 ])
-def test_a_changed_config_is_refused_naming_the_field(smoke_workdir, field, value):
-    work, _ = smoke_workdir
+def test_a_changed_config_is_refused_naming_the_field(smoke_workdir, field, value, tmp_path):
+    work = str(tmp_path / "w")
+    shutil.copytree(smoke_workdir[0], work)  # a copy: a regression would train the shared workdir further
     c = smoke.get_config()
     node = c
     *path, last = field.split(".")
@@ -179,6 +180,87 @@ def test_a_changed_config_is_refused_naming_the_field(smoke_workdir, field, valu
                                                           f"config\\.{field}="):
         pipeline.train_and_evaluate(c, work, devices=jax.devices()[:1])
     assert open(os.path.join(work, "config.json")).read() == before  # written only after every check passed
+
+
+@pytest.mark.parametrize("field,value", [("data.on_device", True), ("checkpoint.every_steps", 7),
+                                         ("eval_batch_size", 33), ("progress", True), ("checkpoint.keep", 3)])
+def test_settings_that_do_not_change_results_resume(smoke_workdir, field, value, tmp_path, monkeypatch):
+    """How data reaches the devices, checkpoint cadence, evaluation batching and progress display do not change
+    a stage's numbers: a finished workdir with them changed is accepted and nothing is trained again."""
+    work = str(tmp_path / "w")
+    shutil.copytree(smoke_workdir[0], work)
+    c = smoke.get_config()
+    node = c
+    *path, last = field.split(".")
+    for p in path:
+        node = node[p]
+    node[last] = value
+    original = pipeline.mesh_lib.shard_batch
+
+    def no_training(rows, mesh):
+        assert "mask" in rows, "a finished stage was trained again"
+        return original(rows, mesh)
+
+    monkeypatch.setattr(pipeline.mesh_lib, "shard_batch", no_training)
+    summary = pipeline.train_and_evaluate(c, work, devices=jax.devices()[:1])
+    assert summary["rows"] == smoke_workdir[1]["rows"]
+
+
+# --- the kill window inside a save: orbax has written the new step, our manifest not yet (item 1) --------------
+class _Killed(BaseException):
+    pass
+
+
+def test_a_kill_before_the_manifest_keeps_the_previous_step(tmp_path, monkeypatch):
+    """orbax's max_to_keep deleted the previous best inside the save, before our commit mark: a kill there
+    left no complete best at all (and the analyzer then exported every tube from the wrong epoch)."""
+    d = str(tmp_path / "checkpoints")
+    ck = ckpt_lib.StageCheckpoints(d, keep=1)
+    ck.save_best(1, {"w": np.ones(3, np.float32)}, {"epoch": 1})
+    ck.save_latest(10, {"w": np.ones(3, np.float32)}, {"epoch": 1})
+
+    def killed(step_dir):
+        raise _Killed(step_dir)
+
+    monkeypatch.setattr(ckpt_lib, "write_manifest", killed)
+    with pytest.raises(_Killed):
+        ck.save_best(2, {"w": np.full(3, 2.0, np.float32)}, {"epoch": 2})
+    with pytest.raises(_Killed):
+        ck.save_latest(20, {"w": np.full(3, 2.0, np.float32)}, {"epoch": 2})
+    ck.close()
+    monkeypatch.undo()
+    again = ckpt_lib.StageCheckpoints(d, keep=1)  # the restart: the uncommitted steps are removed
+    try:
+        assert again.best.latest_step() == 1 and again.latest.latest_step() == 10
+        w, meta = again.restore_best({"w": np.zeros(3, np.float32)})
+        np.testing.assert_array_equal(w["w"], 1.0)
+        again.save_best(2, {"w": np.full(3, 2.0, np.float32)}, {"epoch": 2})  # committed, then the old one goes
+        assert sorted(os.listdir(os.path.join(d, "best"))) == ["2"]
+    finally:
+        again.close()
+
+
+# --- metrics of a redone epoch --------------------------------------------------------------------------------------
+def test_metrics_of_redone_epochs_and_a_cut_line_are_dropped(tmp_path):
+    from mgd_jax.train.metrics import MetricWriter, read_jsonl
+
+    w = MetricWriter(str(tmp_path), tensorboard=False)
+    for e in range(3):
+        w.write(e, {"x": e})
+    w.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 4, "x"')  # a kill (or a full disk) in the middle of a line
+    MetricWriter(str(tmp_path), tensorboard=False, start_epoch=2).close()  # resuming after epoch 2
+    assert [r["epoch"] for r in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1, 2]
+
+
+def test_non_finite_gradient_norms_of_every_stage_are_found():
+    from mgd_jax.train.loop import _first_nonfinite
+
+    for name in ("grad_norm", "grad_norm/16d_T2", "peer1/grad_norm", "loss/peer0/ce"):
+        m = {"loss": jnp.float32(1.0), "peer0/grad_norm": jnp.float32(1.0), name: jnp.float32(np.nan)}
+        assert _first_nonfinite([(7, 4, m)]) == (7, name, pytest.approx(np.nan, nan_ok=True))
+    assert _first_nonfinite([(7, 4, {"acc1": jnp.float32(np.nan), "loss": jnp.float32(1.0)})]) is None
 
 
 # --- errors keep their cause and do not swallow programming errors (item 6) ---------------------------------------

@@ -156,11 +156,14 @@ def nst(gs, gt) -> list[jax.Array]:
 def _svd_vectors(f: jax.Array, n: int) -> jax.Array:
     """First n right singular vectors (over C) of each sample's [HW, C] matrix, canonical sign, l2n: [B, C, n]."""
     x = f.reshape(f.shape[0], -1, f.shape[-1])  # [B, HW, C] (NHWC rows = positions)
-    # One matrix per LAPACK call (lax.map), not one batched call: jaxlib 0.10's batched CPU gesdd fans the batch
-    # out to XLA's intra-op thread pool and blocks a pool thread waiting for it; with one CPU device per core
-    # every pool thread ends up blocked that way and the step deadlocks (README "Differences ...").  The
-    # per-matrix call runs inline, with the same values.
-    vt = jax.lax.map(lambda m: jnp.linalg.svd(m, full_matrices=False)[2], x)
+    # On CPU one matrix per LAPACK call (lax.map), not one batched call: jaxlib 0.10's batched CPU gesdd fans the
+    # batch out to XLA's intra-op thread pool and blocks a pool thread waiting for it; with one CPU device per
+    # core every pool thread ends up blocked that way and the step deadlocks (README "Differences ...").  The
+    # per-matrix call runs inline, with the same values.  GPU / TPU keep the batched solver.
+    def right_vectors(a):
+        return jnp.linalg.svd(a, full_matrices=False)[2]
+
+    vt = jax.lax.platform_dependent(x, cpu=lambda a: jax.lax.map(right_vectors, a), default=right_vectors)
     v = jnp.swapaxes(vt, 1, 2)  # [B, C, r]
     v = jnp.where(jnp.isfinite(v), v, 0.0)
     # canonical sign: the largest-|.| entry of each column is positive

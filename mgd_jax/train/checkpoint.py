@@ -29,6 +29,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mgd_jax.train import faults
+
 MANIFEST = "mgd_manifest.json"
 TMP_MARK = ".orbax-checkpoint-tmp"
 
@@ -56,6 +58,25 @@ def _is_disk_full(e: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def disk_full_error(directory: str, doing: str, cause: BaseException) -> DiskFullError:
+    return DiskFullError(f"no space left on the device of {directory} {doing}; free some space and rerun the same "
+                         f"command: it resumes from the last complete checkpoint")
+
+
+class _quiet_orbax:
+    """Orbax logs each failed write's traceback at ERROR (hundreds of lines on a full disk) before it raises:
+    the exception carries the cause, so its log is silenced for the duration of a save."""
+
+    def __enter__(self):
+        from absl import logging as absl_logging
+        self._absl, self._level = absl_logging, absl_logging.get_verbosity()
+        absl_logging.set_verbosity(absl_logging.FATAL)
+
+    def __exit__(self, *exc):
+        self._absl.set_verbosity(self._level)
+        return False
 
 
 def _tree_mib(tree) -> float:
@@ -153,17 +174,37 @@ def _sync(name: str) -> None:
 
 
 class StageCheckpoints:
-    def __init__(self, directory: str, keep: int = 2):
+    """``latest`` (the newest ``keep`` steps) and ``best`` (one step) of a stage.
+
+    Old steps are deleted by us, only after the new step's manifest is written (orbax's ``max_to_keep`` would
+    delete the previous step before our commit mark: a kill in between left no complete step at all)."""
+
+    def __init__(self, directory: str, keep: int = 2, name: str | None = None):
         self.directory = os.path.abspath(directory)
+        self.name = name  # the stage's name for fault injection (train/faults.py)
         self.paths = {k: os.path.join(self.directory, k) for k in ("latest", "best")}
+        self.keep = {"latest": max(1, int(keep)), "best": 1}
         if jax.process_index() == 0:
             for p in self.paths.values():
                 sanitize(p)
         _sync(f"sanitize {self.directory}")
-        self.latest = ocp.CheckpointManager(self.paths["latest"],
-                                            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-        self.best = ocp.CheckpointManager(self.paths["best"],
-                                          options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+        options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True)
+        self.latest = ocp.CheckpointManager(self.paths["latest"], options=options)
+        self.best = ocp.CheckpointManager(self.paths["best"], options=options)
+
+    def _prune(self, which: str) -> None:
+        """Delete committed steps older than the newest ``keep``: renamed to a temporary name first, so a kill
+        mid-delete leaves a folder that the next start removes, never a step with missing files."""
+        if jax.process_index() == 0:
+            d = self.paths[which]
+            steps = sorted(int(n) for n in os.listdir(d)
+                           if n.isdigit() and os.path.exists(os.path.join(d, n, MANIFEST)))
+            for step in steps[:-self.keep[which]]:
+                doomed = os.path.join(d, f"{step}{TMP_MARK}-pruned")
+                os.rename(os.path.join(d, str(step)), doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+        _sync(f"prune {self.paths[which]}")
+        getattr(self, which).reload()
 
     def _save(self, which: str, step: int, tree, meta: dict) -> bool:
         """Save ``tree`` as step ``step`` of ``which``; False if that step is already complete (kept as is)."""
@@ -171,27 +212,23 @@ class StageCheckpoints:
         step_dir = os.path.join(self.paths[which], str(int(step)))
         if os.path.exists(os.path.join(step_dir, MANIFEST)):
             return False  # committed earlier (verified at start): a redone epoch computes the same values
-        if os.path.isdir(step_dir):  # a write of this run that failed before its manifest: start it afresh
-            if jax.process_index() == 0:
-                shutil.rmtree(step_dir, ignore_errors=True)
-            _sync(f"remove {step_dir}")
-            mngr.reload()
         try:
             if jax.process_count() == 1:
                 tree = jax.tree.map(np.asarray, jax.device_get(tree))
-            mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                                         meta=ocp.args.JsonSave(meta)), force=True)
-            mngr.wait_until_finished()
+            with _quiet_orbax():
+                mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                                             meta=ocp.args.JsonSave(meta)), force=True)
+                mngr.wait_until_finished()
+            faults.point(self.name, "before_manifest")
             if jax.process_index() == 0:
                 write_manifest(step_dir)
         except Exception as e:  # noqa: BLE001 - only a full disk is turned into a user error; the rest re-raises
             if not _is_disk_full(e):
                 raise
-            raise DiskFullError(
-                f"no space left on the device of {self.paths[which]} while saving step {int(step)} (a checkpoint of "
-                f"this stage needs about {_tree_mib(tree):.1f} MiB); free some space and rerun the same command: it "
-                f"resumes from the last complete checkpoint") from e
+            raise disk_full_error(self.paths[which], f"while saving step {int(step)} (a checkpoint of this stage "
+                                                     f"needs about {_tree_mib(tree):.1f} MiB)", e) from e
         _sync(f"manifest {which} {step}")
+        self._prune(which)
         return True
 
     def save_latest(self, step: int, state, meta: dict) -> bool:

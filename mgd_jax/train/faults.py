@@ -6,6 +6,7 @@ stage ``<stage>`` (e.g. ``teacher``, ``analyzer``, ``student/mas_kd``) reaches `
     before_mid / after_mid        the mid-epoch ``latest`` checkpoint (``checkpoint.every_steps``)
     before_best / after_best      the epoch-end ``best`` checkpoint (only when it is saved)
     before_latest / after_latest  the epoch-end ``latest`` checkpoint
+    before_manifest               inside any save: orbax has written the step, our commit mark not yet
 
 A real ``kill -9`` at exactly that moment, so a test can place a kill in each window between two saves instead
 of hoping that random timing lands there.  Unset (always, outside tests), it costs one dictionary lookup.
@@ -16,7 +17,7 @@ import os
 import signal
 
 ENV = "MGD_JAX_KILL_AT"
-POINTS = ("before_mid", "after_mid", "before_best", "after_best", "before_latest", "after_latest")
+POINTS = ("before_mid", "after_mid", "before_best", "after_best", "before_latest", "after_latest", "before_manifest")
 _hits: dict[tuple[str, str], int] = {}
 
 
@@ -30,9 +31,9 @@ def _targets(spec: str) -> dict[tuple[str, str], int]:
     return out
 
 
-def point(stage: str, name: str) -> None:
+def point(stage: str | None, name: str) -> None:
     spec = os.environ.get(ENV)
-    if not spec:
+    if not spec or stage is None:
         return
     n = _targets(spec).get((stage, name))
     if n is None:

@@ -104,7 +104,8 @@ def _first_nonfinite(pending: list[tuple[int, int, dict]]):
     host = jax.device_get([m for _, _, m in pending])
     for (gstep, _, _), m in zip(pending, host):
         for k, v in m.items():
-            if k.startswith(("loss", "grad_norm")) and not np.isfinite(v):
+            parts = k.split("/")  # 'loss/ce', 'grad_norm/16d_T2', 'peer0/grad_norm' (mutual learning)
+            if (parts[0] == "loss" or "grad_norm" in parts) and not np.isfinite(v):
                 return gstep, k, float(v)
     return None
 
@@ -135,17 +136,17 @@ class _Accumulator:
 
 def fit(spec: StageSpec, state, frozen, dataset, mesh, export_like) -> tuple[Any, Any, dict]:
     """Train (or resume, or skip if finished) one stage. Returns (state, export, {'best', 'last'})."""
-    ckpt = StageCheckpoints(f"{spec.directory}/checkpoints", keep=spec.keep_checkpoints)
-    writer = MetricWriter(spec.directory) if jax.process_index() == 0 else None
+    ckpt = StageCheckpoints(f"{spec.directory}/checkpoints", keep=spec.keep_checkpoints, name=spec.name)
+    writers = []  # opened once the resume point is known
     try:
-        return _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer)
+        return _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writers)
     finally:
-        if writer is not None:
-            writer.close()
+        for w in writers:
+            w.close()
         ckpt.close()
 
 
-def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer):
+def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writers):
     from mgd_jax.train.checkpoint import check_meta
 
     n, ndev = len(dataset.train_labels), mesh.devices.size
@@ -180,8 +181,10 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer):
         where = f"at epoch {start_epoch + 1}, pass {start_pass + 1}, batch {start_batch}" if pos else \
             f"after epoch {start_epoch}/{spec.num_epochs}"
         print(f"[{spec.name}] resuming {where}", flush=True)
-    if writer is not None:
-        writer.truncate_after(start_epoch)
+    writer = None
+    if jax.process_index() == 0:  # a redone epoch's rows are dropped: each epoch is logged once
+        writer = MetricWriter(spec.directory, start_epoch=start_epoch)
+        writers.append(writer)
 
     total = steps * npass * spec.num_epochs
     done = (start_epoch * npass + start_pass) * steps + start_batch
@@ -202,7 +205,7 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writer):
         bad = _first_nonfinite(pending)
         if bad is not None:
             gstep, term, value = bad
-            what = "gradient norm" if term.startswith("grad_norm") else "loss term"
+            what = "gradient norm" if "grad_norm" in term.split("/") else "loss term"
             raise NonFiniteLossError(
                 f"{spec.name}: {what} {term!r} became {value} at step {gstep} (epoch {epoch + 1}); stopped, "
                 f"the last good checkpoint stays the latest")

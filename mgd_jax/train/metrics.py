@@ -17,34 +17,67 @@ def check_finite(metrics: dict, stage: str, epoch: int) -> None:
                                      f"the last good checkpoint is kept")
 
 
-class MetricWriter:
-    """``write(epoch, {...})`` appends one JSON line to ``metrics.jsonl`` and scalars to TensorBoard."""
+def _epoch_of(line: str):
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a kill or a full disk
 
-    def __init__(self, directory: str, tensorboard: bool = True):
-        os.makedirs(directory, exist_ok=True)
+
+class MetricWriter:
+    """``write(epoch, {...})`` appends one JSON line to ``metrics.jsonl`` and scalars to TensorBoard.
+
+    ``start_epoch`` (on resume): rows of epochs after it are dropped from ``metrics.jsonl`` (atomically) and
+    TensorBoard purges its events after it, so a redone epoch is logged once."""
+
+    def __init__(self, directory: str, tensorboard: bool = True, start_epoch: int = 0):
+        from mgd_jax.train.checkpoint import _is_disk_full, disk_full_error
+
+        self.directory = directory
         self.path = os.path.join(directory, "metrics.jsonl")
         self._tb = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            self._truncate_after(start_epoch)
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(directory, "tensorboard"),
+                                         purge_step=start_epoch + 1 if start_epoch else None)
+        except OSError as e:
+            if _is_disk_full(e):
+                raise disk_full_error(directory, "while writing its metrics", e) from e
+            raise
 
     def write(self, epoch: int, metrics: dict) -> None:
-        row = {"epoch": epoch + 1, **{k: float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            for k, v in metrics.items():
-                self._tb.add_scalar(k, float(v), epoch + 1)
-            self._tb.flush()
+        from mgd_jax.train.checkpoint import _is_disk_full, disk_full_error
 
-    def truncate_after(self, epoch: int) -> None:
-        """On resume: drop rows of epochs that are redone (a kill after logging but before checkpointing)."""
+        row = {"epoch": epoch + 1, **{k: float(v) for k, v in metrics.items()}}
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self._tb is not None:
+                for k, v in metrics.items():
+                    self._tb.add_scalar(k, float(v), epoch + 1)
+                self._tb.flush()
+        except OSError as e:
+            if _is_disk_full(e):
+                raise disk_full_error(self.directory, "while writing its metrics", e) from e
+            raise
+
+    def _truncate_after(self, epoch: int) -> None:
+        """Drop rows of epochs that are redone (a kill after logging but before checkpointing), and a last line
+        cut short; the file is replaced atomically, so a kill here loses nothing."""
         if not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            rows = [r for r in f if r.strip() and json.loads(r)["epoch"] <= epoch]
-        with open(self.path, "w") as f:
+            lines = [r if r.endswith("\n") else r + "\n" for r in f if r.strip()]
+        rows = [r for r in lines if (e := _epoch_of(r)) is not None and e <= epoch]
+        if rows == lines:
+            return
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
             f.writelines(rows)
+        os.replace(tmp, self.path)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -43,6 +43,10 @@ class CorruptCheckpointWarning(UserWarning):
     pass
 
 
+class StageIdentityWarning(UserWarning):
+    pass
+
+
 class DiskFullError(OSError):
     """No space left while writing a checkpoint (reported as one line; rerunning resumes)."""
 
@@ -289,6 +293,11 @@ def check_meta(meta: dict, expected: dict, where: str) -> None:
     ``expected['config']`` (if given) is a flat ``{field: value}`` of every config value that changes the stage's
     result.  Fields are compared where both sides have them: a checkpoint written before a field existed (or
     before identities were stored at all) stays resumable."""
+    stage_dir = where.rsplit("/checkpoints", 1)[0]
+    advice = f"use another --workdir, or delete {stage_dir} (and the stages trained after it)"
+    if "config" in expected and "config" not in meta and not meta.get("imported"):
+        warnings.warn(f"{where} was written before configs were stored with checkpoints: a changed loss weight, "
+                      f"schedule or option cannot be detected for it", StageIdentityWarning, stacklevel=2)
     for k, v in expected.items():
         if k == "config" and isinstance(meta.get(k), dict):
             stored = meta[k]
@@ -296,9 +305,7 @@ def check_meta(meta: dict, expected: dict, where: str) -> None:
                 a, b = stored[field], _plain(v[field])
                 if a != b:
                     raise StageMismatchError(
-                        f"{where} was written for {field}={a!r} but the config asks for {field}={b!r}; "
-                        f"use another --workdir or delete {where}")
+                        f"{where} was written for {field}={a!r} but the config asks for {field}={b!r}; {advice}")
         elif k != "config" and k in meta and meta[k] != _plain(v):
             raise StageMismatchError(
-                f"{where} was written for {k}={meta[k]!r} but the config asks for {k}={v!r}; "
-                f"use another --workdir or delete {where}")
+                f"{where} was written for {k}={meta[k]!r} but the config asks for {k}={v!r}; {advice}")

@@ -83,7 +83,11 @@ def main(argv):
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # the stages closed their checkpoints and metrics on the way out; skip interpreter teardown, where a
+        # failed save's background threads (orbax, after a full disk) would print their own tracebacks
+        os._exit(2)
 
 
 if __name__ == "__main__":

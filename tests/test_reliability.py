@@ -81,6 +81,7 @@ KILL_CHAIN = [
 NO_NEW_CHECKPOINT = ("teacher:before_best", "teacher:before_latest")  # these windows hold only redone work
 
 
+@pytest.mark.xdist_group("reference_run")  # one worker trains the shared reference
 def test_kill_at_each_save_boundary_then_resume_is_bitwise_exact(reference_run, tmp_path):
     work = str(tmp_path / "killed")
     cmd, env = _cmd(work)
@@ -97,6 +98,7 @@ def test_kill_at_each_save_boundary_then_resume_is_bitwise_exact(reference_run, 
     _assert_same_run(reference_run, work)
 
 
+@pytest.mark.xdist_group("reference_run")  # one worker trains the shared reference
 def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(reference_run, tmp_path):
     """Kills land only after the restarted process wrote a new checkpoint (never all in start-up), at a random
     moment after it; every kill is preceded by progress."""
@@ -119,6 +121,33 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(reference_run, t
     assert all(n > 0 for n in progress), progress  # each restart got further than the one before
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     _assert_same_run(reference_run, work)
+
+
+@pytest.mark.xdist_group("reference_run")  # one worker trains the shared reference
+def test_a_real_full_disk_is_one_line_and_the_rerun_resumes_exactly(reference_run, tmp_path):
+    """train.py on a 3 MB tmpfs runs out of space mid-run (the student's first checkpoints here): one line on
+    stderr, exit status 2; after the file system grows, the same command finishes with the uninterrupted
+    run's parameters."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mount.stderr.decode().strip()}); the full-disk path is also "
+                    f"tested by injection in tests/test_trust.py")
+    try:
+        work = str(disk / "w")
+        cmd, env = _cmd(work, cache=False)  # the compilation cache would fill the disk first
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("WARNING")]
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert len(lines) == 1 and lines[0].startswith(f"error: no space left on the device of {work}"), r.stderr
+        assert "rerun the same command: it resumes" in lines[0]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        _assert_same_run(reference_run, work)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_corrupted_checkpoint_falls_back_with_a_warning(tmp_path):

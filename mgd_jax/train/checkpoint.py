@@ -193,8 +193,14 @@ class StageCheckpoints:
                 sanitize(p)
         _sync(f"sanitize {self.directory}")
         options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True)
-        self.latest = ocp.CheckpointManager(self.paths["latest"], options=options)
-        self.best = ocp.CheckpointManager(self.paths["best"], options=options)
+        try:
+            with _quiet_orbax():
+                self.latest = ocp.CheckpointManager(self.paths["latest"], options=options)
+                self.best = ocp.CheckpointManager(self.paths["best"], options=options)
+        except Exception as e:  # noqa: BLE001 - only a full disk becomes a user error
+            if not _is_disk_full(e):
+                raise
+            raise disk_full_error(self.directory, "while creating its checkpoint folders", e) from e
 
     def _prune(self, which: str) -> None:
         """Delete committed steps older than the newest ``keep``: renamed to a temporary name first, so a kill

@@ -56,7 +56,7 @@ def test_three_stages_write_results(full_run):
     assert os.listdir(os.path.join(workdir, "teacher/tensorboard"))
 
 
-def test_crd_and_init_stage_methods_through_the_pipeline(tmp_path):
+def test_crd_and_init_stage_methods_through_the_pipeline_with_accelerator_defaults(tmp_path):
     c = tiny_config()
     c.teacher.epochs = 1
     c.analyzer.epochs = 1
@@ -67,8 +67,12 @@ def test_crd_and_init_stage_methods_through_the_pipeline(tmp_path):
     ab = default.student_run("abound", "mas", student_arch="resnet8")
     ab.init.epochs = 1
     c.students = ml_collections.ConfigDict({"crd_mag": crd, "abound_mas": ab})
+    # the GPU / TPU defaults, on CPU: 2 devices (the default mesh on 2 cores), the training set resident on the
+    # devices (the loop feeds row indices; CRD's sampler indices ride along), bfloat16 compute, donated state
+    c.data.on_device = True
+    c.precision = "bfloat16"
     workdir = str(tmp_path)
-    summary = pipeline.train_and_evaluate(c, workdir, devices=jax.devices()[:1])
+    summary = pipeline.train_and_evaluate(c, workdir, devices=jax.devices()[:2])
     assert [r["stage"] for r in summary["rows"]][-2:] == ["student abound_mas (abound / mas)",
                                                           "student crd_mag (crd / mag)"]
     rows = [json.loads(line) for line in open(os.path.join(workdir, "students/crd_mag/metrics.jsonl"))]

@@ -107,7 +107,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(reference_run, t
     cmd, env = _cmd(work, cache=False)
     rng = np.random.default_rng(0)
     progress = []
-    for _ in range(3):
+    for _ in range(2):
         before = _committed(work)
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 240

@@ -79,12 +79,17 @@ def main(argv):
             import jax
             jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(FLAGS.workdir), ".jax_cache"))
         from mgd_jax.pipeline import train_and_evaluate
+        from mgd_jax.train import checkpoint
+
+        checkpoint.QUIET_AFTER_DISK_FULL = True  # we exit right after the one-line error
 
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        from mgd_jax.train import checkpoint
+
         sys.stdout.flush()
         sys.stderr.flush()
+        os.write(checkpoint.real_stderr_fd(), f"error: {e}\n".encode())
         # the stages closed their checkpoints and metrics on the way out; skip interpreter teardown, where a
         # failed save's background threads (orbax, after a full disk) would print their own tracebacks
         os._exit(2)

@@ -6,6 +6,7 @@ import sys
 
 import chex
 import orbax.checkpoint as ocp
+import pytest
 
 from conftest import ROOT
 from mgd_jax.train import checkpoint as ckpt_lib
@@ -39,10 +40,11 @@ def _final(workdir, like=None):
     return out
 
 
+@pytest.mark.timeout(700)  # two child runs of up to 280 s each: they fail on their own deadlines first
 def test_two_processes_equal_one_process_with_four_devices(tmp_path):
     cmd = [sys.executable, "train.py", "--config=configs/smoke.py"]
     one = str(tmp_path / "one")
-    subprocess.run(cmd + [f"--workdir={one}"], cwd=ROOT, env=_env(4), check=True, capture_output=True, timeout=600)
+    subprocess.run(cmd + [f"--workdir={one}"], cwd=ROOT, env=_env(4), check=True, capture_output=True, timeout=280)
     two = str(tmp_path / "two")
     port = _free_port()
     procs = [subprocess.Popen(cmd + [f"--workdir={two}", "--config.distributed.timeout_seconds=120"], cwd=ROOT,
@@ -50,7 +52,7 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
                                        JAX_PROCESS_ID=str(i)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
-        outs = [p.communicate(timeout=600)[0] for p in procs]
+        outs = [p.communicate(timeout=280)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:

@@ -69,6 +69,52 @@ def disk_full_error(directory: str, doing: str, cause: BaseException) -> DiskFul
                          f"command: it resumes from the last complete checkpoint")
 
 
+class _stderr_during_save:
+    """File descriptor 2 goes to a temporary file while orbax saves and is replayed afterwards, so that nothing
+    is lost; after a full disk the replay is dropped and, when ``QUIET_AFTER_DISK_FULL`` is set (train.py, which
+    is about to exit), fd 2 stays on /dev/null: orbax's and tensorstore's threads keep printing tracebacks of
+    their failed writes for a while, and the one-line error goes to ``real_stderr_fd()``."""
+
+    def __enter__(self):
+        import sys
+        import tempfile
+
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        import sys
+
+        sys.stderr.flush()
+        disk_full = exc is not None and _is_disk_full(exc)
+        if disk_full and QUIET_AFTER_DISK_FULL:
+            global _REAL_STDERR
+            _REAL_STDERR = self._saved
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        else:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+            if not disk_full:
+                self._file.seek(0)
+                data = self._file.read()
+                if data:
+                    os.write(2, data)
+        self._file.close()
+        return False
+
+
+QUIET_AFTER_DISK_FULL = False
+_REAL_STDERR = None
+
+
+def real_stderr_fd() -> int:
+    """The process's stderr (fd 2 unless a full disk redirected it, see ``_stderr_during_save``)."""
+    return 2 if _REAL_STDERR is None else _REAL_STDERR
+
+
 class _quiet_orbax:
     """Orbax logs each failed write's traceback at ERROR (hundreds of lines on a full disk) before it raises:
     the exception carries the cause, so its log is silenced for the duration of a save."""
@@ -225,7 +271,7 @@ class StageCheckpoints:
         try:
             if jax.process_count() == 1:
                 tree = jax.tree.map(np.asarray, jax.device_get(tree))
-            with _quiet_orbax():
+            with _stderr_during_save(), _quiet_orbax():
                 mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                              meta=ocp.args.JsonSave(meta)), force=True)
                 mngr.wait_until_finished()
@@ -233,6 +279,7 @@ class StageCheckpoints:
             if jax.process_index() == 0:
                 write_manifest(step_dir)
         except Exception as e:  # noqa: BLE001 - only a full disk is turned into a user error; the rest re-raises
+            self._failed = True
             if not _is_disk_full(e):
                 raise
             raise disk_full_error(self.paths[which], f"while saving step {int(step)} (a checkpoint of this stage "
@@ -274,6 +321,10 @@ class StageCheckpoints:
         return self._restore(self.best, like)
 
     def close(self):
+        if getattr(self, "_failed", False):
+            # after a failed write, closing would stop orbax's event loop under its still-pending write callbacks,
+            # each of which then prints a traceback; the error on its way up already says what happened
+            return
         self.latest.close()
         self.best.close()
 

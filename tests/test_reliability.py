@@ -1,12 +1,15 @@
 """Preemption and failure: SIGKILL at random moments, corrupted checkpoints, non-finite losses."""
+import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import chex
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -56,13 +59,21 @@ def _assert_same_run(ref, work):
     assert json.load(open(os.path.join(ref, "summary.json"))) == json.load(open(os.path.join(work, "summary.json")))
 
 
-@pytest.fixture(scope="session")  # session: xdist may run other modules' tests between this module's
-def reference_run(tmp_path_factory):
-    """The smoke config trained once, uninterrupted, by train.py in its own process."""
-    ref = str(tmp_path_factory.mktemp("reference") / "w")
-    cmd, env = _cmd(ref)
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
-    return ref
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, worker_id):
+    """The smoke config trained once, uninterrupted, by train.py in its own process: once per test session,
+    shared by the xdist workers (a file lock in the session's base folder)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base if worker_id == "master" else base.parent  # xdist: one base folder per worker below it
+    ref, done = root / "reference_run" / "w", root / "reference_run" / "done"
+    with open(root / "reference_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(ref, ignore_errors=True)
+            cmd, env = _cmd(str(ref))
+            subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+            done.touch()
+    return str(ref)
 
 
 # One kill at each save boundary, in order, each in a fresh process resuming the previous one's workdir.
@@ -147,10 +158,10 @@ def test_a_real_full_disk_is_one_line_and_the_rerun_resumes_exactly(reference_ru
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
-def test_corrupted_checkpoint_falls_back_with_a_warning(tmp_path):
+def test_corrupted_checkpoint_falls_back_with_a_warning(tmp_path, smoke_workdir):
     c = smoke.get_config()
     work = str(tmp_path / "w")
-    pipeline.train_and_evaluate(c, work)
+    shutil.copytree(smoke_workdir[0], work)  # the smoke config trained on 1 device (conftest)
     step, final = _latest(work, "students/mas_kd")
     for root, _, files in os.walk(work):  # our checkpoints hold no pickles (orbax arrays + JSON)
         for f in files:
@@ -167,7 +178,7 @@ def test_corrupted_checkpoint_falls_back_with_a_warning(tmp_path):
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.warns(ckpt_lib.CorruptCheckpointWarning, match=f"latest/{step} is corrupted"):
-        pipeline.train_and_evaluate(c, work)  # falls back to the previous step, redoes the rest
+        pipeline.train_and_evaluate(c, work, devices=jax.devices()[:1])  # falls back, redoes the rest
     assert any(n.startswith(f"corrupt-{step}-") for n in os.listdir(latest_dir))
     step2, again = _latest(work, "students/mas_kd")
     assert step2 == step

@@ -98,8 +98,8 @@ def load_tfds(name: str, data_dir: str | None = None) -> ArrayDataset:
         test = tfds.data_source(name, split="test", data_dir=data_dir, download=False)
     except (OSError, AssertionError, RuntimeError, ValueError) as e:
         # what tfds raises for a dataset that is missing (not-found / assertion errors), or built in a format
-        # data_source cannot read (NotImplementedError, a RuntimeError); programming errors propagate.  The
-        # cause stays chained and its first line is shown.
+        # data_source cannot read (a RuntimeError subclass); programming errors propagate.  The cause stays
+        # chained and its first line is shown.
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not builder.is_prepared():
             why = f"dataset {name!r} is not built in {builder.data_dir} ({type(e).__name__}: {first})"

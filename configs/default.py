@@ -6,12 +6,12 @@ import ml_collections
 from ml_collections import config_dict
 
 # Granularities of the self-analyzing module: (encoding dim, temperature).  Paper: 64-d at T=2, 256-d at T=8.
-PAPER_GRANULARITIES = ((64, 2.0), (256, 8.0))
+from mgd_jax.analyzer import PAPER_GRANULARITIES
+# Students whose backbone the reference trains with 0.01 instead of 0.05 (student.py).
+from mgd_jax.models import LOW_LR_ARCHITECTURES as LOW_LR_STUDENTS
 
-# Student lr (student.py); students whose backbone the reference trains with 0.01 instead.
 STUDENT_LR = 0.05
 LOW_LR = 0.01
-LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 
 # Teacher -> student pairs of the README table (the paper's CIFAR-100 table, SPEC §8).
 README_PAIRS = (("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20"), ("resnet110", "resnet20"),

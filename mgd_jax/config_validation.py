@@ -6,11 +6,11 @@ from mgd_jax.analyzer import parse_granularities
 import ml_collections
 
 from mgd_jax.methods import get_method, known_methods
+from mgd_jax.data.sources import DATASETS
 from mgd_jax.models import ARCHITECTURES
 from mgd_jax.precision import DTYPES
 from mgd_jax.stages.student import GRANULARITY_MODES
 
-DATASETS = ("digits", "cifar100", "cifar10", "stl10")
 
 
 class ConfigError(ValueError):

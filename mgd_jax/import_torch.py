@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mgd_jax.analyzer import parse_granularities
+from mgd_jax.analyzer import PAPER_GRANULARITIES, parse_granularities
 from mgd_jax.models import get_model
 
 
@@ -146,7 +146,7 @@ def convert_tube(ckpt: dict, dim: int, feature_dim: int, num_classes: int, where
 
 
 def import_to_workdir(arch: str, teacher_path: str, workdir: str, num_classes: int = 100,
-                      tubes: dict | None = None, granularities=((64, 2.0), (256, 8.0))) -> None:
+                      tubes: dict | None = None, granularities=PAPER_GRANULARITIES) -> None:
     """Writes the teacher (and analyzer) stage checkpoints of ``workdir`` as finished stages."""
     import os
 

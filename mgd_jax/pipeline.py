@@ -21,7 +21,7 @@ from mgd_jax.config_validation import ConfigError, validate_config
 from mgd_jax.data import load_dataset
 from mgd_jax.data.augment import eval_transform
 from mgd_jax.methods import get_method
-from mgd_jax.models import get_model
+from mgd_jax.models import LOW_LR_ARCHITECTURES, get_model
 from mgd_jax.stages import analyzer as analyzer_stage
 from mgd_jax.stages import student as student_stage
 from mgd_jax.stages import teacher as teacher_stage
@@ -279,7 +279,7 @@ def run_mutual(config, workdir, ds, mesh):
     txs = []
     for a in cfg.peers:
         ocfg = cfg.optimizer.copy_and_resolve_references()
-        if a in ("MobileNetV2", "ShuffleV1", "ShuffleV2"):
+        if a in LOW_LR_ARCHITECTURES:
             ocfg.lr = cfg.low_lr
         txs.append(optim.sgd(ocfg, spe))
     seed = config.seed * 1000 + STUDENT_SEED_OFFSET

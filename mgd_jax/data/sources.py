@@ -51,6 +51,7 @@ def load_digits(image_size: int = 16, test_size: int = 360, split_seed: int = 0)
 
 
 _TFDS = {"cifar100": 100, "cifar10": 10, "stl10": 10}
+DATASETS = ("digits", *_TFDS)  # config.data.name
 
 
 def build_instructions(name: str, data_dir: str | None) -> str:
@@ -124,7 +125,7 @@ def load_dataset(cfg) -> ArrayDataset:
             ds = dataclasses.replace(ds, train_images=resize_images(ds.train_images, size),
                                      test_images=resize_images(ds.test_images, size))
     else:
-        raise ValueError(f"unknown dataset {cfg.name!r}; known: digits, {', '.join(_TFDS)}")
+        raise ValueError(f"unknown dataset {cfg.name!r}; known: {', '.join(DATASETS)}")
     ntr, nte = cfg.get("train_limit", None), cfg.get("test_limit", None)
     if ntr or nte:
         ds = dataclasses.replace(ds, train_images=ds.train_images[:ntr], train_labels=ds.train_labels[:ntr],

@@ -15,6 +15,10 @@ for _family in (resnet, resnetv2, wrn, vgg, mobilenetv2, shufflenet):
 
 ARCHITECTURES = tuple(_REGISTRY)
 
+# Architectures the reference trains with a lower learning rate (0.01 instead of 0.05 as students; its DML and
+# transfer scripts likewise): the MobileNet / ShuffleNet family.
+LOW_LR_ARCHITECTURES = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+
 # Top-level modules (parameter names) that RepDistiller's ``get_feat_modules()`` leaves out of the student's
 # "feature modules": the classifier, and for WRN the final BN, for MobileNetV2 the last 1x1 conv + BN, for
 # ShuffleV2 the last 1x1 conv + BN.  The AB / FSP init stage trains the other modules only and runs these
@@ -28,6 +32,15 @@ NON_FEATURE_MODULES = {
     shufflenet.ShuffleV1: ("fc",),
     shufflenet.ShuffleV2: ("conv2", "bn2", "fc"),
 }
+CLASSIFIER_NAMES = ("fc", "linear", "classifier")  # the last entry of each NON_FEATURE_MODULES row
+
+
+def classifier_name(params) -> str:
+    """The top-level parameter name of a zoo backbone's classifier (``fc``, ``linear`` or ``classifier``)."""
+    for name in CLASSIFIER_NAMES:
+        if name in params:
+            return name
+    raise ValueError(f"no classifier among the parameters {sorted(params)}; known names: {', '.join(CLASSIFIER_NAMES)}")
 
 
 def get_model(name: str, num_classes: int) -> nn.Module:

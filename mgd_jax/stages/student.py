@@ -162,7 +162,6 @@ def make_eval_step(s: StudentModules, aug_cfg):
 
 
 # --- init stage (AB, FT, FSP; SPEC_BASELINES §3) ------------------------------------------------------------------
-CLASSIFIER_NAMES = ("fc", "linear", "classifier")
 
 
 @contextlib.contextmanager

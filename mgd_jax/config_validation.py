@@ -2,19 +2,16 @@
 field and the value."""
 from __future__ import annotations
 
-from mgd_jax.analyzer import parse_granularities
 import ml_collections
 
-from mgd_jax.methods import get_method, known_methods
+from mgd_jax.analyzer import parse_granularities
 from mgd_jax.data.sources import DATASETS
+from mgd_jax.errors import ConfigError  # noqa: F401 - raised here
+from mgd_jax.methods import get_method, known_methods
 from mgd_jax.models import ARCHITECTURES
 from mgd_jax.precision import DTYPES
 from mgd_jax.stages.student import GRANULARITY_MODES
 
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def _fail(field, value, why):

@@ -1,11 +1,42 @@
-"""Errors that are the user's input, reported by ``train.py`` as one line (no stack trace)."""
-from mgd_jax.config_validation import ConfigError
-from mgd_jax.data.sources import DatasetNotFoundError
-from mgd_jax.methods import MethodPairError
-from mgd_jax.train.checkpoint import DiskFullError, StageMismatchError
-from mgd_jax.train.metrics import NonFiniteLossError
+"""Every error that is the user's input or environment, in one leaf module (it imports nothing from the package).
 
-from mgd_jax.import_torch import CheckpointImportError
+Each package raises from here; ``train.py`` and the command-line tools report any of ``USER_ERRORS`` as one line,
+without a stack trace.
+"""
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work (named field and value), found before anything is compiled or trained."""
+
+
+class DatasetNotFoundError(RuntimeError):
+    """The configured dataset is not where the config says (the message says how to build it, offline)."""
+
+
+class MethodPairError(ValueError):
+    """A distillation method that cannot work for the configured teacher / student pair (raised before training)."""
+
+
+class StageMismatchError(ValueError):
+    """A stage's checkpoints were made with another setup (the first differing config field is named)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss, gradient or parameter became NaN or infinite: the run stops before saving it."""
+
+
+class DiskFullError(OSError):
+    """No space left while writing a checkpoint or result (reported as one line; rerunning resumes)."""
+
+
+class CheckpointImportError(ValueError):
+    """A PyTorch checkpoint that does not fit the architecture it is imported as."""
+
+
+class AnalysisError(ValueError):
+    """An analysis tool's input (workdir, stage, option) that cannot work."""
+
 
 USER_ERRORS = (ConfigError, DatasetNotFoundError, MethodPairError, StageMismatchError, NonFiniteLossError,
-               CheckpointImportError, DiskFullError)
+               CheckpointImportError, DiskFullError, AnalysisError)

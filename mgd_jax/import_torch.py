@@ -20,11 +20,8 @@ import numpy as np
 from flax import traverse_util
 
 from mgd_jax.analyzer import PAPER_GRANULARITIES, parse_granularities
+from mgd_jax.errors import CheckpointImportError  # noqa: F401 - raised here
 from mgd_jax.models import get_model
-
-
-class CheckpointImportError(ValueError):
-    pass
 
 
 def load_torch_file(path: str) -> dict:

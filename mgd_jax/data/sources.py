@@ -10,9 +10,7 @@ import os
 
 import numpy as np
 
-
-class DatasetNotFoundError(RuntimeError):
-    pass
+from mgd_jax.errors import DatasetNotFoundError  # noqa: F401 - raised here
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,14 +29,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mgd_jax.errors import DiskFullError, StageMismatchError  # noqa: F401 - raised here
 from mgd_jax.train import faults
 
 MANIFEST = "mgd_manifest.json"
 TMP_MARK = ".orbax-checkpoint-tmp"
-
-
-class StageMismatchError(ValueError):
-    pass
 
 
 class CorruptCheckpointWarning(UserWarning):
@@ -45,10 +42,6 @@ class CorruptCheckpointWarning(UserWarning):
 
 class StageIdentityWarning(UserWarning):
     pass
-
-
-class DiskFullError(OSError):
-    """No space left while writing a checkpoint (reported as one line; rerunning resumes)."""
 
 
 def _is_disk_full(e: BaseException) -> bool:

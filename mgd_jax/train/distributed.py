@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from mgd_jax.config_validation import ConfigError
+from mgd_jax.errors import ConfigError
 
 
 def settings(cfg) -> dict | None:

@@ -5,9 +5,7 @@ import json
 import math
 import os
 
-
-class NonFiniteLossError(FloatingPointError):
-    pass
+from mgd_jax.errors import NonFiniteLossError  # noqa: F401 - raised here
 
 
 def check_finite(metrics: dict, stage: str, epoch: int) -> None:

@@ -1,0 +1,59 @@
+"""The package's layering (issue #12): the loop knows no stage, errors are a leaf, the package needs no configs/."""
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG = os.path.join(ROOT, "mgd_jax")
+
+
+def _imports(path):
+    """Every module a file imports (top level and inside functions), absolute names."""
+    tree = ast.parse(open(path).read(), path)
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def _files(sub=""):
+    for d, _, names in os.walk(os.path.join(PKG, sub)):
+        for n in names:
+            if n.endswith(".py"):
+                yield os.path.join(d, n)
+
+
+def test_errors_is_a_leaf():
+    assert not {m for m in _imports(os.path.join(PKG, "errors.py")) if m.startswith("mgd_jax")}
+
+
+@pytest.mark.parametrize("forbidden", ["mgd_jax.stages", "mgd_jax.methods", "mgd_jax.models", "mgd_jax.pipeline",
+                                       "mgd_jax.config_validation", "configs"])
+def test_train_imports_no_stage_method_model_or_config(forbidden):
+    bad = {os.path.relpath(f, ROOT): sorted(m for m in _imports(f) if m == forbidden or m.startswith(forbidden + "."))
+           for f in _files("train")}
+    assert not {f: m for f, m in bad.items() if m}
+
+
+def test_nothing_in_the_package_imports_configs():
+    bad = {os.path.relpath(f, ROOT) for f in _files() if any(m == "configs" or m.startswith("configs.")
+                                                              for m in _imports(f))}
+    assert not bad
+    for f in _files():
+        assert "sys.path" not in open(f).read(), f"{f} edits sys.path"
+
+
+def test_importing_the_loop_loads_no_stage_or_method():
+    code = ("import sys, mgd_jax.errors, mgd_jax.train.loop, mgd_jax.train.distributed, mgd_jax.train.cpu\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('mgd_jax'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         check=True).stdout.split()
+    assert "mgd_jax.train.loop" in out
+    assert not [m for m in out if not m.startswith(("mgd_jax.train", "mgd_jax.errors")) and m != "mgd_jax"]

@@ -27,14 +27,18 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1))
 
 
-def distill_kl(student: jax.Array, teacher: jax.Array, temperature: float) -> jax.Array:
-    """Temperature KD: ``T^2 * batchmean KL(softmax(teacher/T) || softmax(student/T))`` over the last axis."""
+def distill_kl(student: jax.Array, teacher: jax.Array, temperature: float, reduction: str = "batchmean") -> jax.Array:
+    """Temperature KD: ``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` over the last axis, summed and divided
+    by the batch size (``batchmean``, the paper's KD) or by the number of elements (``mean``: PyTorch's default
+    ``kl_div`` reduction, which the reference's mutual learning uses)."""
     chex.assert_equal_shape([student, teacher])
+    if reduction not in ("batchmean", "mean"):
+        raise ValueError(f"reduction must be 'batchmean' or 'mean', got {reduction!r}")
     t = float(temperature)
     log_q = jax.nn.log_softmax(_up(student) / t, axis=-1)
     log_p = jax.nn.log_softmax(_up(teacher) / t, axis=-1)
     kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q))
-    return kl / student.shape[0] * t * t
+    return kl / (student.shape[0] if reduction == "batchmean" else student.size) * t * t
 
 
 def logit_kd(student_logits: jax.Array, target_logits: jax.Array, temperature: float = 4.0) -> jax.Array:

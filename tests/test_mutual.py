@@ -10,10 +10,10 @@ import pytest
 from configs import dml
 from mgd_jax import pipeline
 from mgd_jax.config_validation import ConfigError, validate_config
-from mgd_jax.stages.mutual import kl_mean
+from mgd_jax.stages.mutual import peer_kl
 
 
-def test_kl_mean_is_torch_mean_reduction():
+def test_peer_kl_is_torch_mean_reduction():
     rng = np.random.default_rng(0)
     s, t = rng.normal(size=(4, 5)), rng.normal(size=(4, 5))
 
@@ -22,12 +22,12 @@ def test_kl_mean_is_torch_mean_reduction():
         return e / e.sum(1, keepdims=True)
 
     p, q = sm(t), sm(s)
-    np.testing.assert_allclose(kl_mean(jnp.asarray(s), jnp.asarray(t)), np.mean(p * (np.log(p) - np.log(q))),
+    np.testing.assert_allclose(peer_kl(jnp.asarray(s), jnp.asarray(t)), np.mean(p * (np.log(p) - np.log(q))),
                                rtol=1e-5)
     p2, q2 = sm(t / 2), sm(s / 2)
-    np.testing.assert_allclose(kl_mean(jnp.asarray(s), jnp.asarray(t), 2.0),
+    np.testing.assert_allclose(peer_kl(jnp.asarray(s), jnp.asarray(t), 2.0),
                                4 * np.mean(p2 * (np.log(p2) - np.log(q2))), rtol=1e-5)
-    g = jax.grad(lambda t_: kl_mean(jnp.asarray(s), t_))(jnp.asarray(t))
+    g = jax.grad(lambda t_: peer_kl(jnp.asarray(s), t_))(jnp.asarray(t))
     np.testing.assert_array_equal(g, 0.0)  # the other peer is a detached target
 
 

@@ -10,14 +10,19 @@ The reference makes one pass over the data per granularity per epoch (``shared_p
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from mgd_jax import losses
-from mgd_jax.analyzer import GranularityAnalyzer, Tube
+from mgd_jax.analyzer import GranularityAnalyzer, Tube, parse_granularities
 from mgd_jax.data import augment
-from mgd_jax.stages.common import TrainState, apply_backbone, step_key
+from mgd_jax.stages.common import StageRun, TrainState, apply_backbone, best_per_member, stage_config, step_key
+from mgd_jax.stages.teacher import Teacher
+from mgd_jax.train import mesh as mesh_lib
+from mgd_jax.train.loop import StageSpec, fit
 
 
 def init_states(analyzer: GranularityAnalyzer, tx, key, feature_dim: int) -> dict[str, TrainState]:
@@ -73,3 +78,37 @@ def make_eval_step(model, analyzer: GranularityAnalyzer, aug_cfg):
         return counts
 
     return eval_step
+
+
+def spec_meta(config, num_classes: int) -> dict:
+    """What identifies this stage's checkpoints (checked on resume and before a run starts)."""
+    return {"stage": "analyzer", "teacher_arch": config.teacher.arch, "num_classes": num_classes,
+            "granularities": [[int(d), float(t)] for d, t in config.granularities],
+            "config": stage_config(config, "analyzer")}
+
+
+def run(run: StageRun, teacher: Teacher) -> tuple[Teacher, dict]:
+    """Train (or resume, or reuse) the teacher's tubes, each granularity with its own optimizer; -> (the teacher
+    with each granularity's best tube, {'best', 'last'})."""
+    config, cfg = run.config, run.config.analyzer
+    analyzer = GranularityAnalyzer(parse_granularities(config.granularities), run.data.num_classes)
+    names = tuple(g.name for g in analyzer.granularities)
+    tx = run.sgd(cfg.optimizer, cfg.batch_size)  # each granularity's optimizer steps once per batch of its own pass
+    sample = run.sample_images(1)
+    feature_dim = jax.eval_shape(teacher.backbone.apply, teacher.variables, sample)[1][-1].shape[-1]
+    seed = run.seed("analyzer")
+    states = mesh_lib.replicate(init_states(analyzer, tx, jax.random.key(seed), feature_dim), run.mesh)
+    groups = [names] if cfg.shared_pass else [(nm,) for nm in names]
+    passes = [("+".join(group), jax.jit(make_train_step(teacher.backbone, analyzer, tx, config.augment, group),
+                                        donate_argnums=0))
+              for group in groups]
+    eval_step = jax.jit(make_eval_step(teacher.backbone, analyzer, config.augment))
+    improve, export = best_per_member(names, "test/{metric}/{name}", lambda st, nm: st[nm].params)
+    spec = StageSpec(
+        name="analyzer", directory=run.directory("analyzer"), num_epochs=cfg.epochs, batch_size=cfg.batch_size,
+        seed=seed, meta=spec_meta(config, run.data.num_classes), passes=passes,
+        evaluate=lambda s: run.evaluate(lambda b: eval_step(teacher.variables, {nm: s[nm].params for nm in names}, b)),
+        improve=improve, export=export, **run.loop_options())
+    like = jax.device_get({nm: states[nm].params for nm in names})
+    _, tubes, result = fit(spec, states, teacher.variables, run.data, run.mesh, like)
+    return dataclasses.replace(teacher, analyzer=analyzer, tubes=mesh_lib.replicate(tubes, run.mesh)), result

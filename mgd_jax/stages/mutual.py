@@ -11,19 +11,21 @@ and is not reproduced.)
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from mgd_jax import losses
+from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities
 from mgd_jax.data import augment
-from mgd_jax.stages.common import TrainState, apply_backbone, classification_counts, step_key, train_metrics
+from mgd_jax.models import LOW_LR_ARCHITECTURES
+from mgd_jax.stages.common import (StageRun, TrainState, apply_backbone, backbone_variables, best_per_member,
+                                   classification_counts, stage_config, step_key, train_metrics)
+from mgd_jax.train import mesh as mesh_lib
+from mgd_jax.train.loop import StageSpec, fit
 
 
-def kl_mean(student, target, temperature: float = 1.0) -> jax.Array:
-    """PyTorch ``kl_div(log_softmax(s/T), softmax(t/T))`` with reduction 'mean' (over all elements), times T^2."""
-    t = float(temperature)
-    log_q = jax.nn.log_softmax(student / t, axis=-1)
-    log_p = jax.nn.log_softmax(jax.lax.stop_gradient(target) / t, axis=-1)
-    return jnp.mean(jnp.exp(log_p) * (log_p - log_q)) * t * t
+def peer_kl(student, other, temperature: float = 1.0) -> jax.Array:
+    """The mutual term towards another peer: PyTorch's ``kl_div`` with reduction 'mean' (over all elements),
+    times T^2; the other peer is a detached target."""
+    return losses.distill_kl(student, jax.lax.stop_gradient(other), temperature, reduction="mean")
 
 
 def peer_forward(model, analyzer, params, batch_stats, x, train):
@@ -53,9 +55,9 @@ def make_train_step(models, analyzer, txs, aug_cfg, granularities=()):
                 for j in names:
                     if j == m:
                         continue
-                    mutual = mutual + kl_mean(logits_m, outs[j][0])
+                    mutual = mutual + peer_kl(logits_m, outs[j][0])
                     for g in granularities:
-                        mutual = mutual + kl_mean(enc_m[g.name], outs[j][1][g.name], g.temperature)
+                        mutual = mutual + peer_kl(enc_m[g.name], outs[j][1][g.name], g.temperature)
                 mutual = mutual / (n - 1)
                 terms[f"{m}/ce"], terms[f"{m}/mutual"] = ce, mutual
                 total = total + ce + mutual
@@ -98,3 +100,46 @@ def init_states(models, analyzer, txs, key, sample):
             params["analyzer"] = analyzer.init(k2, h, decode=False)["params"]
         states[f"peer{i}"] = TrainState.create(params, v["batch_stats"], txs[i])
     return states
+
+
+def spec_meta(config, num_classes: int) -> dict:
+    cfg = config.mutual
+    return {"stage": "mutual", "peers": list(cfg.peers), "granularity": bool(cfg.granularity),
+            "num_classes": num_classes, "config": stage_config(config, "mutual")}
+
+
+def run(run: StageRun) -> list[dict]:
+    """Deep mutual learning of ``config.mutual.peers`` (with the granularity tubes when ``granularity``); -> one
+    summary row per peer."""
+    config, cfg = run.config, run.config.mutual
+    models = [run.backbone(a) for a in cfg.peers]
+    grans = parse_granularities(config.granularities) if cfg.granularity else ()
+    analyzer = GranularityAnalyzer(grans, run.data.num_classes, with_decoders=False) if grans else None
+    txs = []
+    for arch in cfg.peers:
+        optimizer = cfg.optimizer.copy_and_resolve_references()
+        if arch in LOW_LR_ARCHITECTURES:
+            optimizer.lr = cfg.low_lr
+        txs.append(run.sgd(optimizer, cfg.batch_size))
+    seed = run.seed("mutual")
+    states = mesh_lib.replicate(init_states(models, analyzer, txs, jax.random.key(seed), run.sample_images()),
+                                run.mesh)
+    step = jax.jit(make_train_step(models, analyzer, txs, config.augment, grans), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(models, analyzer, config.augment))
+    names = [f"peer{i}" for i in range(len(models))]
+    improve, export = best_per_member(names, "test/{name}/{metric}", lambda st, k: backbone_variables(st[k]))
+    spec = StageSpec(
+        name="mutual", directory=run.directory("mutual"), num_epochs=cfg.epochs, batch_size=cfg.batch_size,
+        seed=seed, meta=spec_meta(config, run.data.num_classes), passes=[("mutual", step)],
+        evaluate=lambda st: run.evaluate(lambda b: eval_step(st, b)), improve=improve, export=export,
+        **run.loop_options())
+    like = jax.device_get({k: backbone_variables(states[k]) for k in names})
+    _, _, result = fit(spec, states, None, run.data, run.mesh, like)
+    rows = []
+    for i, k in enumerate(names):
+        best = result["best"].get(k, {})
+        rows.append({"stage": f"mutual {k} ({'MDP-DML' if grans else 'DML'})", "model": cfg.peers[i],
+                     "best_acc1": best.get("acc1"), "best_acc5": best.get("acc5"), "best_epoch": best.get("epoch"),
+                     "last_acc1": result["last"].get(f"test/{k}/acc1"),
+                     "last_acc5": result["last"].get(f"test/{k}/acc5")})
+    return rows

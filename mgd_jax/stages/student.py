@@ -8,20 +8,21 @@ are taken w.r.t. the student's parameters only.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import jax
-import optax
-from flax import linen as nn
+import jax.numpy as jnp
 
 from mgd_jax import losses
-from mgd_jax.analyzer import Granularity, GranularityAnalyzer
+from mgd_jax.analyzer import Granularity, GranularityAnalyzer, parse_granularities
 from mgd_jax.data import augment
-from mgd_jax.methods import Method, Outputs
-from mgd_jax.models import non_feature_modules
-from mgd_jax.models.layers import BatchNorm
-from mgd_jax.stages.common import TrainState, apply_backbone, classification_counts, step_key, train_metrics
+from mgd_jax.methods import Method, Outputs, get_method
+from mgd_jax.models import get_model
+from mgd_jax.stages.common import (StageRun, TrainState, apply_backbone, best_by, classification_counts,
+                                   stage_config, step_key, train_metrics)
+from mgd_jax.stages.teacher import Teacher
+from mgd_jax.train import mesh as mesh_lib
+from mgd_jax.train.loop import StageSpec, fit
 
 GRANULARITY_MODES = ("none", "mag", "mas")
 
@@ -46,35 +47,28 @@ class Objective:
 
 
 def objective_terms(obj: Objective, student: Outputs, teacher: Outputs, labels, method_loss) -> dict:
-    """The paper's terms, unweighted.  A term whose weight is 0 is not computed (and not logged)."""
+    """The paper's terms as ``{name: (weight, value)}``; a term whose weight is 0 is not computed (nor logged)."""
     terms = {}
     if obj.w_ce:
-        terms["ce"] = losses.cross_entropy(student.logits, labels)
+        terms["ce"] = (obj.w_ce, losses.cross_entropy(student.logits, labels))
     if obj.w_logit_kd:
         if obj.mode == "mas":
             target = losses.stable_excitation_target(teacher.logits, list(teacher.decodings.values()))
-            terms["stable_excitation"] = losses.logit_kd(student.logits, target, obj.temperature)
+            terms["stable_excitation"] = (obj.w_logit_kd, losses.logit_kd(student.logits, target, obj.temperature))
         else:
-            terms["logit_kd"] = losses.logit_kd(student.logits, teacher.logits, obj.temperature)
+            terms["logit_kd"] = (obj.w_logit_kd, losses.logit_kd(student.logits, teacher.logits, obj.temperature))
     if method_loss is not None and obj.w_method:
-        terms["method"] = method_loss
+        terms["method"] = (obj.w_method, method_loss)
     if obj.mode != "none" and obj.w_granularity:
         for g in obj.granularities:
-            terms[f"granularity/{g.name}"] = losses.granularity_kl(
-                student.encodings[g.name], teacher.encodings[g.name], g.temperature)
+            terms[f"granularity/{g.name}"] = (obj.w_granularity, losses.granularity_kl(
+                student.encodings[g.name], teacher.encodings[g.name], g.temperature))
     return terms
 
 
-def weight_of(obj: Objective, term: str) -> float:
-    if term in ("logit_kd", "stable_excitation"):
-        return obj.w_logit_kd
-    if term.startswith("granularity/"):
-        return obj.w_granularity
-    return {"ce": obj.w_ce, "method": obj.w_method}[term]
-
-
-def total_loss(obj: Objective, terms: dict) -> jax.Array:
-    return sum(weight_of(obj, k) * v for k, v in terms.items())
+def total_loss(terms: dict) -> jax.Array:
+    """L = sum over terms of weight * value."""
+    return sum(w * v for w, v in terms.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +80,19 @@ class StudentModules:
 
 @dataclasses.dataclass(frozen=True)
 class TeacherModules:
+    """The teacher's modules; their variables enter each step as an argument (``teacher_inputs``)."""
+
     backbone: object
     analyzer: GranularityAnalyzer
+
+    @classmethod
+    def of(cls, teacher: Teacher) -> "TeacherModules":
+        return cls(teacher.backbone, teacher.analyzer)
+
+
+def teacher_inputs(teacher: Teacher) -> dict:
+    """The frozen teacher's variables as the student steps take them: ``{'backbone', 'analyzer'}``."""
+    return {"backbone": teacher.variables, "analyzer": teacher.tubes}
 
 
 def teacher_forward(t: TeacherModules, teacher, x, *, decode: bool, preact: bool) -> Outputs:
@@ -119,13 +124,11 @@ def init_state(s: StudentModules, t: TeacherModules, teacher, tx, key, sample_im
     mvars = s.method.init(k_m, Outputs(logits, feats), t_out, ctx)
     if mvars["params"]:
         params["method"] = mvars["params"]
-    if mvars["state"]:
-        batch_stats["method"] = mvars["state"]
-    return TrainState.create(params, batch_stats, tx)
+    return TrainState.create(params, batch_stats, tx, method_state=mvars["state"])
 
 
-def method_variables(params, batch_stats) -> dict:
-    return {"params": params.get("method", {}), "state": batch_stats.get("method", {})}
+def method_variables(state: TrainState, params) -> dict:
+    return {"params": params.get("method", {}), "state": state.method_state}
 
 
 def make_train_step(s: StudentModules, t: TeacherModules, obj: Objective, tx, aug_cfg):
@@ -137,17 +140,15 @@ def make_train_step(s: StudentModules, t: TeacherModules, obj: Objective, tx, au
 
         def loss_fn(params):
             s_out, new_bs = student_forward(s, params, state.batch_stats, x, train=True)
-            new_stats = {"backbone": new_bs}
-            method_loss, mstate = s.method.loss(method_variables(params, state.batch_stats), s_out, t_out, batch,
-                                                True)
-            if "method" in state.batch_stats:
-                new_stats["method"] = mstate
+            method_loss, method_state = s.method.loss(method_variables(state, params), s_out, t_out, batch, True)
             terms = objective_terms(obj, s_out, t_out, batch["label"], method_loss)
-            return total_loss(obj, terms), (terms, s_out.logits, new_stats)
+            return total_loss(terms), (terms, s_out.logits, new_bs, method_state)
 
-        (loss, (terms, logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        new_state = state.apply_gradients(grads, tx, new_stats)
-        return new_state, train_metrics(loss, terms, logits, batch["label"], grads)
+        (loss, (terms, logits, new_bs, method_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        new_state = state.apply_gradients(grads, tx, {"backbone": new_bs},
+                                          method_state if state.method_state else None)
+        values = {k: v for k, (_, v) in terms.items()}
+        return new_state, train_metrics(loss, values, logits, batch["label"], grads)
 
     return train_step
 
@@ -161,100 +162,86 @@ def make_eval_step(s: StudentModules, aug_cfg):
     return eval_step
 
 
-# --- init stage (AB, FT, FSP; SPEC_BASELINES §3) ------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _eval_mode(top_level_names):
-    """Inside: every BatchNorm under the named top-level modules runs in eval mode (running statistics, no
-    update), whatever ``train`` the backbone passes, as a PyTorch module left in ``eval()`` while the rest of
-    the network is in ``train()``."""
-    names = frozenset(top_level_names)
-
-    def interceptor(call, args, kwargs, context):
-        m = context.module
-        if isinstance(m, BatchNorm) and context.method_name == "__call__" and m.path and m.path[0] in names:
-            if "train" in kwargs:
-                kwargs = {**kwargs, "train": False}
-            else:
-                args = (args[0], False, *args[2:])
-        return call(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        yield
+def export_variables(state: TrainState) -> dict:
+    """A student's best-epoch export: ``{'params': {backbone, analyzer?, method?}, 'batch_stats': {backbone,
+    method?}}`` (the checkpoint format analysis tools read; the method's state is kept beside the backbone's
+    BatchNorm statistics there, as checkpoints of earlier versions have it)."""
+    stats = dict(state.batch_stats)
+    if state.method_state:
+        stats["method"] = state.method_state
+    return {"params": state.params, "batch_stats": stats}
 
 
-def init_stage_state(s: StudentModules, t: TeacherModules, teacher, student: TrainState, tx, key, sample_images,
-                     ctx=None) -> TrainState:
-    """The init stage trains the method's init module and, for AB / FSP, the student's feature modules
-    (RepDistiller's ``get_feat_modules()``).  The rest of the backbone (``models.non_feature_modules``: the
-    classifier, WRN's final BN, MobileNetV2's / ShuffleV2's last conv + BN) and, for FT, the whole backbone are
-    frozen: outside the optimizer (no update, no weight decay), riding along in ``batch_stats["fixed"]``."""
-    logits, feats = s.backbone.apply({"params": student.params["backbone"],
-                                      "batch_stats": student.batch_stats["backbone"]}, sample_images)
-    t_out = teacher_forward(t, teacher, sample_images, decode=False, preact=s.method.teacher_preact)
-    init_params = s.method.init(jax.random.fold_in(key, 1), Outputs(logits, feats), t_out, ctx).get("init_params", {})
-    backbone = dict(student.params["backbone"])
-    frozen = {k: backbone.pop(k) for k in non_feature_modules(s.backbone)}
-    params = {"init": init_params}
-    fixed = {"frozen": frozen}
-    if s.method.init_trains_student:
-        params["features"] = backbone
-    else:
-        fixed["features"] = backbone
-    return TrainState.create(params, {**student.batch_stats, "fixed": fixed}, tx)
+def method_of(student_cfg) -> Method:
+    """The method of one ``config.students`` entry, with its ``method_options``."""
+    return get_method(student_cfg.method, **dict(student_cfg.get("method_options", None) or {}))
 
 
-def _init_backbone_params(params, batch_stats):
-    features = params["features"] if "features" in params else batch_stats["fixed"]["features"]
-    return {**features, **batch_stats["fixed"]["frozen"]}
+def objective_of(config, student_cfg) -> Objective:
+    w = student_cfg.weights
+    return Objective(mode=student_cfg.granularity, granularities=parse_granularities(config.granularities),
+                     temperature=student_cfg.temperature, w_ce=w.ce, w_logit_kd=w.logit_kd, w_method=w.method,
+                     w_granularity=w.granularity)
 
 
-def make_init_step(s: StudentModules, t: TeacherModules, tx, aug_cfg):
-    """One init-stage step.  The feature modules (AB / FSP) run in train mode, the frozen modules in eval mode
-    (their BN statistics stay as they are; WRN's final BN is on AB's last preact map)."""
-    m = s.method
-    frozen = non_feature_modules(s.backbone)
-
-    def init_step(state: TrainState, teacher, batch, base_key):
-        x = augment.train_transform(batch["image"], step_key(base_key, state.step), aug_cfg)
-        t_out = teacher_forward(t, teacher, x, decode=False, preact=m.teacher_preact)
-
-        def loss_fn(params):
-            bb = _init_backbone_params(params, state.batch_stats)
-            with _eval_mode(frozen):
-                logits, feats, new_bs = apply_backbone(s.backbone, bb, state.batch_stats["backbone"], x,
-                                                       train=m.init_trains_student, preact=m.init_student_preact)
-            mvars = {"params": params["init"], "state": state.batch_stats.get("method", {})}
-            loss, mstate = m.init_loss(mvars, Outputs(logits, feats), t_out, True)
-            return loss, (new_bs, mstate)
-
-        (loss, (new_bs, mstate)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        stats = {**state.batch_stats, "backbone": new_bs}
-        if "method" in state.batch_stats:
-            stats["method"] = mstate
-        new_state = state.apply_gradients(grads, tx, stats)
-        return new_state, {"loss": loss, "loss/init": loss, "grad_norm": optax.tree.norm(grads)}
-
-    return init_step
+def spec_meta(config, name: str, num_classes: int) -> dict:
+    """What identifies a student's checkpoints (checked on resume and before a run starts)."""
+    s = config.students[name]
+    return {"stage": "student", "arch": config.student.arch, "teacher_arch": config.teacher.arch,
+            "method": s.method, "granularity": s.granularity, "num_classes": num_classes,
+            "config": stage_config(config, "student", name)}
 
 
-def finish_init_stage(s: StudentModules, init_state_: TrainState, student: TrainState, tx) -> TrainState:
-    """The student state for the main stage after the init stage (fresh optimizer, as the reference)."""
-    params = dict(student.params)
-    params["backbone"] = _init_backbone_params(init_state_.params, init_state_.batch_stats)
-    stats = {k: v for k, v in init_state_.batch_stats.items() if k != "fixed"}
-    key = s.method.init_params_key
-    if key is not None:
-        stats["method"] = {**stats.get("method", {}), key: init_state_.params["init"]}
-    return TrainState.create(params, stats, tx)
+def check_pairs(config, num_classes: int, image_shape) -> None:
+    """Refuse, before anything is trained, a method that cannot work for the configured pair (one line)."""
+    x = jnp.zeros((2, *image_shape), jnp.float32)
+    outs = {}
+    for who in ("teacher", "student"):
+        model = get_model(config[who].arch, num_classes)
+        for preact in (False, True):
+            logits, feats = jax.eval_shape(lambda m=model, p=preact: m.apply(m.init(jax.random.key(0), x), x,
+                                                                              preact=p))
+            outs[who, preact] = Outputs(logits, feats)
+    for scfg in config.students.values():
+        m = method_of(scfg)
+        m.check_pair(config.student.arch, config.teacher.arch, outs["student", m.init_student_preact],
+                     outs["teacher", m.teacher_preact])
 
 
-def make_init_eval_step(s: StudentModules, aug_cfg):
-    def eval_step(state, batch):
-        x = augment.eval_transform(batch["image"], aug_cfg)
-        bb = _init_backbone_params(state.params, state.batch_stats)
-        logits, _, _ = apply_backbone(s.backbone, bb, state.batch_stats["backbone"], x, train=False)
-        return classification_counts(logits, batch["label"], batch["mask"])
+def run(run: StageRun, name: str, teacher: Teacher) -> tuple[dict, dict]:
+    """Train (or resume, or reuse) the student ``config.students[name]`` against the frozen ``teacher`` (its
+    init stage first for AB / FT / FSP); -> (its best-epoch variables, {'best', 'last'})."""
+    from mgd_jax.stages import init_stage
 
-    return eval_step
+    config, cfg, scfg = run.config, run.config.student, run.config.students[name]
+    method = method_of(scfg)
+    analyzer = None if scfg.granularity == "none" else GranularityAnalyzer(
+        parse_granularities(config.granularities), run.data.num_classes, False)
+    modules = StudentModules(run.backbone(cfg.arch), analyzer, method)
+    t_modules, t_inputs = TeacherModules.of(teacher), teacher_inputs(teacher)
+    tx = run.sgd(cfg.optimizer, cfg.batch_size)
+    seed = run.seed("student")
+    ctx = {"num_train": len(run.data.train_labels)}
+    state = init_state(modules, t_modules, t_inputs, tx, jax.random.key(seed), run.sample_images(), ctx)
+    directory = run.directory("students", name)
+    meta = spec_meta(config, name, run.data.num_classes)
+    if method.has_init_stage:  # AB / FT / FSP: SPEC_BASELINES §3
+        state = init_stage.run(run, name, modules, teacher, state, tx, meta)
+    extras = None
+    if method.needs_contrast:
+        from mgd_jax.data.contrast import ContrastSampler
+        extras = ContrastSampler(run.data.train_labels, method.nce_k, method.mode, seed)
+    state = mesh_lib.replicate(state, run.mesh)
+    step = jax.jit(make_train_step(modules, t_modules, objective_of(config, scfg), tx, config.augment),
+                   donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(modules, config.augment))
+    spec = StageSpec(
+        name=f"student/{name}", directory=directory, num_epochs=cfg.epochs, batch_size=cfg.batch_size, seed=seed,
+        meta=meta, passes=[("student", step)],
+        evaluate=lambda s: run.evaluate(lambda b: eval_step(export_variables(s), b)),
+        improve=best_by("test/acc1"), export=lambda s, prev, improved: export_variables(s),
+        **run.loop_options(), batch_extras=extras)
+    _, export, result = fit(spec, state, t_inputs, run.data, run.mesh, jax.device_get(export_variables(state)))
+    return export, result

@@ -122,6 +122,19 @@ class _quiet_orbax:
         return False
 
 
+def write_atomic(path: str, text: str) -> None:
+    """A result file is either the old or the new one, never half-written (a kill mid-write)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if _is_disk_full(e):
+            raise disk_full_error(os.path.dirname(path), f"while writing {os.path.basename(path)}", e) from e
+        raise
+
+
 def _tree_mib(tree) -> float:
     return sum(np.dtype(x.dtype).itemsize * int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree)) / 2 ** 20
 

@@ -57,3 +57,20 @@ def test_importing_the_loop_loads_no_stage_or_method():
                          check=True).stdout.split()
     assert "mgd_jax.train.loop" in out
     assert not [m for m in out if not m.startswith(("mgd_jax.train", "mgd_jax.errors")) and m != "mgd_jax"]
+
+
+def test_a_checkpoint_laid_out_differently_is_one_clear_error(tmp_path):
+    """A latest checkpoint whose tree differs from the state this version trains (an older version's student
+    state kept its method state inside batch_stats) is refused by name, not with orbax's tree diff."""
+    import numpy as np
+
+    from mgd_jax.errors import StageMismatchError
+    from mgd_jax.train.checkpoint import StageCheckpoints
+
+    ck = StageCheckpoints(str(tmp_path / "checkpoints"))
+    try:
+        ck.save_latest(3, {"params": {"w": np.ones(2)}, "batch_stats": {"method": {"m": np.zeros(1)}}}, {"epoch": 1})
+        with pytest.raises(StageMismatchError, match=r"latest/3: the checkpoint's variables are laid out differently"):
+            ck.restore_latest({"params": {"w": np.ones(2)}, "batch_stats": {}, "method_state": {"m": np.zeros(1)}})
+    finally:
+        ck.close()

@@ -316,8 +316,16 @@ class StageCheckpoints:
     @staticmethod
     def _restore(mngr, like) -> tuple[Any, dict]:
         step = mngr.latest_step()
-        r = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like)),
-                                                       meta=ocp.args.JsonRestore()))
+        try:
+            r = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like)),
+                                                           meta=ocp.args.JsonRestore()))
+        except ValueError as e:
+            if "tree structures do not match" not in str(e):
+                raise
+            raise StageMismatchError(
+                f"{mngr.directory}/{step}: the checkpoint's variables are laid out differently from what this "
+                f"version of mgd-jax trains (written by another version, or for another setup); finish the stage "
+                f"with the version that started it, or move that stage's folder away to retrain it") from None
         return r["state"], dict(r["meta"])
 
     def restore_latest(self, like):

@@ -33,7 +33,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mgd_jax import optim, precision  # noqa: E402
-from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities  # noqa: E402
+from mgd_jax.analyzer import PAPER_GRANULARITIES, GranularityAnalyzer, parse_granularities  # noqa: E402
 from mgd_jax.methods import get_method  # noqa: E402
 from mgd_jax.models import get_model  # noqa: E402
 from mgd_jax.stages import analyzer as analyzer_stage  # noqa: E402
@@ -43,7 +43,7 @@ from mgd_jax.train import mesh as mesh_lib  # noqa: E402
 
 AUG = ml_collections.ConfigDict(dict(pad=4, flip=True, mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761)))
 OPT = ml_collections.ConfigDict(dict(lr=0.05, momentum=0.9, weight_decay=5e-4, milestones=(150,), gamma=0.1))
-GRANS = parse_granularities([(64, 2.0), (256, 8.0)])
+GRANS = parse_granularities(PAPER_GRANULARITIES)
 NUM_CLASSES = 100
 
 
@@ -133,10 +133,10 @@ class Bench:
         s_mods = student_stage.StudentModules(
             self._model(student_arch),
             None if mode == "none" else GranularityAnalyzer(GRANS, NUM_CLASSES, False), get_method(method))
-        obj = student_stage.Objective(mode, GRANS, w_ce=0.2, w_logit_kd=0.8)
+        objective = student_stage.Objective(mode, GRANS, w_ce=0.2, w_logit_kd=0.8)
         state = mesh_lib.replicate(student_stage.init_state(s_mods, t_mods, jax.device_get(teacher), self.tx,
                                                             self.key, self.sample), self.mesh)
-        step = jax.jit(student_stage.make_train_step(s_mods, t_mods, obj, self.tx, AUG), donate_argnums=0)
+        step = jax.jit(student_stage.make_train_step(s_mods, t_mods, objective, self.tx, AUG), donate_argnums=0)
         return time_step(step, state, lambda b: (teacher, b, self.base), self.batches, self.steps)
 
 

@@ -75,8 +75,11 @@ def main(argv):
     try:
         cpu.configure_host_devices(FLAGS.config.get("cpu_devices", None))  # before XLA starts (reads XLA_FLAGS)
         distributed.maybe_initialize(FLAGS.config.get("distributed", None))  # before any device is touched
-        if FLAGS.config.get("compilation_cache", True):  # compiled steps are reused by a resumed or repeated run
-            import jax
+        import jax
+        if not FLAGS.config.get("compilation_cache", True):
+            jax.config.update("jax_compilation_cache_dir", None)
+        elif not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # a cache shared by several runs wins (tests)
+            # compiled steps are reused by a resumed or repeated run
             jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(FLAGS.workdir), ".jax_cache"))
         from mgd_jax.pipeline import train_and_evaluate
         from mgd_jax.train import checkpoint

@@ -21,7 +21,8 @@ def _free_port():
 
 
 def _env(devices, **extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k == "JAX_PLATFORMS"}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("JAX_") or k in ("JAX_PLATFORMS", "JAX_COMPILATION_CACHE_DIR")}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env.update(extra)
     return env

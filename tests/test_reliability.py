@@ -33,8 +33,11 @@ def _latest(workdir, stage, which="latest"):
     return step, out
 
 
-def _cmd(workdir, cache=True):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", faults.ENV)}
+def _cmd(workdir, cache=True, shared_cache=True):
+    """train.py on the smoke config; ``shared_cache``: the suite's compilation cache (conftest), else its own in
+    the workdir (a process killed at a random moment may be writing an entry)."""
+    drop = ("XLA_FLAGS", faults.ENV) if shared_cache else ("XLA_FLAGS", faults.ENV, "JAX_COMPILATION_CACHE_DIR")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     # the default mesh of train.py on this machine: one CPU device per core
     return [sys.executable, "train.py", "--config=configs/smoke.py", f"--config.compilation_cache={cache}",
             f"--workdir={workdir}"], env
@@ -112,7 +115,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(reference_run, t
     """Kills land only after the restarted process wrote a new checkpoint (never all in start-up), at a random
     moment after it; every kill is preceded by progress."""
     work = str(tmp_path / "killed")
-    cmd, env = _cmd(work)
+    cmd, env = _cmd(work, shared_cache=False)
     rng = np.random.default_rng(0)
     progress = []
     for _ in range(2):

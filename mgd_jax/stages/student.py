@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mgd_jax import losses
-from mgd_jax.analyzer import Granularity, GranularityAnalyzer, parse_granularities
+from mgd_jax.analyzer import Granularity, GranularityAnalyzer
 from mgd_jax.data import augment
 from mgd_jax.methods import Method, Outputs, get_method
 from mgd_jax.models import get_model
@@ -46,22 +46,22 @@ class Objective:
             raise ValueError(f"student.temperature must be > 0, got {self.temperature}")
 
 
-def objective_terms(obj: Objective, student: Outputs, teacher: Outputs, labels, method_loss) -> dict:
+def objective_terms(objective: Objective, student: Outputs, teacher: Outputs, labels, method_loss) -> dict:
     """The paper's terms as ``{name: (weight, value)}``; a term whose weight is 0 is not computed (nor logged)."""
     terms = {}
-    if obj.w_ce:
-        terms["ce"] = (obj.w_ce, losses.cross_entropy(student.logits, labels))
-    if obj.w_logit_kd:
-        if obj.mode == "mas":
+    if objective.w_ce:
+        terms["ce"] = (objective.w_ce, losses.cross_entropy(student.logits, labels))
+    if objective.w_logit_kd:
+        if objective.mode == "mas":
             target = losses.stable_excitation_target(teacher.logits, list(teacher.decodings.values()))
-            terms["stable_excitation"] = (obj.w_logit_kd, losses.logit_kd(student.logits, target, obj.temperature))
+            terms["stable_excitation"] = (objective.w_logit_kd, losses.logit_kd(student.logits, target, objective.temperature))
         else:
-            terms["logit_kd"] = (obj.w_logit_kd, losses.logit_kd(student.logits, teacher.logits, obj.temperature))
-    if method_loss is not None and obj.w_method:
-        terms["method"] = (obj.w_method, method_loss)
-    if obj.mode != "none" and obj.w_granularity:
-        for g in obj.granularities:
-            terms[f"granularity/{g.name}"] = (obj.w_granularity, losses.granularity_kl(
+            terms["logit_kd"] = (objective.w_logit_kd, losses.logit_kd(student.logits, teacher.logits, objective.temperature))
+    if method_loss is not None and objective.w_method:
+        terms["method"] = (objective.w_method, method_loss)
+    if objective.mode != "none" and objective.w_granularity:
+        for g in objective.granularities:
+            terms[f"granularity/{g.name}"] = (objective.w_granularity, losses.granularity_kl(
                 student.encodings[g.name], teacher.encodings[g.name], g.temperature))
     return terms
 
@@ -131,8 +131,8 @@ def method_variables(state: TrainState, params) -> dict:
     return {"params": params.get("method", {}), "state": state.method_state}
 
 
-def make_train_step(s: StudentModules, t: TeacherModules, obj: Objective, tx, aug_cfg):
-    decode = obj.mode == "mas"
+def make_train_step(s: StudentModules, t: TeacherModules, objective: Objective, tx, aug_cfg):
+    decode = objective.mode == "mas"
 
     def train_step(state: TrainState, teacher, batch, base_key):
         x = augment.train_transform(batch["image"], step_key(base_key, state.step), aug_cfg)
@@ -141,7 +141,7 @@ def make_train_step(s: StudentModules, t: TeacherModules, obj: Objective, tx, au
         def loss_fn(params):
             s_out, new_bs = student_forward(s, params, state.batch_stats, x, train=True)
             method_loss, method_state = s.method.loss(method_variables(state, params), s_out, t_out, batch, True)
-            terms = objective_terms(obj, s_out, t_out, batch["label"], method_loss)
+            terms = objective_terms(objective, s_out, t_out, batch["label"], method_loss)
             return total_loss(terms), (terms, s_out.logits, new_bs, method_state)
 
         (loss, (terms, logits, new_bs, method_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -179,9 +179,10 @@ def method_of(student_cfg) -> Method:
     return get_method(student_cfg.method, **dict(student_cfg.get("method_options", None) or {}))
 
 
-def objective_of(config, student_cfg) -> Objective:
+def objective_of(student_cfg, granularities) -> Objective:
+    """The objective of one ``config.students`` entry over the teacher's granularities."""
     w = student_cfg.weights
-    return Objective(mode=student_cfg.granularity, granularities=parse_granularities(config.granularities),
+    return Objective(mode=student_cfg.granularity, granularities=tuple(granularities),
                      temperature=student_cfg.temperature, w_ce=w.ce, w_logit_kd=w.logit_kd, w_method=w.method,
                      w_granularity=w.granularity)
 
@@ -217,8 +218,8 @@ def run(run: StageRun, name: str, teacher: Teacher) -> tuple[dict, dict]:
 
     config, cfg, scfg = run.config, run.config.student, run.config.students[name]
     method = method_of(scfg)
-    analyzer = None if scfg.granularity == "none" else GranularityAnalyzer(
-        parse_granularities(config.granularities), run.data.num_classes, False)
+    granularities = teacher.analyzer.granularities  # the student's encoders mirror the teacher's tubes
+    analyzer = None if scfg.granularity == "none" else GranularityAnalyzer(granularities, run.data.num_classes, False)
     modules = StudentModules(run.backbone(cfg.arch), analyzer, method)
     t_modules, t_inputs = TeacherModules.of(teacher), teacher_inputs(teacher)
     tx = run.sgd(cfg.optimizer, cfg.batch_size)
@@ -234,7 +235,7 @@ def run(run: StageRun, name: str, teacher: Teacher) -> tuple[dict, dict]:
         from mgd_jax.data.contrast import ContrastSampler
         extras = ContrastSampler(run.data.train_labels, method.nce_k, method.mode, seed)
     state = mesh_lib.replicate(state, run.mesh)
-    step = jax.jit(make_train_step(modules, t_modules, objective_of(config, scfg), tx, config.augment),
+    step = jax.jit(make_train_step(modules, t_modules, objective_of(scfg, granularities), tx, config.augment),
                    donate_argnums=0)
     eval_step = jax.jit(make_eval_step(modules, config.augment))
     spec = StageSpec(

@@ -116,7 +116,8 @@ def stage_config(config, stage: str, student: str | None = None) -> dict:
     if stage == "analyzer":
         return analyzer
     if stage in ("student", "student_init"):
-        return {**analyzer, **fields("student"), **flatten_config(f"config.students.{student}", config.students[student])}
+        return {**analyzer, **fields("student"),
+                **flatten_config(f"config.students.{student}", config.students[student])}
     raise ValueError(f"unknown stage {stage!r}")
 
 

@@ -54,9 +54,11 @@ def objective_terms(objective: Objective, student: Outputs, teacher: Outputs, la
     if objective.w_logit_kd:
         if objective.mode == "mas":
             target = losses.stable_excitation_target(teacher.logits, list(teacher.decodings.values()))
-            terms["stable_excitation"] = (objective.w_logit_kd, losses.logit_kd(student.logits, target, objective.temperature))
+            terms["stable_excitation"] = (objective.w_logit_kd,
+                                          losses.logit_kd(student.logits, target, objective.temperature))
         else:
-            terms["logit_kd"] = (objective.w_logit_kd, losses.logit_kd(student.logits, teacher.logits, objective.temperature))
+            terms["logit_kd"] = (objective.w_logit_kd,
+                                 losses.logit_kd(student.logits, teacher.logits, objective.temperature))
     if method_loss is not None and objective.w_method:
         terms["method"] = (objective.w_method, method_loss)
     if objective.mode != "none" and objective.w_granularity:

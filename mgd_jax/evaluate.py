@@ -6,27 +6,20 @@ analyzer also each granularity decoder's accuracy.  Writes ``<workdir>/<stage>/e
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mgd_jax import losses
-from mgd_jax.analysis.common import AnalysisError, load_config, model_of, restore_best
+from mgd_jax.analysis.common import Run, cli, evaluate_split, tool_parser
 from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities
-from mgd_jax.data import load_dataset
 from mgd_jax.data.augment import eval_transform
-from mgd_jax.stages.common import apply_backbone
-from mgd_jax.train import mesh as mesh_lib
 
 ECE_BINS = 15
-
-
-EvaluationError = AnalysisError
+SPLITS = ("test", "train")
 
 
 def calibration_sums(logits, labels, mask, bins: int = ECE_BINS) -> dict:
@@ -48,72 +41,52 @@ def summarize(sums: dict, n: int) -> dict:
             "ece": ece}
 
 
-def evaluate_stage(workdir: str, stage: str, split: str = "test", batch_size: int = 500) -> dict:
-    config = load_config(workdir)
-    ds = load_dataset(config.data)
-    images, labels = (ds.test_images, ds.test_labels) if split == "test" else (ds.train_images, ds.train_labels)
-    if split not in ("test", "train"):
-        raise EvaluationError(f"unknown split {split!r}; use test or train")
-    mesh = mesh_lib.make_mesh(jax.devices()[:1])
-    aug = config.augment
-    directory = os.path.join(workdir, stage)
-
-
+def evaluate_stage(workdir: str, stage: str, split: str = "test", batch_size: int | None = None) -> dict:
+    """``stage``: teacher | analyzer (the teacher and each granularity's decoder) | students/<name>.
+    ``batch_size``: the run's ``eval_batch_size`` by default."""
+    run = Run(workdir)
+    images, labels = run.split(split)
+    aug = run.config.augment
     if stage == "analyzer":
-        t_vars, _ = restore_best(os.path.join(workdir, "teacher"))
-        tubes, meta = restore_best(directory)
-        t_model = model_of(config, config.teacher.arch, ds.num_classes)
-        an = GranularityAnalyzer(parse_granularities(config.granularities), ds.num_classes)
+        teacher = run.backbone("teacher")
+        tubes, meta = run.restore_best("analyzer")
+        analyzer = GranularityAnalyzer(parse_granularities(run.config.granularities), teacher.num_classes)
 
-        def fn(x, y, m):
-            logits, feats, _ = apply_backbone(t_model, t_vars["params"], t_vars["batch_stats"], x, train=False)
-            out = {"teacher": calibration_sums(logits, y, m)}
-            for name, (_, dec) in an.apply({"params": tubes}, feats[-1]).items():
-                out[f"decoder/{name}"] = calibration_sums(dec, y, m)
+        def step(args, batch):
+            variables, tube_params = args
+            logits, feats = teacher.apply(variables, eval_transform(batch["image"], aug))
+            out = {"teacher": calibration_sums(logits, batch["label"], batch["mask"])}
+            for name, (_, dec) in analyzer.apply({"params": tube_params}, feats[-1]).items():
+                out[f"decoder/{name}"] = calibration_sums(dec, batch["label"], batch["mask"])
             return out
+
+        args = (teacher.variables, tubes)
     else:
-        variables, meta = restore_best(directory)
-        arch = config.teacher.arch if stage == "teacher" else config.student.arch
-        model = model_of(config, arch, ds.num_classes)
-        params = variables["params"] if stage == "teacher" else variables["params"]["backbone"]
-        stats = variables["batch_stats"] if stage == "teacher" else variables["batch_stats"]["backbone"]
+        backbone = run.backbone(stage)
+        meta = backbone.meta
 
-        def fn(x, y, m):
-            logits, _, _ = apply_backbone(model, params, stats, x, train=False)
-            return {"model": calibration_sums(logits, y, m)}
+        def step(variables, batch):
+            logits, _ = backbone.apply(variables, eval_transform(batch["image"], aug))
+            return {"model": calibration_sums(logits, batch["label"], batch["mask"])}
 
-    run = jax.jit(lambda batch: fn(eval_transform(batch["image"], aug), batch["label"], batch["mask"]))
-    totals = None
+        args = backbone.variables
+    totals = evaluate_split(step, args, images, labels, batch_size or run.config.get("eval_batch_size", 500))
     n = len(labels)
-    for start in range(0, n, batch_size):  # exact sums over the whole split
-        idx = np.arange(start, min(n, start + batch_size))
-        pad = batch_size - len(idx)
-        batch = {"image": np.concatenate([images[idx], np.zeros((pad,) + images.shape[1:], images.dtype)]),
-                 "label": np.concatenate([labels[idx], np.zeros(pad, labels.dtype)]),
-                 "mask": np.concatenate([np.ones(len(idx), np.float32), np.zeros(pad, np.float32)])}
-        sums = jax.device_get(run(mesh_lib.shard_batch(batch, mesh)))
-        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     result = {"stage": stage, "split": split, "examples": n, "checkpoint_epoch": meta.get("epoch"),
               **{k: summarize(v, n) for k, v in totals.items()}}
-    with open(os.path.join(directory, f"eval_{split}.json"), "w") as f:
+    with open(os.path.join(run.stage_dir(stage), f"eval_{split}.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
 
 
+@cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--stage", required=True, help="teacher | analyzer | students/<name>")
-    p.add_argument("--split", default="test")
+    p = tool_parser(__doc__, stage="teacher | analyzer | students/<name>")
+    p.add_argument("--split", default="test", choices=SPLITS)
     a = p.parse_args(argv)
-    try:
-        result = evaluate_stage(os.path.abspath(a.workdir), a.stage, a.split)
-    except EvaluationError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=1))
+    print(json.dumps(evaluate_stage(a.workdir, a.stage, a.split), indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

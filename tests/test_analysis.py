@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mgd_jax.evaluate import EvaluationError, calibration_sums, evaluate_stage, main, summarize
+from mgd_jax.errors import AnalysisError
+from mgd_jax.evaluate import calibration_sums, evaluate_stage, main, summarize
 
 
 def test_calibration_matches_numpy():
@@ -42,8 +43,21 @@ def test_evaluate_every_stage_of_a_workdir(smoke_workdir):
     assert an["decoder/16d_T2"]["top1"] == pytest.approx(summary["rows"][1]["best_acc1"])
     assert json.load(open(os.path.join(work, "analyzer", "eval_test.json")))["examples"] == 100
     assert main([f"--workdir={work}", "--stage=teacher", "--split=train"]) == 0
-    with pytest.raises(EvaluationError, match="students/nope/checkpoints/best does not exist"):
+    with pytest.raises(AnalysisError, match="students/nope/checkpoints/best does not exist"):
         evaluate_stage(work, "students/nope")
+
+
+def test_tools_report_user_errors_in_one_line(smoke_workdir, tmp_path, capsys):
+    """A wrong workdir or stage is one line on stderr and exit status 2 in every tool, not a stack trace."""
+    work, _ = smoke_workdir
+    capsys.readouterr()
+    for tool, argv in [(main, [f"--workdir={tmp_path}", "--stage=teacher"]),
+                       (main, [f"--workdir={work}", "--stage=students/nope"]),
+                       (rob.main, [f"--workdir={work}", "--stages=analyzer"]),
+                       (cka_lib.main, [f"--workdir={work}", "--stage=students/nope"])]:
+        assert tool(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
 # --- robustness and CKA ---------------------------------------------------------------------------------------
@@ -89,9 +103,13 @@ def test_robustness_and_cka_tools_on_a_workdir(smoke_workdir):
     for kind in per:  # severity 0 is the clean test accuracy of the best checkpoint
         assert per[kind]["top1"][0] == pytest.approx(clean)
     assert os.path.getsize(os.path.join(work, "analysis", "robustness.png")) > 1000
-    assert cka_lib.main([f"--workdir={work}", "--student=students/mas_kd", "--examples=64"]) == 0
+    assert cka_lib.main([f"--workdir={work}", "--student=students/mas_kd", "--examples=64"]) == 0  # --student = --stage
     c = json.load(open(os.path.join(work, "analysis", "cka_students_mas_kd.json")))
     m = np.asarray(c["cka"])
     assert m.shape == (5, 5) and np.all((m >= -1e-9) & (m <= 1 + 1e-9))
     assert os.path.getsize(os.path.join(work, "analysis", "cka_students_mas_kd.png")) > 1000
-    assert rob.main([f"--workdir={work}", "--stages=analyzer"]) == 2  # no backbone: one-line error
+    # each image's corruption is a function of (seed, its index): the numbers do not depend on the batch size
+    small = rob.robustness(work, ["students/mas_kd"], {"gaussian_noise": (0.3,), "salt_pepper": (0.1,)},
+                           batch_size=48)["results"]["students/mas_kd"]
+    assert small["gaussian_noise"]["top1"] == per["gaussian_noise"]["top1"][4:5]
+    assert small["salt_pepper"]["top1"] == per["salt_pepper"]["top1"][3:4]

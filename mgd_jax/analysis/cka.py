@@ -1,22 +1,20 @@
 """Linear CKA between the teacher's and a student's features, layer by layer (every pair of entries of the two
 feature lists), on test images.  Writes cka_<student>.json and a heat map cka_<student>.png.
 
-    python -m mgd_jax.analysis.cka --workdir=runs/quickstart --student=students/mas_kd [--examples=500]
+    python -m mgd_jax.analysis.cka --workdir=runs/quickstart --stage=students/mas_kd [--examples=500]
 
 CKA(X, Y) = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) with X, Y the column-centred [n, features] matrices.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mgd_jax.analysis.common import AnalysisError, backbone_fn, load_config, load_data
+from mgd_jax.analysis.common import Run, cli, tool_parser
 from mgd_jax.data.augment import eval_transform
 
 
@@ -31,18 +29,20 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def cka_matrix(workdir: str, student: str, examples: int = 500) -> dict:
-    config = load_config(workdir)
-    ds = load_data(config)
-    n = min(examples, len(ds.test_labels))
-    x = eval_transform(jnp.asarray(ds.test_images[:n]), config.augment)
-    feats = {}
+    """CKA between every teacher feature and every feature of ``student`` (a stage: students/<name>) on the
+    first ``examples`` test images."""
+    run = Run(workdir)
+    images, _ = run.split("test")
+    n = min(examples, len(images))
+    x = eval_transform(jnp.asarray(images[:n]), run.config.augment)
+    feats, arch = {}, {}
     for who, stage in (("teacher", "teacher"), ("student", student)):
-        fn, _ = backbone_fn(workdir, stage, config, ds.num_classes)
-        _, f = jax.jit(fn)(x)
-        feats[who] = [np.asarray(a) for a in f]
+        backbone = run.backbone(stage)
+        _, f = jax.jit(backbone.apply)(backbone.variables, x)
+        feats[who], arch[who] = [np.asarray(a) for a in f], backbone.arch
     m = [[linear_cka(t, s) for s in feats["student"]] for t in feats["teacher"]]
-    return {"workdir": workdir, "student": student, "examples": n, "teacher_arch": config.teacher.arch,
-            "student_arch": config.student.arch, "teacher_layers": [list(a.shape[1:]) for a in feats["teacher"]],
+    return {"workdir": run.workdir, "student": student, "examples": n, "teacher_arch": arch["teacher"],
+            "student_arch": arch["student"], "teacher_layers": [list(a.shape[1:]) for a in feats["teacher"]],
             "student_layers": [list(a.shape[1:]) for a in feats["student"]], "cka": m}
 
 
@@ -68,22 +68,16 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+@cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--student", required=True, help="students/<name>")
+    p = tool_parser(__doc__, stage="students/<name>, compared with the teacher", stage_aliases=("--student",))
     p.add_argument("--examples", type=int, default=500)
-    p.add_argument("--out")
+    p.add_argument("--out", help="output folder (default <workdir>/analysis)")
     a = p.parse_args(argv)
-    workdir = os.path.abspath(a.workdir)
-    out = a.out or os.path.join(workdir, "analysis")
-    try:
-        result = cka_matrix(workdir, a.student, a.examples)
-    except AnalysisError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = cka_matrix(a.workdir, a.stage, a.examples)
+    out = a.out or os.path.join(result["workdir"], "analysis")
     os.makedirs(out, exist_ok=True)
-    name = a.student.replace("/", "_")
+    name = a.stage.replace("/", "_")
     with open(os.path.join(out, f"cka_{name}.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(result, os.path.join(out, f"cka_{name}.png"))
@@ -92,4 +86,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

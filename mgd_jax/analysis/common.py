@@ -1,23 +1,71 @@
-"""Loading a workdir's stages for analysis: its config, its data, a stage's best checkpoint as a function."""
+"""What the analysis tools (``evaluate``, ``analysis.robustness``, ``analysis.cka``, ``transfer``) share.
+
+* Command line: ``tool_parser`` (``--workdir`` and, where a tool takes one, ``--stage``), ``cli`` (a user
+  error, ``mgd_jax.errors.USER_ERRORS``, is one line on stderr and exit status 2, not a stack trace).
+* A finished run: ``Run(workdir)`` holds its ``config.json``; ``run.dataset`` is its data, ``run.restore_best``
+  a stage's best checkpoint and ``run.backbone(stage)`` a teacher's or student's backbone as the run computed it
+  (its ``config.precision``).
+* ``evaluate_split``: a jitted function's exact sums over a whole split.
+* Config files given by path (``configs/transfer.py:stl10``, the sweep's ``configs/cifar100.py``):
+  ``load_config_file`` and ``override`` (``--config.a.b=value``, typed like train.py's overrides).
+"""
 from __future__ import annotations
 
+import argparse
+import ast
+import dataclasses
+import functools
+import importlib.util
+import inspect
 import json
 import os
+import sys
+from typing import Any, Callable
 
+import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from mgd_jax import precision
 from mgd_jax.data import load_dataset
-from mgd_jax.models import get_model
+from mgd_jax.errors import USER_ERRORS, AnalysisError, ConfigError
+from mgd_jax.models import classifier_name, get_model
 from mgd_jax.stages.common import apply_backbone
+from mgd_jax.train import mesh as mesh_lib
 from mgd_jax.train.checkpoint import StageCheckpoints
 
+__all__ = ["AnalysisError", "BACKBONE_STAGES", "Backbone", "Run", "cli", "evaluate_split", "load_config",
+           "load_config_file", "model_of", "override", "parse_with_overrides", "restore_best", "tool_parser"]
 
-class AnalysisError(ValueError):
-    pass
+BACKBONE_STAGES = "teacher | students/<name>"
 
 
+# --- command line ------------------------------------------------------------------------------------------------
+def tool_parser(doc: str, stage: str | None = None, stage_aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The tool's parser with ``--workdir`` (required) and, with ``stage`` (its help), a required ``--stage``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a workdir written by train.py (holds config.json)")
+    if stage:
+        p.add_argument("--stage", *stage_aliases, dest="stage", required=True, help=stage)
+    return p
+
+
+def cli(main: Callable[[Any], int]) -> Callable[[Any], int]:
+    """``main(argv) -> exit status``, where a user error (``USER_ERRORS``) is one line on stderr and status 2."""
+
+    @functools.wraps(main)
+    def run(argv=None) -> int:
+        try:
+            return main(argv)
+        except USER_ERRORS as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+# --- a finished run ----------------------------------------------------------------------------------------------
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
@@ -31,7 +79,8 @@ def model_of(config, arch: str, num_classes: int):
     return precision.with_compute_dtype(get_model(arch, num_classes), config.get("precision", "float32"))
 
 
-def restore_best(directory: str):
+def restore_best(directory: str) -> tuple[Any, dict]:
+    """A stage directory's best checkpoint -> (its saved tree, its metadata)."""
     if not os.path.isdir(os.path.join(directory, "checkpoints", "best")):
         raise AnalysisError(f"{directory}/checkpoints/best does not exist (has this stage run?)")
     ck = StageCheckpoints(os.path.join(directory, "checkpoints"))
@@ -46,22 +95,179 @@ def restore_best(directory: str):
         ck.close()
 
 
-def backbone_fn(workdir: str, stage: str, config, num_classes: int, preact: bool = False):
-    """``stage`` = teacher | students/<name> -> (f(x_normalized) -> (logits, features), meta)."""
-    if stage != "teacher" and not stage.startswith("students/"):
-        raise AnalysisError(f"stage {stage!r} has no backbone; use teacher or students/<name>")
-    variables, meta = restore_best(os.path.join(workdir, stage))
-    arch = config.teacher.arch if stage == "teacher" else config.student.arch
-    model = model_of(config, arch, num_classes)
-    params = variables["params"] if stage == "teacher" else variables["params"]["backbone"]
-    stats = variables["batch_stats"] if stage == "teacher" else variables["batch_stats"]["backbone"]
+@dataclasses.dataclass(eq=False)
+class Backbone:
+    """A teacher's or student's backbone from its best checkpoint, computing as the run did."""
 
-    def fn(x):
-        logits, feats, _ = apply_backbone(model, params, stats, x, train=False, preact=preact)
+    stage: str
+    arch: str
+    model: Any  # the zoo module in the run's precision
+    variables: dict  # {'params', 'batch_stats'}: pass them to ``apply`` (a jitted function's argument)
+    meta: dict  # the checkpoint's metadata (epoch, metrics, config identity)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.variables["params"][classifier_name(self.variables["params"])]["kernel"].shape[-1])
+
+    @property
+    def feature_dim(self) -> int:
+        """The size of the pooled feature (the last entry of the feature list), the classifier's input."""
+        return int(self.variables["params"][classifier_name(self.variables["params"])]["kernel"].shape[0])
+
+    def apply(self, variables, x, preact: bool = False):
+        """Eval mode: normalised NHWC images -> (logits, features)."""
+        logits, feats, _ = apply_backbone(self.model, variables["params"], variables["batch_stats"], x, train=False,
+                                          preact=preact)
         return logits, feats
 
-    return fn, meta
+
+class Run:
+    """A workdir written by ``train.py``: its config, its data, its stages' best checkpoints."""
+
+    def __init__(self, workdir: str):
+        self.workdir = os.path.abspath(workdir)
+        self.config = load_config(self.workdir)
+
+    @functools.cached_property
+    def dataset(self):
+        return load_dataset(self.config.data)
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        if name not in ("test", "train"):
+            raise AnalysisError(f"unknown split {name!r}; use test or train")
+        ds = self.dataset
+        return (ds.test_images, ds.test_labels) if name == "test" else (ds.train_images, ds.train_labels)
+
+    def stage_dir(self, stage: str) -> str:
+        return os.path.join(self.workdir, stage)
+
+    def restore_best(self, stage: str) -> tuple[Any, dict]:
+        return restore_best(self.stage_dir(stage))
+
+    def model(self, arch: str, num_classes: int):
+        return model_of(self.config, arch, num_classes)
+
+    def backbone(self, stage: str) -> Backbone:
+        """``stage`` = teacher | students/<name>: its backbone (a student's without its encoders / aux modules)."""
+        if stage != "teacher" and not stage.startswith("students/"):
+            raise AnalysisError(f"stage {stage!r} has no backbone; use {BACKBONE_STAGES.replace(' | ', ' or ')}")
+        saved, meta = self.restore_best(stage)
+        if stage == "teacher":
+            variables = {"params": saved["params"], "batch_stats": saved["batch_stats"]}
+        else:
+            variables = {"params": saved["params"]["backbone"], "batch_stats": saved["batch_stats"]["backbone"]}
+        arch = self.config.teacher.arch if stage == "teacher" else self.config.student.arch
+        num_classes = int(variables["params"][classifier_name(variables["params"])]["kernel"].shape[-1])
+        return Backbone(stage, arch, self.model(arch, num_classes), variables, meta)
 
 
-def load_data(config):
-    return load_dataset(config.data)
+# --- evaluation --------------------------------------------------------------------------------------------------
+def evaluate_split(step: Callable, args, images: np.ndarray, labels: np.ndarray, batch_size: int,
+                   mesh=None) -> Any:
+    """Exact sums of ``step(args, batch) -> pytree of sums`` over a whole split, ``step`` jitted once.
+
+    ``batch``: ``image`` (uint8, as stored), ``label``, ``mask`` (1 on real rows) and ``index`` (each row's
+    index into the split), ``batch_size`` rows, the last batch zero-padded.  ``mesh``: one device by default."""
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh(jax.devices()[:1])
+    run = jax.jit(step)
+    args = mesh_lib.replicate(args, mesh)
+    totals, n = None, len(labels)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(n, start + batch_size))
+        pad = batch_size - len(idx)
+        batch = {"image": np.concatenate([images[idx], np.zeros((pad,) + images.shape[1:], images.dtype)]),
+                 "label": np.concatenate([labels[idx], np.zeros(pad, labels.dtype)]),
+                 "mask": np.concatenate([np.ones(len(idx), np.float32), np.zeros(pad, np.float32)]),
+                 "index": np.arange(start, start + batch_size, dtype=np.int32)}
+        sums = jax.device_get(run(args, mesh_lib.shard_batch(batch, mesh)))
+        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    return totals
+
+
+# --- config files ------------------------------------------------------------------------------------------------
+def _config_module(path: str):
+    """The config file at ``path``, imported by path as train.py's ``--config`` flag does: its own imports
+    (``from configs import default``) resolve from the working directory, the repository root."""
+    if not os.path.isfile(path):
+        where = "" if os.path.isabs(path) else " (a relative path is read from the working directory: run from the " \
+                                               "repository root)"
+        raise ConfigError(f"config file {path} does not exist{where}")
+    name = "mgd_config_" + "".join(ch if ch.isalnum() else "_" for ch in os.path.abspath(path))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] == "configs":
+            raise ConfigError(f"{path} imports the repository's {e.name!r}: run the command from the repository "
+                              f"root (the folder that holds configs/)") from None
+        raise
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(f"{path} defines no get_config()")
+    return module
+
+
+def takes_argument(path: str) -> bool:
+    """Whether the config file's ``get_config`` takes an argument (``--config=path:argument``)."""
+    return bool(inspect.signature(_config_module(path).get_config).parameters)
+
+
+def load_config_file(spec: str, argument: str | None = None) -> ml_collections.ConfigDict:
+    """``spec`` = ``path[:argument]`` -> the file's ``get_config(argument)``; ``argument`` replaces the spec's.
+
+    The file's refusal of its argument (a ``ValueError``: unknown dataset, method, mode ...) is one line."""
+    path, colon, spec_argument = spec.partition(":")
+    argument = argument if argument is not None else (spec_argument if colon else None)
+    module = _config_module(path)
+    takes = bool(inspect.signature(module.get_config).parameters)
+    if argument is not None and not takes:
+        raise ConfigError(f"--config={path}: its get_config() takes no argument, got {argument!r}")
+    try:
+        return module.get_config(argument) if argument is not None else module.get_config()
+    except ValueError as e:
+        raise ConfigError(f"--config={path}" + (f":{argument}" if argument is not None else "") + f": {e}") from None
+
+
+def _parse_value(text: str, kind: type | None, where: str):
+    if kind is str:
+        return text
+    if kind is bool and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if kind is None:
+            return text
+        raise ConfigError(f"{where}: {text!r} is not a {kind.__name__} (a Python literal)") from None
+
+
+def override(config: ml_collections.ConfigDict, field: str, text, where: str | None = None) -> None:
+    """``--config.a.b=text``: the field must exist; ``text`` is read as the field's type (a string field takes it
+    as is, other fields as a Python literal: ``10``, ``0.1``, ``(20,25)``, ``True``, ``None``); a value that is
+    not a string is set as is."""
+    where = where or f"--config.{field}={text}"
+    *path, last = field.split(".")
+    node = config
+    for p in path:
+        if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+            raise ConfigError(f"{where}: the config has no field {field!r}")
+        node = node[p]
+    if not isinstance(node, ml_collections.ConfigDict) or last not in node:
+        raise ConfigError(f"{where}: the config has no field {field!r}")
+    kind = node.get_type(last)
+    kind = None if kind is type(None) else kind
+    value = _parse_value(text, kind, where) if isinstance(text, str) else text
+    try:
+        node[last] = value
+    except (ValueError, TypeError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{where}: {why}") from None
+
+
+def parse_with_overrides(p: argparse.ArgumentParser, argv=None, flag: str = "--config"):
+    """``p.parse_args`` that also takes ``--config.a.b=value`` overrides -> (args, [(field, value text)])."""
+    a, rest = p.parse_known_args(argv)
+    bad = [x for x in rest if not (x.startswith(flag + ".") and "=" in x)]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)} (a config override is {flag}.FIELD=VALUE)")
+    return a, [tuple(x[len(flag) + 1:].split("=", 1)) for x in rest]

@@ -4,23 +4,23 @@ test accuracy of several checkpoints under input corruptions at several strength
     python -m mgd_jax.analysis.robustness --workdir=runs/quickstart \
         --stages=teacher,students/kd,students/mag_kd,students/mas_kd
 
-Corruptions act on [0, 1] pixels before normalisation, with a fixed seed: Gaussian noise (sigma), salt-and-
-pepper (fraction of pixels), contrast reduction (factor towards the image mean).  Writes robustness.json and
+Corruptions act on [0, 1] pixels before normalisation, each test image with its own key (a function of the seed
+and the image's index, so that results do not depend on the batch size): Gaussian noise (sigma), salt-and-pepper
+(fraction of pixels), contrast reduction (factor towards the image mean).  Writes robustness.json and
 robustness.png in ``--out`` (default: <workdir>/analysis).
 """
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mgd_jax import losses
-from mgd_jax.analysis.common import AnalysisError, backbone_fn, load_config, load_data
+from mgd_jax.analysis.common import AnalysisError, Run, cli, evaluate_split, tool_parser
 
 CORRUPTIONS = {
     "gaussian_noise": (0.0, 0.05, 0.1, 0.2, 0.3, 0.5),
@@ -29,50 +29,63 @@ CORRUPTIONS = {
 }
 
 
-def corrupt(x01: jax.Array, kind: str, severity: float, key: jax.Array) -> jax.Array:
-    """x01: [B, H, W, C] in [0, 1]."""
-    if severity == 0:
-        return x01
+def corrupt(x01: jax.Array, kind: str, severity, key: jax.Array) -> jax.Array:
+    """x01: [B, H, W, C] in [0, 1]; ``severity`` may be traced.  Severity 0 returns ``x01`` unchanged."""
     if kind == "gaussian_noise":
-        return jnp.clip(x01 + severity * jax.random.normal(key, x01.shape), 0.0, 1.0)
-    if kind == "salt_pepper":
+        out = jnp.clip(x01 + severity * jax.random.normal(key, x01.shape), 0.0, 1.0)
+    elif kind == "salt_pepper":
         k1, k2 = jax.random.split(key)
         hit = jax.random.bernoulli(k1, severity, x01.shape[:3] + (1,))
         salt = jax.random.bernoulli(k2, 0.5, x01.shape[:3] + (1,)).astype(x01.dtype)
-        return jnp.where(hit, salt, x01)
-    if kind == "contrast":
+        out = jnp.where(hit, salt, x01)
+    elif kind == "contrast":
         mean = jnp.mean(x01, axis=(1, 2, 3), keepdims=True)
-        return mean + (1.0 - severity) * (x01 - mean)
-    raise AnalysisError(f"unknown corruption {kind!r}; known: {', '.join(CORRUPTIONS)}")
+        out = mean + (1.0 - severity) * (x01 - mean)
+    else:
+        raise AnalysisError(f"unknown corruption {kind!r}; known: {', '.join(CORRUPTIONS)}")
+    return jnp.where(severity == 0, x01, out)
 
 
-def robustness(workdir: str, stages: list[str], corruptions=None, batch_size: int = 500, seed: int = 0) -> dict:
-    config = load_config(workdir)
-    ds = load_data(config)
-    mean = jnp.asarray(config.augment.mean, jnp.float32)
-    std = jnp.asarray(config.augment.std, jnp.float32)
+def corrupt_examples(x01: jax.Array, index: jax.Array, severity, kind: str, seed: int) -> jax.Array:
+    """Each image corrupted with its own key, a function of (seed, its index in the test set): the result does
+    not depend on the batch size."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(index)
+    return jax.vmap(lambda x, k: corrupt(x[None], kind, severity, k)[0])(x01, keys)
+
+
+def robustness(workdir: str, stages: list[str], corruptions=None, batch_size: int | None = None,
+               seed: int = 0) -> dict:
+    """Test top-1 of each stage's backbone under each corruption and severity.  ``batch_size``: the run's
+    ``eval_batch_size`` by default."""
+    run = Run(workdir)
+    images, labels = run.split("test")
+    mean = jnp.asarray(run.config.augment.mean, jnp.float32)
+    std = jnp.asarray(run.config.augment.std, jnp.float32)
     corruptions = corruptions or CORRUPTIONS
+    kinds = list(corruptions)
+    for kind in kinds:
+        if kind not in CORRUPTIONS:
+            raise AnalysisError(f"unknown corruption {kind!r}; known: {', '.join(CORRUPTIONS)}")
+    batch_size = batch_size or run.config.get("eval_batch_size", 500)
     results = {}
     for stage in stages:
-        fn, _ = backbone_fn(workdir, stage, config, ds.num_classes)
-        fn = jax.jit(fn)
+        backbone = run.backbone(stage)
+
+        def step(args, batch):  # one compilation per stage: the corruption and its severity are arguments
+            variables, kind_index, severity = args
+            x01 = batch["image"].astype(jnp.float32) / 255.0
+            branches = [functools.partial(corrupt_examples, kind=k, seed=seed) for k in kinds]
+            x = jax.lax.switch(kind_index, branches, x01, batch["index"], severity)
+            logits, _ = backbone.apply(variables, (x - mean) / std)
+            return jnp.sum(losses.topk_correct(logits, batch["label"], 1) * batch["mask"])
 
         per = {}
-        for kind, severities in corruptions.items():
-            accs = []
-            for sev in severities:
-                total, n = 0.0, len(ds.test_labels)
-                for start in range(0, n, batch_size):
-                    idx = np.arange(start, min(n, start + batch_size))
-                    key = jax.random.fold_in(jax.random.key(seed), start)
-                    x01 = jnp.asarray(ds.test_images[idx], jnp.float32) / 255.0
-                    x = (corrupt(x01, kind, float(sev), key) - mean) / std
-                    logits, _ = fn(x)
-                    total += float(jnp.sum(losses.topk_correct(logits, jnp.asarray(ds.test_labels[idx]), 1)))
-                accs.append(total / n)
-            per[kind] = {"severity": list(map(float, severities)), "top1": accs}
+        for k, kind in enumerate(kinds):
+            accs = [float(evaluate_split(step, (backbone.variables, np.int32(k), np.float32(sev)), images, labels,
+                                         batch_size)) / len(labels) for sev in corruptions[kind]]
+            per[kind] = {"severity": list(map(float, corruptions[kind])), "top1": accs}
         results[stage] = per
-    return {"workdir": workdir, "examples": len(ds.test_labels), "results": results}
+    return {"workdir": run.workdir, "examples": len(labels), "results": results}
 
 
 def plot(result: dict, path: str) -> None:
@@ -95,19 +108,14 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+@cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True)
+    p = tool_parser(__doc__)
     p.add_argument("--stages", required=True, help="comma-separated: teacher, students/<name>, ...")
     p.add_argument("--out", help="output folder (default <workdir>/analysis)")
     a = p.parse_args(argv)
-    workdir = os.path.abspath(a.workdir)
-    out = a.out or os.path.join(workdir, "analysis")
-    try:
-        result = robustness(workdir, [s for s in a.stages.split(",") if s])
-    except AnalysisError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = robustness(a.workdir, [s for s in a.stages.split(",") if s])
+    out = a.out or os.path.join(result["workdir"], "analysis")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "robustness.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -117,4 +125,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

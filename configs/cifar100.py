@@ -15,6 +15,7 @@ train with lr 0.01 (the reference's rule).
 import ml_collections
 
 from configs import default
+from mgd_jax.methods import known_methods
 
 
 def get_config(arg: str = "resnet56,resnet20,kd,mas"):
@@ -25,8 +26,8 @@ def get_config(arg: str = "resnet56,resnet20,kd,mas"):
     c = default.get_config()
     default.set_pair(c, teacher, student)
     default.set_teacher_schedule(c, parts[4] if len(parts) == 5 else "mg")
-    if method not in default.METHOD_WEIGHTS:
-        raise ValueError(f"unknown method {method!r}; configs know: {', '.join(default.METHOD_WEIGHTS)}")
+    if method not in known_methods():
+        raise ValueError(f"unknown method {method!r}; configs know: {', '.join(known_methods())}")
     modes = ("none", "mag", "mas") if mode == "all" else (mode,)
     c.students = ml_collections.ConfigDict({f"{method}_{m}": default.student_run(method, m, student_arch=student)
                                             for m in modes})

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import FIXTURES
 from mgd_jax import losses
-from mgd_jax.methods import functional as F
-from mgd_jax.methods import modules as M
+from mgd_jax.methods import abound, afd, attention, common, correlation, crd, factor, fsp, hint, kdsvd, nst, pkt, rkd
+from mgd_jax.methods import similarity, vid
 
 CASES = json.loads((FIXTURES / "baseline_reference_values.json").read_text())["cases"]
 # One float32 tolerance for every case.  Measured (JAX float32 on CPU vs the reference's float32 values): <= 8e-7
@@ -62,7 +62,7 @@ def test_kd(T):
 def test_hint_mse():
     c = CASES["hint_mse"]
     x = draw(c["inputs"])
-    close(F.hint_mse(nhwc(x["f_s"]), nhwc(x["f_t"])), c["values"]["float32"])
+    close(hint.hint_mse(nhwc(x["f_s"]), nhwc(x["f_t"])), c["values"]["float32"])
 
 
 @pytest.mark.parametrize("case", ["same_size_1x1conv", "stride2_conv3x3", "transposed_conv4x4", "valid_conv3x3"])
@@ -75,18 +75,18 @@ def test_hint_convreg(case):
     params = {"conv": {"kernel": kernel, "bias": jnp.asarray(x["conv.bias"])},
               "bn": {"scale": jnp.asarray(1 + x["bn.weight_minus_1"]), "bias": jnp.asarray(x["bn.bias"])}}
     stats = {"bn": {"mean": jnp.zeros(16), "var": jnp.ones(16)}}
-    reg = M.ConvReg(f_t.shape[-1], f_t.shape[1], f_t.shape[2])
+    reg = common.ConvReg(f_t.shape[-1], f_t.shape[1], f_t.shape[2])
     out, _ = reg.apply({"params": params, "batch_stats": stats}, nhwc(x["x_s"]), True, mutable=["batch_stats"])
     want = c["values"]["float32"]
     assert tuple(out.shape) == (want["regressed_shape"][0], *want["regressed_shape"][2:], want["regressed_shape"][1])
     close(float(np.sum(np.asarray(out, np.float64))), want["regressed_sum"])
-    close(F.hint_mse(out, f_t), want["loss"])
+    close(hint.hint_mse(out, f_t), want["loss"])
 
 
 def test_attention():
     c = CASES["attention"]
     x = draw(c["inputs"])
-    per = F.attention([nhwc(x[f"g_s[{i}]"]) for i in range(3)], [nhwc(x[f"g_t[{i}]"]) for i in range(3)])
+    per = attention.attention([nhwc(x[f"g_s[{i}]"]) for i in range(3)], [nhwc(x[f"g_t[{i}]"]) for i in range(3)])
     close(per, c["values"]["float32"]["per_layer"])
     close(sum(per), c["values"]["float32"]["sum"])
 
@@ -94,46 +94,46 @@ def test_attention():
 def test_attention_pooling():
     c = CASES["attention_pooling"]
     x = draw(c["inputs"])
-    per = F.attention([nhwc(x[f"g_s[{i}]"]) for i in range(2)], [nhwc(x[f"g_t[{i}]"]) for i in range(2)])
+    per = attention.attention([nhwc(x[f"g_s[{i}]"]) for i in range(2)], [nhwc(x[f"g_t[{i}]"]) for i in range(2)])
     close(per, c["values"]["float32"])
 
 
 def test_similarity():
     c = CASES["similarity"]
     x = draw(c["inputs"])
-    close(F.similarity(nhwc(x["f_s"]), nhwc(x["f_t"])), c["values"]["float32"])
+    close(similarity.similarity(nhwc(x["f_s"]), nhwc(x["f_t"])), c["values"]["float32"])
 
 
 def test_correlation():
     c = CASES["correlation_given_embeddings"]
     x = draw(c["inputs"])
-    close(F.correlation(jnp.asarray(x["e_s"]), jnp.asarray(x["e_t"])), c["values"]["float32"])
+    close(correlation.correlation(jnp.asarray(x["e_s"]), jnp.asarray(x["e_t"])), c["values"]["float32"])
     c = CASES["correlation_with_linear_embed"]
     x = draw(c["inputs_then_params"])
     es = x["f_s"] @ x["embed_s.linear.weight"].T + x["embed_s.linear.bias"]
     et = x["f_t"] @ x["embed_t.linear.weight"].T + x["embed_t.linear.bias"]
-    close(F.correlation(jnp.asarray(es), jnp.asarray(et)), c["values"]["float32"])
+    close(correlation.correlation(jnp.asarray(es), jnp.asarray(et)), c["values"]["float32"])
 
 
 def test_vid():
     c = CASES["vid"]
     x = draw(c["inputs_then_params"])
-    assert np.float32(F.VID_LOG_SCALE_INIT) == np.float32(c["values"]["float32"]["log_scale_init"])
+    assert np.float32(vid.VID_LOG_SCALE_INIT) == np.float32(c["values"]["float32"]["log_scale_init"])
     per = []
     for i in range(2):
-        s, t = F.match_hw(nhwc(x[f"g_s[{i}]"]), nhwc(x[f"g_t[{i}]"]))
+        s, t = common.match_hw(nhwc(x[f"g_s[{i}]"]), nhwc(x[f"g_t[{i}]"]))
         tc = t.shape[-1]
         params = {f"conv{j}": {"kernel": conv_w(x[f"vid[{i}].regressor.{2 * j}.weight"])} for j in range(3)}
-        params["log_scale"] = jnp.full((tc,), F.VID_LOG_SCALE_INIT, jnp.float32)
-        mu, log_scale = M.VIDRegressor(tc, F.VID_LOG_SCALE_INIT).apply({"params": params}, s)
-        per.append(F.vid_layer(mu, t, log_scale))
+        params["log_scale"] = jnp.full((tc,), vid.VID_LOG_SCALE_INIT, jnp.float32)
+        mu, log_scale = vid.VIDRegressor(tc, vid.VID_LOG_SCALE_INIT).apply({"params": params}, s)
+        per.append(vid.vid_layer(mu, t, log_scale))
     close(per, c["values"]["float32"]["per_layer"])
 
 
 def test_kdsvd_canonical_sign():
     c = CASES["kdsvd"]
     x = draw(c["inputs"])
-    per = F.kdsvd([nhwc(x[f"g_s[{i}]"]) for i in range(3)], [nhwc(x[f"g_t[{i}]"]) for i in range(3)])
+    per = kdsvd.kdsvd([nhwc(x[f"g_s[{i}]"]) for i in range(3)], [nhwc(x[f"g_t[{i}]"]) for i in range(3)])
     want = c["values_canonical_sign_largest_abs_entry_of_each_v_column_positive"]["float32"]
     close(per, want["per_pair"])
 
@@ -141,7 +141,7 @@ def test_kdsvd_canonical_sign():
 def test_fsp():
     c = CASES["fsp"]
     x = draw(c["inputs"])
-    close(F.fsp([nhwc(x[f"g_s[{i}]"]) for i in range(3)], [nhwc(x[f"g_t[{i}]"]) for i in range(3)]),
+    close(fsp.fsp([nhwc(x[f"g_s[{i}]"]) for i in range(3)], [nhwc(x[f"g_t[{i}]"]) for i in range(3)]),
           c["values"]["float32"])
 
 
@@ -150,35 +150,35 @@ def test_rkd():
     x = draw(c["inputs"])
     fs, ft = jnp.asarray(x["f_s"]), jnp.asarray(x["f_t"])
     v = c["values"]["float32"]
-    close(F.rkd(fs, ft), v["total(25*d+50*a)"])
-    close(F.rkd(fs, ft, 1.0, 0.0), v["distance_only(w_d=1,w_a=0)"])
-    close(F.rkd(fs, ft, 0.0, 1.0), v["angle_only(w_d=0,w_a=1)"])
+    close(rkd.rkd(fs, ft), v["total(25*d+50*a)"])
+    close(rkd.rkd(fs, ft, 1.0, 0.0), v["distance_only(w_d=1,w_a=0)"])
+    close(rkd.rkd(fs, ft, 0.0, 1.0), v["angle_only(w_d=0,w_a=1)"])
 
 
 def test_pkt():
     c = CASES["pkt"]
     x = draw(c["inputs"])
-    close(F.pkt(jnp.asarray(x["f_s"]), jnp.asarray(x["f_t"])), c["values"]["float32"])
+    close(pkt.pkt(jnp.asarray(x["f_s"]), jnp.asarray(x["f_t"])), c["values"]["float32"])
 
 
 def test_abound():
     c = CASES["abound_given_connector_outputs"]
     x = draw(c["inputs"])
-    per = F.ab([nhwc(x[f"g_s[{i}]"]) for i in range(3)], [nhwc(x[f"g_t[{i}]"]) for i in range(3)])
+    per = abound.ab([nhwc(x[f"g_s[{i}]"]) for i in range(3)], [nhwc(x[f"g_t[{i}]"]) for i in range(3)])
     close(per, c["values"]["float32"]["per_layer"])
 
 
 def test_factor():
     c = CASES["factor_given_factors"]
     x = draw(c["inputs"])
-    close(F.factor_transfer(nhwc(x["factor_s"]), nhwc(x["factor_t"])), c["values"]["float32"]["same_size"])
-    close(F.factor_transfer(nhwc(x["factor_s_big"]), nhwc(x["factor_t"])), c["values"]["float32"]["pooled"])
+    close(factor.factor_transfer(nhwc(x["factor_s"]), nhwc(x["factor_t"])), c["values"]["float32"]["same_size"])
+    close(factor.factor_transfer(nhwc(x["factor_s_big"]), nhwc(x["factor_t"])), c["values"]["float32"]["pooled"])
 
 
 def test_nst():
     c = CASES["nst"]
     x = draw(c["inputs"])
-    close(F.nst([nhwc(x[f"g_s[{i}]"]) for i in range(2)], [nhwc(x[f"g_t[{i}]"]) for i in range(2)]),
+    close(nst.nst([nhwc(x[f"g_s[{i}]"]) for i in range(2)], [nhwc(x[f"g_t[{i}]"]) for i in range(2)]),
           c["values"]["float32"])
 
 
@@ -188,12 +188,11 @@ def test_afd():
     params = {"conv0": {"kernel": conv_w(x["attention.0.weight"]), "bias": jnp.asarray(x["attention.0.bias"])},
               "conv1": {"kernel": conv_w(x["attention.2.weight"]), "bias": jnp.asarray(x["attention.2.bias"])}}
     fm_s, fm_t = nhwc(x["fm_s"]), nhwc(x["fm_t"])
-    rho = M.AFDAttention(16, 0.5).apply({"params": params}, fm_t)
-    close(F.afd(fm_s, fm_t, rho), c["values"]["float32"])
+    rho = afd.AFDAttention(16, 0.5).apply({"params": params}, fm_t)
+    close(afd.afd(fm_s, fm_t, rho), c["values"]["float32"])
 
 
 def test_crd_two_steps():
-    from mgd_jax.methods.crd import crd_step_loss
     c = CASES["crd_small"]
     x = draw(c["inputs_then_params"])
     ints = c["integer_arrays"]
@@ -207,14 +206,14 @@ def test_crd_two_steps():
     state = {"memory_v1": jnp.asarray(x["contrast.memory_v1"]), "memory_v2": jnp.asarray(x["contrast.memory_v2"]),
              "z_v1": jnp.float32(-1.0), "z_v2": jnp.float32(-1.0)}
     kw = dict(feat_dim=8, n_data=64, temperature=float(np.float32(0.07)), momentum=0.5)
-    loss1, state = crd_step_loss(params, state, jnp.asarray(x["f_s_step1"]), jnp.asarray(x["f_t_step1"]),
+    loss1, state = crd.crd_step_loss(params, state, jnp.asarray(x["f_s_step1"]), jnp.asarray(x["f_t_step1"]),
                                  jnp.asarray(ints["idx1"]), jnp.asarray(ints["contrast_idx1"]), **kw)
     close(loss1, v["loss_step1"])
     close(state["z_v1"], v["Z_v1(student-anchor)"])
     close(state["z_v2"], v["Z_v2(teacher-anchor)"])
     close(jnp.sum(state["memory_v1"]), v["memory_v1_sum_after_step1"])
     close(jnp.sum(state["memory_v2"]), v["memory_v2_sum_after_step1"])
-    loss2, state = crd_step_loss(params, state, jnp.asarray(x["f_s_step2"]), jnp.asarray(x["f_t_step2"]),
+    loss2, state = crd.crd_step_loss(params, state, jnp.asarray(x["f_s_step2"]), jnp.asarray(x["f_t_step2"]),
                                  jnp.asarray(ints["idx2"]), jnp.asarray(ints["contrast_idx2"]), **kw)
     close(loss2, v["loss_step2"])
     close(jnp.sum(state["memory_v1"]), v["memory_v1_sum_after_step2"])

@@ -9,8 +9,9 @@ import pytest
 from configs import default
 from mgd_jax import optim
 from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities
-from mgd_jax.methods import get_method
+from mgd_jax.methods import Outputs, factor, get_method
 from mgd_jax.models import get_model, non_feature_modules
+from mgd_jax.stages import init_stage as I
 from mgd_jax.stages import student as S
 
 AUG = ml_collections.ConfigDict(dict(pad=2, flip=True, mean=(0.3, 0.3, 0.3), std=(0.4, 0.4, 0.4)))
@@ -53,13 +54,13 @@ def test_init_stage_trains_feature_modules_only():
     # non-trivial running statistics, so that a train-mode pass would move them
     student = student.replace(batch_stats=jax.tree.map(lambda a: a + 0.5, student.batch_stats))
     frozen = non_feature_modules(s_mods.backbone)
-    istate = S.init_stage_state(s_mods, t_mods, teacher, student, tx, key, x)
+    istate = I.init_stage_state(s_mods, t_mods, teacher, student, tx, key, x)
     assert not set(frozen) & set(istate.params["features"])  # outside the optimizer: no update, no weight decay
-    step = jax.jit(S.make_init_step(s_mods, t_mods, tx, AUG))
+    step = jax.jit(I.make_init_step(s_mods, t_mods, tx, AUG))
     for i in range(2):
         istate, m = step(istate, teacher, _batch(i), key)
         assert np.isfinite(float(m["loss/init"]))
-    final = S.finish_init_stage(s_mods, istate, student, tx)
+    final = I.finish_init_stage(s_mods, istate, student, tx)
     p0, p1 = student.params["backbone"], final.params["backbone"]
     b0, b1 = student.batch_stats["backbone"], final.batch_stats["backbone"]
     for name in frozen:  # bitwise unchanged: parameters and BN running statistics
@@ -79,6 +80,26 @@ def test_init_stage_lr_is_the_students():
     for arch in default.LOW_LR_STUDENTS:
         assert lr("abound", arch) == lr("fsp", arch) == lr("factor", arch) == default.LOW_LR == 0.01
     assert lr("abound", "resnet8") == lr("fsp", "vgg8") == lr("factor", "vgg8") == default.STUDENT_LR == 0.05
-    assert lr("factor", "resnet20") == lr("factor", "wrn_16_2") == default.FACTOR_INIT_LR == 0.01
+    assert default.student_run("abound", "mas", student_arch="resnet8").init.epochs == 30
+    assert lr("factor", "resnet20") == lr("factor", "wrn_16_2") == factor.RESNET_WRN_INIT_LR == 0.01
     with pytest.raises(ValueError, match="pass student_arch"):
         default.student_run("fsp", "none")
+
+
+@pytest.mark.parametrize("name", ["abound", "factor", "fsp"])
+def test_init_stage_params_are_inits(name):
+    """``init_stage_params(key, ...)`` are, bitwise, the parameters ``init(key, ...)`` gives the init stage
+    (``init_params``: the ones later frozen into ``state[init_params_key]``): the same key use."""
+    key = jax.random.key(3)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 3)), jnp.float32)
+    method = get_method(name)
+    outs = []
+    for arch, preact in (("resnet8", method.init_student_preact), ("resnet8x4", method.teacher_preact)):
+        m = get_model(arch, 10)
+        outs.append(Outputs(*m.apply(m.init(jax.random.key(0), x), x, preact=preact)))
+    got = method.init_stage_params(key, *outs, {"num_train": 8})
+    want = method.init(key, *outs, {"num_train": 8}).get("init_params", {})
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+    assert bool(got) == (method.init_params_key is not None)

@@ -1,6 +1,6 @@
-"""Every baseline method x granularity mode trains (real steps, small inputs) on the default multi-device mesh
-(2 devices: one per core on a 2-core machine; the batch split over them, state replicated); pair checks refuse
-bad pairs."""
+"""Every baseline method trains (real steps, small inputs) on the default multi-device mesh (2 devices: one per
+core on a 2-core machine; the batch split over them, state replicated), each method once and each student mode
+at least once; pair checks refuse bad pairs; a method defined outside the package trains through the config path."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,6 +13,7 @@ from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities
 from mgd_jax.data.contrast import ContrastSampler
 from mgd_jax.methods import MethodPairError, Outputs, get_method, known_methods
 from mgd_jax.models import get_model
+from mgd_jax.stages import init_stage as I
 from mgd_jax.stages import student as S
 from mgd_jax import precision
 from mgd_jax.train import loop
@@ -22,12 +23,19 @@ AUG = ml_collections.ConfigDict(dict(pad=2, flip=True, mean=(0.3, 0.3, 0.3), std
 OPT = ml_collections.ConfigDict(dict(lr=0.05, momentum=0.9, weight_decay=5e-4, milestones=(), gamma=0.1))
 GRANS = parse_granularities([(16, 2.0), (32, 8.0)])
 METHODS = [m for m in known_methods() if m != "none"]
+# Each method once, the student modes in turn (known_methods() order): every mode several times; 'mas' runs with
+# the accelerator defaults (CRD among them).  A new method joins the rotation without an edit here.
+MODES = ("baseline", "none", "mag", "mas")
+MATRIX = [(name, MODES[i % len(MODES)]) for i, name in enumerate(known_methods())]
 
 
 def _setup(method_name, mode, t_arch="resnet14", s_arch="resnet8", size=16, n_train=40, dtype=None, **options):
+    """``mode``: a student mode (``default.STUDENT_MODES``); the objective's granularity mode and weights are the
+    config's (``default.student_run``)."""
     if method_name == "crd":
         options = {"nce_k": 12, "feat_dim": 16, **options}
     method = get_method(method_name, **options)
+    run = default.student_run(method_name, mode, student_arch=s_arch)
     t_model = precision.with_compute_dtype(get_model(t_arch, 10), dtype)
     x = jnp.zeros((2, size, size, 3))
     key = jax.random.key(0)
@@ -36,10 +44,11 @@ def _setup(method_name, mode, t_arch="resnet14", s_arch="resnet8", size=16, n_tr
     d = t_model.apply(t_vars, x)[1][-1].shape[-1]
     teacher = {"backbone": t_vars, "analyzer": an.init(key, jnp.zeros((1, d)))["params"]}
     s_mods = S.StudentModules(precision.with_compute_dtype(get_model(s_arch, 10), dtype),
-                              None if mode == "none" else GranularityAnalyzer(GRANS, 10, False), method)
+                              None if run.granularity == "none" else GranularityAnalyzer(GRANS, 10, False), method)
     t_mods = S.TeacherModules(t_model, an)
-    w = default.METHOD_WEIGHTS[method_name]
-    obj = S.Objective(mode, GRANS, w_ce=w["ce"], w_logit_kd=w["logit_kd"], w_method=w["method"])
+    w = run.weights
+    obj = S.Objective(run.granularity, GRANS, temperature=run.temperature, w_ce=w.ce, w_logit_kd=w.logit_kd,
+                      w_method=w.method, w_granularity=w.granularity)
     tx = optim.sgd(OPT, 2)
     ctx = {"num_train": n_train}
     state = S.init_state(s_mods, t_mods, teacher, tx, key, x, ctx)
@@ -68,12 +77,11 @@ def mesh():
     return mesh_lib.make_mesh(jax.devices()[:2])
 
 
-@pytest.mark.parametrize("mode", ["none", "mag", "mas"])
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name,mode", MATRIX)
 def test_method_trains(name, mode, mesh):
-    """Modes none / mag in float32 with host batches; mas with the GPU / TPU defaults: bfloat16 compute, the
-    training set resident on the devices (the step gets row indices and gathers; CRD's index and contrast
-    indices ride along), donated state (``loop.gather_rows``)."""
+    """Modes baseline / none / mag in float32 with host batches; mas with the GPU / TPU defaults: bfloat16
+    compute, the training set resident on the devices (the step gets row indices and gathers; CRD's index and
+    contrast indices ride along), donated state (``loop.gather_rows``).  A method with an init stage runs it."""
     accel = mode == "mas"
     method, s_mods, t_mods, obj, tx, teacher, state, ctx = _setup(name, mode, dtype="bfloat16" if accel else None)
     teacher, state = mesh_lib.replicate(teacher, mesh), mesh_lib.replicate(state, mesh)
@@ -94,15 +102,15 @@ def test_method_trains(name, mode, mesh):
     key = jax.random.key(5)
     if method.has_init_stage:
         itx = optim.sgd(OPT, 2)
-        istate = mesh_lib.replicate(S.init_stage_state(s_mods, t_mods, jax.device_get(teacher), jax.device_get(state),
+        istate = mesh_lib.replicate(I.init_stage_state(s_mods, t_mods, jax.device_get(teacher), jax.device_get(state),
                                                        itx, key, jnp.zeros((2, 16, 16, 3)), ctx), mesh)
-        istep = compile_step(S.make_init_step(s_mods, t_mods, itx, AUG))
+        istep = compile_step(I.make_init_step(s_mods, t_mods, itx, AUG))
         before = jax.tree.leaves(jax.device_get(istate.params))
         for i in range(2):
             istate, m = istep(istate, teacher, _batch(i), key)
             assert np.isfinite(float(m["loss/init"])) and float(m["loss/init"]) > 0
         assert any(not np.allclose(a, b) for a, b in zip(before, jax.tree.leaves(istate.params)))
-        state = mesh_lib.replicate(S.finish_init_stage(s_mods, jax.device_get(istate), jax.device_get(state), tx),
+        state = mesh_lib.replicate(I.finish_init_stage(s_mods, jax.device_get(istate), jax.device_get(state), tx),
                                    mesh)
     step = compile_step(S.make_train_step(s_mods, t_mods, obj, tx, AUG))
     before = jax.device_get(state.params)  # the step donates its state
@@ -113,14 +121,14 @@ def test_method_trains(name, mode, mesh):
     assert np.isfinite(float(m["grad_norm"])), "non-finite gradient"
     assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(state.params)), "non-finite parameters"
     has_method_loss = "loss/method" in losses
-    assert has_method_loss == (name not in ("kd", "abound", "fsp")), losses
-    if mode != "none":
+    assert has_method_loss == (name not in ("none", "kd", "abound", "fsp")), losses
+    if obj.mode != "none":
         assert {"loss/granularity/16d_T2", "loss/granularity/32d_T8"} <= set(losses)
     if "method" in state.params:  # the method's own parameters are trained with the student
         assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(before["method"]),
                                                            jax.tree.leaves(state.params["method"])))
     if name == "crd":
-        st = state.batch_stats["method"]
+        st = state.method_state
         assert float(st["z_v1"]) > 0 and float(st["z_v2"]) > 0  # set by the first batch
         rows = np.asarray(st["memory_v1"][:16])
         np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, rtol=1e-5)  # updated rows are unit
@@ -171,8 +179,8 @@ def test_every_method_on_readme_pair_shapes(pair):
             loss, state = method.loss(v, s_out, t_out, batch, True)
             init_loss = None
             if method.has_init_stage:
-                init_loss, _ = method.init_loss({"params": v.get("init_params", {}), "state": v["state"]},
-                                                s_out, t_out, True)
+                p = method.init_stage_params(key, s_out, t_out, {"num_train": 64})
+                init_loss, _ = method.init_loss({"params": p, "state": v["state"]}, s_out, t_out, True)
             return loss, init_loss, state
 
         shapes = jax.eval_shape(lambda: run(*[jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), o)
@@ -216,14 +224,14 @@ def test_kdsvd_on_two_devices_does_not_deadlock():
     code = (
         "import jax, numpy as np\n"
         "from jax.sharding import Mesh, NamedSharding, PartitionSpec as P\n"
-        "from mgd_jax.methods import functional as F\n"
+        "from mgd_jax.methods.kdsvd import kdsvd\n"
         "mesh = Mesh(np.array(jax.devices()), ('data',))\n"
         "sh = NamedSharding(mesh, P('data'))\n"
         "rng = np.random.default_rng(0)\n"
         "shapes = [(256, 8, 8, 16), (256, 4, 4, 32), (256, 2, 2, 64)]\n"
         "gs = [jax.device_put(rng.standard_normal(s).astype(np.float32), sh) for s in shapes]\n"
         "gt = [jax.device_put(rng.standard_normal(s).astype(np.float32), sh) for s in shapes]\n"
-        "f = jax.jit(jax.value_and_grad(lambda a, b: sum(F.kdsvd(a, b))))\n"
+        "f = jax.jit(jax.value_and_grad(lambda a, b: sum(kdsvd(a, b))))\n"
         "for _ in range(10):\n"
         "    v, g = f(gs, gt)\n"
         "    jax.block_until_ready(g)\n"
@@ -235,3 +243,70 @@ def test_kdsvd_on_two_devices_does_not_deadlock():
         pytest.fail("the KDSVD step on 2 CPU devices did not finish in 90 s (LAPACK thread-pool deadlock)")
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
     assert np.isfinite(float(r.stdout.split()[1]))
+
+
+def _readme_method_file() -> str:
+    """The complete method file of README's "Adding a method"."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("\n## Adding a method\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_a_new_method_is_one_file(smoke_workdir, tmp_path, monkeypatch):
+    """README's example method: written as one new file into a copy of the package, ``known_methods()`` lists it
+    last (nothing else edited); loaded from its file, it trains a student through the config path
+    (``configs/smoke.py``, ``default.student_run``, the pipeline's config checks; 1 epoch) on the smoke run's
+    teacher and analyzer."""
+    import importlib.util
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from configs import smoke
+    from mgd_jax import pipeline
+    from mgd_jax.methods import base
+
+    source = _readme_method_file()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    copy = tmp_path / "copy"
+    shutil.copytree(os.path.join(root, "mgd_jax"), copy / "mgd_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "mgd_jax" / "methods" / "pooled_l2.py").write_text(source)
+    code = ("import mgd_jax.methods as m\n"
+            "print(m.__file__)\n"
+            "print(' '.join(m.known_methods()))\n")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(copy)}, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    where, names = r.stdout.splitlines()
+    assert where.startswith(str(copy))
+    assert names.split() == [*known_methods(), "pooled_l2"]
+
+    # in this process: the same file as a module of its own, registered while the test runs
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    path = tmp_path / "pooled_l2.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("pooled_l2_example", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    assert known_methods()[-1] == "pooled_l2"
+
+    smoke_dir, _ = smoke_workdir
+    work = tmp_path / "w"
+    for stage in ("teacher", "analyzer"):  # the smoke run's finished stages: only the new student trains
+        shutil.copytree(os.path.join(smoke_dir, stage), work / stage)
+    config = smoke.get_config()
+    config.student.epochs = 1
+    config.students = ml_collections.ConfigDict(
+        {"l2_mag": default.student_run("pooled_l2", "mag", student_arch=config.student.arch)})
+    assert config.students.l2_mag.weights.method == 10.0  # the file's beta
+    summary = pipeline.train_and_evaluate(config, str(work), devices=jax.devices()[:1])
+    assert [r["stage"] for r in summary["rows"]][-1] == "student l2_mag (pooled_l2 / mag)"
+    lines = [json.loads(x) for x in (work / "students" / "l2_mag" / "metrics.jsonl").read_text().splitlines()]
+    method_losses = [v for x in lines for k, v in x.items() if k.endswith("loss/method")]
+    assert method_losses and all(np.isfinite(v) and v > 0 for v in method_losses), lines

@@ -1,44 +1,18 @@
-"""Registry of baseline distillation methods: ``get_method(name)``.
+"""The baseline distillation methods: one module per method, each registering itself (``base.register``).
 
-none (no distillation term), kd (Hinton KD: only the objective's logit-KD term), hint (FitNet), attention (AT),
-similarity (SP), correlation (CC), vid, crd, rkd, pkt, nst, kdsvd, fsp, abound (AB), factor (FT), afd.
+Importing the package imports every module in it, so a new method is one new file (README "Adding a method").
+``get_method(name, **options)``, ``known_methods()`` (the README table's order: none, kd, hint, attention,
+similarity, correlation, vid, crd, rkd, pkt, nst, kdsvd, fsp, abound, factor, afd; then any new ones).
 """
 from __future__ import annotations
 
-from mgd_jax.methods.base import Method, MethodPairError, Outputs  # noqa: F401
+import importlib
+import pkgutil
 
-_REGISTRY: dict[str, Method] = {
-    "none": Method("none"),
-    "kd": Method("kd"),
-}
+from mgd_jax.methods.base import PROTOCOLS, Method, MethodPairError, Outputs, get_method, known_methods, register
 
+__all__ = ["PROTOCOLS", "Method", "MethodPairError", "Outputs", "get_method", "known_methods", "register"]
 
-def _register_zoo():
-    from mgd_jax.methods import zoo
-    for m in zoo.ALL:
-        _REGISTRY[m.name] = m
-
-
-_register_zoo()
-
-
-def known_methods() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
-
-
-def get_method(name: str, **options) -> Method:
-    """The registered method, with ``options`` overriding its fields (e.g. crd: nce_k=4096, mode='relax')."""
-    import dataclasses
-
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(known_methods())}")
-    m = _REGISTRY[name]
-    fields = {f.name for f in dataclasses.fields(m)}
-    bad = sorted(set(options) - fields)
-    if bad:
-        raise ValueError(f"method {name!r} has no option {bad[0]!r}; options: {', '.join(sorted(fields - {'name'}))}")
-    return dataclasses.replace(m, **options) if options else m
-
-
-def register(method: Method) -> None:
-    _REGISTRY[method.name] = method
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")
+del _info

@@ -301,7 +301,7 @@ def test_a_new_method_is_one_file(smoke_workdir, tmp_path, monkeypatch):
     for stage in ("teacher", "analyzer"):  # the smoke run's finished stages: only the new student trains
         shutil.copytree(os.path.join(smoke_dir, stage), work / stage)
     config = smoke.get_config()
-    config.student.epochs = 1
+    config.student.epochs, config.student.optimizer.milestones = 1, ()
     config.students = ml_collections.ConfigDict(
         {"l2_mag": default.student_run("pooled_l2", "mag", student_arch=config.student.arch)})
     assert config.students.l2_mag.weights.method == 10.0  # the file's beta

@@ -3,20 +3,22 @@ the pooled feature, trained on STL-10 or CIFAR-10 (tfds) with the backbone froze
 everything.  Works for every architecture (the reference silently trains nothing for VGG, ResNet50, MobileNetV2).
 
     python -m mgd_jax.transfer --workdir=runs/r56_r20 --stage=students/kd_mas --dataset=stl10
+    python -m mgd_jax.transfer --workdir=runs/r56_r20 --stage=students/kd_mas --config=configs/transfer.py:cifar10 \
+        --config.epochs=30
 
-Protocol (reference): SGD lr 0.02 (0.01 for MobileNetV2 / ShuffleV1 / ShuffleV2 students), momentum 0.9,
-weight decay 5e-4, x0.1 at epochs 20 and 25, 50 epochs, batch 64; STL-10 resized to 32x32, random crop
-(pad 4) and flip; the backbone's BatchNorm statistics adapt to the new data (the reference trains in train
-mode; ``--no_adapt_bn`` keeps them).  Result: best and last test top-1 in
+The recipe is the config file's (``--config``, default ``configs/transfer.py``, read from the repository root;
+``--config.FIELD=VALUE`` overrides a field): the reference's SGD lr 0.02 (the config's ``low_lr`` for a
+``mgd_jax.models.LOW_LR_ARCHITECTURES`` backbone), x0.1 at epochs 20 and 25, 50 epochs, batch 64, STL-10 resized
+to 32x32; the backbone's BatchNorm statistics adapt to the new data (the reference trains in train mode;
+``--no_adapt_bn`` keeps them).  ``--dataset``, ``--epochs``, ``--full_finetune`` and ``--no_adapt_bn`` are
+shorthands for the config's argument and fields.  Result: best and last test top-1 in
 ``<workdir>/transfer/<stage>_<dataset>/result.json``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,31 +26,29 @@ import ml_collections
 import numpy as np
 
 from mgd_jax import losses, optim
-from mgd_jax.analysis.common import AnalysisError, load_config, model_of, restore_best
+from mgd_jax.analysis.common import (BACKBONE_STAGES, Run, cli, load_config_file, override, parse_with_overrides,
+                                     tool_parser)
 from mgd_jax.data import augment, load_dataset
+from mgd_jax.errors import ConfigError
+from mgd_jax.models import LOW_LR_ARCHITECTURES
 from mgd_jax.models.layers import Linear
 from mgd_jax.stages.common import TrainState, apply_backbone, classification_counts, step_key, train_metrics
 from mgd_jax.train import mesh as mesh_lib
 from mgd_jax.train.checkpoint import flatten_config
 from mgd_jax.train.loop import StageSpec, evaluate_dataset, fit
 
-NORMALISATION = {  # STL-10: the reference's data/stl.py; CIFAR-10: the usual constants (no reference value)
-    "stl10": ((0.4468, 0.4399, 0.4068), (0.2419, 0.2384, 0.2541)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-}
-LOW_LR = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+DEFAULT_CONFIG = "configs/transfer.py"
+# Config fields that do not change the result (``low_lr`` acts through the recipe's ``optimizer.lr``).
+_NOT_RESULT_FIELDS = ("data.data_dir", "eval_batch_size", "low_lr")
 
 
-def transfer_config(dataset: str, student_arch: str, epochs: int = 50) -> ml_collections.ConfigDict:
-    if dataset not in NORMALISATION:
-        raise AnalysisError(f"unknown transfer dataset {dataset!r}; known: {', '.join(NORMALISATION)}")
-    mean, std = NORMALISATION[dataset]
-    milestones = tuple(m for m in (20, 25) if m < epochs)
-    return ml_collections.ConfigDict(dict(
-        data=dict(name=dataset, data_dir=None, image_size=32),
-        augment=dict(pad=4, flip=True, mean=mean, std=std), batch_size=64, epochs=epochs,
-        optimizer=dict(lr=0.01 if student_arch in LOW_LR else 0.02, momentum=0.9, weight_decay=5e-4,
-                       milestones=milestones, gamma=0.1)))
+def recipe(config: ml_collections.ConfigDict, arch: str) -> ml_collections.ConfigDict:
+    """The transfer config as a backbone ``arch`` trains under it: the config's ``low_lr`` for a
+    ``LOW_LR_ARCHITECTURES`` backbone, milestones at or after the last epoch dropped."""
+    r = config.copy_and_resolve_references()
+    r.optimizer.lr = config.low_lr if arch in LOW_LR_ARCHITECTURES else config.optimizer.lr
+    r.optimizer.milestones = tuple(m for m in config.optimizer.milestones if m < config.epochs)
+    return r
 
 
 def make_train_step(model, head, tx, aug, adapt_bn: bool, full: bool):
@@ -82,46 +82,39 @@ def make_eval_step(model, head, aug, full: bool):
     return eval_step
 
 
-def transfer(workdir: str, stage: str, dataset: str, epochs: int = 50, full_finetune: bool = False,
-             adapt_bn: bool = True, devices=None, seed: int = 0) -> dict:
-    if not stage.startswith("students/") and stage != "teacher":
-        raise AnalysisError(f"stage {stage!r} has no backbone; use teacher or students/<name>")
-    config = load_config(workdir)
-    variables, source_meta = restore_best(os.path.join(workdir, stage))
-    arch = config.teacher.arch if stage == "teacher" else config.student.arch
-    params = variables["params"] if stage == "teacher" else variables["params"]["backbone"]
-    stats = variables["batch_stats"] if stage == "teacher" else variables["batch_stats"]["backbone"]
-    tcfg = transfer_config(dataset, arch, epochs)
-    if config.data.get("data_dir", None):
-        tcfg.data.data_dir = config.data.data_dir
+def transfer(workdir: str, stage: str, config: ml_collections.ConfigDict, devices=None) -> dict:
+    """Trains (or resumes, or returns the finished result of) the transfer of ``stage``'s backbone under
+    ``config`` (``configs/transfer.py``)."""
+    run = Run(workdir)
+    backbone = run.backbone(stage)
+    tcfg = recipe(config, backbone.arch)
+    if not tcfg.data.get("data_dir", None) and run.config.data.get("data_dir", None):
+        tcfg.data.data_dir = run.config.data.data_dir
     ds = load_dataset(tcfg.data)
-    channels = len(config.augment.mean)
+    channels = len(run.config.augment.mean)
     if channels == 1 and ds.image_shape[-1] == 3:  # a grey-image model (the digits quickstart): luma images
         luma = np.asarray([0.299, 0.587, 0.114], np.float32)
         gray = lambda a: np.clip(np.round(a.astype(np.float32) @ luma), 0, 255).astype(np.uint8)[..., None]  # noqa
         ds = dataclasses.replace(ds, train_images=gray(ds.train_images), test_images=gray(ds.test_images))
         tcfg.augment.mean = (float(np.dot(luma, tcfg.augment.mean)),)
         tcfg.augment.std = (float(np.dot(luma, tcfg.augment.std)),)
-    from mgd_jax.stages.student import CLASSIFIER_NAMES
-    cls = next(k for k in CLASSIFIER_NAMES if k in params)
-    model = model_of(config, arch, int(params[cls]["kernel"].shape[-1]))  # its classifier is kept but unused
+    model = backbone.model  # its classifier is kept but unused
     head = Linear(ds.num_classes)
     mesh = mesh_lib.make_mesh(devices)
     steps = mesh_lib.steps_per_epoch(len(ds.train_labels), tcfg.batch_size, mesh.devices.size)
     tx = optim.sgd(tcfg.optimizer, steps)
-    sample = augment.eval_transform(ds.train_images[:2], tcfg.augment)
-    d = model.apply({"params": params, "batch_stats": stats}, sample)[1][-1].shape[-1]
-    trained = {"head": head.init(jax.random.key(seed), jnp.zeros((1, d)))["params"]}
-    extra = {"backbone": stats}
-    if full_finetune:
-        trained["backbone"] = params
+    trained = {"head": head.init(jax.random.key(tcfg.seed), jnp.zeros((1, backbone.feature_dim)))["params"]}
+    extra = {"backbone": backbone.variables["batch_stats"]}
+    if tcfg.full_finetune:
+        trained["backbone"] = backbone.variables["params"]
     else:
-        extra["frozen_backbone"] = params
+        extra["frozen_backbone"] = backbone.variables["params"]
     state = mesh_lib.replicate(TrainState.create(trained, extra, tx), mesh)
-    step = jax.jit(make_train_step(model, head, tx, tcfg.augment, adapt_bn, full_finetune), donate_argnums=0)
-    ev = jax.jit(make_eval_step(model, head, tcfg.augment, full_finetune))
-    name = f"{stage.replace('/', '_')}_{dataset}" + ("_full" if full_finetune else "")
-    directory = os.path.join(workdir, "transfer", name)
+    step = jax.jit(make_train_step(model, head, tx, tcfg.augment, tcfg.adapt_bn, tcfg.full_finetune),
+                   donate_argnums=0)
+    ev = jax.jit(make_eval_step(model, head, tcfg.augment, tcfg.full_finetune))
+    name = f"{stage.replace('/', '_')}_{tcfg.data.name}" + ("_full" if tcfg.full_finetune else "")
+    directory = os.path.join(run.workdir, "transfer", name)
 
     def improve(best, metrics, epoch):
         if not best or metrics["test/acc1"] > best["test/acc1"]:
@@ -130,21 +123,22 @@ def transfer(workdir: str, stage: str, dataset: str, epochs: int = 50, full_fine
 
     # Everything that changes the result, so that a rerun with other options (or after the source stage was
     # retrained) is refused with the field's name instead of returning the old result under the new options.
-    identity = {"transfer.full_finetune": full_finetune, "transfer.adapt_bn": adapt_bn, "transfer.seed": seed,
-                **{k: v for k, v in flatten_config("transfer", tcfg).items() if k != "transfer.data.data_dir"},
-                "config.precision": config.get("precision", "float32"),
-                "source.stage": stage, "source.best_epoch": source_meta.get("epoch"),
-                **{f"source.{k}": v for k, v in dict(source_meta.get("config", {})).items()}}
+    source = backbone.meta
+    identity = {**{k: v for k, v in flatten_config("transfer", tcfg).items()
+                   if k.split(".", 1)[1] not in _NOT_RESULT_FIELDS},
+                "config.precision": run.config.get("precision", "float32"),
+                "source.stage": stage, "source.best_epoch": source.get("epoch"),
+                **{f"source.{k}": v for k, v in dict(source.get("config", {})).items()}}
     spec = StageSpec(name=f"transfer/{name}", directory=directory, num_epochs=tcfg.epochs,
-                     batch_size=tcfg.batch_size, seed=seed,
-                     meta={"stage": "transfer", "arch": arch, "dataset": dataset, "full": full_finetune,
-                           "config": identity},
+                     batch_size=tcfg.batch_size, seed=tcfg.seed,
+                     meta={"stage": "transfer", "arch": backbone.arch, "dataset": tcfg.data.name,
+                           "full": tcfg.full_finetune, "config": identity},
                      passes=[("transfer", step)],
-                     evaluate=lambda s: evaluate_dataset(lambda b: ev(s, b), ds.test_images, ds.test_labels, 500,
-                                                         mesh),
+                     evaluate=lambda s: evaluate_dataset(lambda b: ev(s, b), ds.test_images, ds.test_labels,
+                                                         tcfg.eval_batch_size, mesh),
                      improve=improve, export=lambda s, prev, imp: s.params["head"], progress=False)
     _, _, result = fit(spec, state, None, ds, mesh, jax.device_get(state.params["head"]))
-    out = {"stage": stage, "dataset": dataset, "full_finetune": full_finetune, "adapt_bn": adapt_bn,
+    out = {"stage": stage, "dataset": tcfg.data.name, "full_finetune": tcfg.full_finetune, "adapt_bn": tcfg.adapt_bn,
            "epochs": tcfg.epochs, "best_top1": result["best"].get("test/acc1"),
            "best_epoch": result["best"].get("epoch"), "last_top1": result["last"].get("test/acc1")}
     with open(os.path.join(directory, "result.json"), "w") as f:
@@ -152,25 +146,35 @@ def transfer(workdir: str, stage: str, dataset: str, epochs: int = 50, full_fine
     return out
 
 
+def config_from_flags(a, overrides) -> ml_collections.ConfigDict:
+    """--config (its argument or --dataset), then the shorthand flags, then --config.FIELD=VALUE overrides."""
+    path, colon, argument = a.config.partition(":")
+    if a.dataset and colon and argument != a.dataset:
+        raise ConfigError(f"--dataset={a.dataset} contradicts --config={a.config}")
+    config = load_config_file(path, a.dataset or (argument if colon else None))
+    shorthands = [("epochs", a.epochs is not None, str(a.epochs)), ("full_finetune", a.full_finetune, "True"),
+                  ("adapt_bn", a.no_adapt_bn, "False")]
+    for field, given, text in shorthands:
+        if given:
+            override(config, field, text)
+    for field, text in overrides:
+        override(config, field, text)
+    return config
+
+
+@cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--stage", required=True)
-    p.add_argument("--dataset", default="stl10", choices=sorted(NORMALISATION))
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--full_finetune", action="store_true")
-    p.add_argument("--no_adapt_bn", action="store_true")
-    a = p.parse_args(argv)
-    from mgd_jax.errors import USER_ERRORS
-    try:
-        out = transfer(os.path.abspath(a.workdir), a.stage, a.dataset, a.epochs, a.full_finetune,
-                       not a.no_adapt_bn)
-    except (AnalysisError, *USER_ERRORS) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(out, indent=1))
+    p = tool_parser(__doc__, stage=BACKBONE_STAGES)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="the recipe: a config file[:dataset]; "
+                                                           "--config.FIELD=VALUE overrides one of its fields")
+    p.add_argument("--dataset", help="the config file's argument: stl10 (its default) or cifar10")
+    p.add_argument("--epochs", type=int, help="--config.epochs")
+    p.add_argument("--full_finetune", action="store_true", help="--config.full_finetune=True")
+    p.add_argument("--no_adapt_bn", action="store_true", help="--config.adapt_bn=False")
+    a, overrides = parse_with_overrides(p, argv)
+    print(json.dumps(transfer(a.workdir, a.stage, config_from_flags(a, overrides)), indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

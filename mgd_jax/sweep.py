@@ -10,64 +10,98 @@ One workdir per (pair, seed) holds the teacher, its analyzer and one student per
 command again resumes unfinished runs and skips finished ones.  Writes ``<root>/results.md`` (mean ± std
 over seeds of the best and the last test top-1, each row's protocol, the paper's number beside the row that
 reproduces its protocol), ``results.json``, ``curves.png`` (test top-1 per epoch) and ``gains.png`` (MAG / MAS
-minus a baseline row, named on the plot: ``none`` when swept, else ``baseline``).  ``--set key=value``
-overrides config fields (Python literals), e.g. ``--set student.epochs=10``; the teacher's schedule comes with
-the config, e.g. ``--config=configs/cifar100.py:resnet56,resnet20,kd,mas,repdistiller``.
+minus a baseline row, named on the plot: ``none`` when swept, else ``baseline``).
+
+Every run's config comes from the config file: for each pair x method x mode the sweep calls its
+``get_config("teacher,student,method,mode[,...]")`` (like ``configs/cifar100.py``; the command's pair, method and
+mode replace the first four fields of ``--config``'s argument, the rest is kept, e.g. the teacher's schedule in
+``--config=configs/cifar100.py:resnet56,resnet20,kd,mas,repdistiller``) and merges the students of one (pair,
+seed).  The config file is read like train.py's ``--config``: run the command from the repository root.
+``--set FIELD=VALUE`` overrides a field of every run config, typed like train.py's ``--config.FIELD=VALUE``
+(e.g. ``--set student.epochs=10``).
 """
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
 import json
 import os
-import sys
 
+import ml_collections
 import numpy as np
 
+from mgd_jax.analysis.common import ConfigFile, cli, override
+from mgd_jax.errors import ConfigError
 from mgd_jax.paper_results import TOP1 as PAPER
+from mgd_jax.summarize import mean_std
 from mgd_jax.train.metrics import read_jsonl
 
 
-def load_base(config_path: str):
-    path, _, arg = config_path.partition(":")
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))  # for `from configs import ...`
-    spec = importlib.util.spec_from_file_location("sweep_base_config", path)
-    if spec is None or not os.path.exists(path):
-        raise FileNotFoundError(f"config file {path} does not exist")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return (lambda: module.get_config(arg)) if arg else module.get_config
+SWEEP_FIELDS = ("teacher", "student", "method", "mode")  # what the sweep puts into the config file's argument
 
 
-def run_config(base, pair, methods, modes, seed, sets):
-    from configs import default  # the repository's configs/ (run from the repository root, like train.py)
+def config_argument(config_path: str, teacher: str, student: str, method: str, mode: str) -> tuple[str, str]:
+    """``path[:argument]`` -> (path, the argument for one run): the sweep's teacher, student, method and mode
+    replace the first four fields of the argument, the rest (e.g. the teacher schedule) is kept."""
+    path, colon, argument = config_path.partition(":")
+    rest = argument.split(",")[len(SWEEP_FIELDS):] if colon else []
+    if colon and len(argument.split(",")) < len(SWEEP_FIELDS):
+        raise ConfigError(f"--config={config_path}: the sweep replaces the first fields of the argument, "
+                          f"{','.join(SWEEP_FIELDS)}[,...]; {argument!r} has fewer")
+    return path, ",".join([teacher, student, method, mode, *rest])
 
+
+def run_config(config_path, pair, methods, modes, seed, sets=None):
+    """The config of one (pair, seed) workdir: the config file's ``get_config("teacher,student,method,mode[,...]")``
+    for each method x mode, their students merged into one config (everything else must agree), then ``seed``,
+    no progress bars and the ``sets`` overrides (``{field: value text}``).  -> (config, {(method, mode): student})."""
     t, s = pair
-    c = base()
-    default.set_pair(c, t, s)
-    c.seed = seed
-    c.progress = False
-    import ml_collections
-    c.students = ml_collections.ConfigDict({f"{m}_{mode}": default.student_run(m, mode, student_arch=s)
-                                            for m in methods for mode in modes})
-    for key, value in sets.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    config_file = ConfigFile(config_path.partition(":")[0])
+    if not config_file.takes_argument:
+        raise ConfigError(f"--config={config_file.path}: its get_config() takes no argument; a sweep calls it with "
+                          f"'{','.join(SWEEP_FIELDS)}[,...]' for every run (like configs/cifar100.py)")
+    merged, shared, names = None, None, {}
+    for m in methods:
+        for mode in modes:
+            path, argument = config_argument(config_path, t, s, m, mode)
+            c = config_file.get_config(argument)
+            students = c.get("students", None) or {}
+            if len(students) != 1:
+                raise ConfigError(f"--config={path}:{argument} gives {len(students)} students ({', '.join(students)}); "
+                                  f"a sweep runs one per method x mode")
+            (name, student), = students.items()
+            rest = {k: v for k, v in c.to_dict().items() if k != "students"}
+            if merged is None:
+                merged, shared = c, rest
+                merged.students = ml_collections.ConfigDict()
+            elif rest != shared:
+                raise ConfigError(f"--config={path}:{argument} changes settings besides its student: the runs of "
+                                  f"one (pair, seed) share their teacher and analyzer")
+            if name in merged.students:
+                raise ConfigError(f"--config={path}:{argument} names its student {name!r} like another method x mode")
+            merged.students[name] = student
+            names[(m, mode)] = name
+    merged.seed = seed
+    merged.progress = False
+    for field, text in (sets or {}).items():
+        override(merged, field, text, where=f"--set {field}={text}")
+    return merged, names
 
 
-def collect(root, pairs, methods, modes, seeds):
+def workdir(root, pair, seed) -> str:
+    return os.path.join(root, f"{pair[0]}_{pair[1]}", f"seed{seed}")
+
+
+def collect(root, pairs, methods, modes, seeds, names=None):
+    """Each (pair, method, mode)'s runs; ``names[(teacher, student)][(method, mode)]``: the student's name in the
+    run config (default ``<method>_<mode>``)."""
     res = {}
     for t, s in pairs:
         for seed in seeds:
-            w = os.path.join(root, f"{t}_{s}", f"seed{seed}")
+            w = workdir(root, (t, s), seed)
             for m in methods:
                 for mode in modes:
-                    rows = read_jsonl(os.path.join(w, "students", f"{m}_{mode}", "metrics.jsonl"))
+                    name = (names or {}).get((t, s), {}).get((m, mode), f"{m}_{mode}")
+                    rows = read_jsonl(os.path.join(w, "students", name, "metrics.jsonl"))
                     if not rows:
                         continue
                     acc = [r["test/acc1"] for r in rows]
@@ -114,8 +148,7 @@ def table(res, pairs, methods, modes) -> str:
                     continue
                 best = 100 * np.asarray([r["best"] for r in runs])
                 last = 100 * np.asarray([r["last"] for r in runs])
-                sd = best.std(ddof=1) if len(best) > 1 else 0.0
-                cell = f"{best.mean():.2f} ± {sd:.2f} (last {last.mean():.2f}, n={len(runs)})"
+                cell = f"{mean_std(best)} (last {last.mean():.2f}, n={len(runs)})"
                 paper = paper_number(m, mode, k)
                 cells.append(cell + (f" / paper {paper:.2f}" if paper is not None else ""))
             label = {"baseline": m, "none": m, "mag": f"MAG+{m}", "mas": f"MAS+{m}"}[mode]
@@ -183,22 +216,22 @@ def plots(res, pairs, methods, modes, root):
 
 
 def sweep(config_path, pairs, methods, modes, seeds, root, sets=None, devices=None):
-    from configs import default
-    from mgd_jax.config_validation import ConfigError
+    """Every run config is built (and checked) before anything trains; then one workdir per (pair, seed)."""
+    from mgd_jax.config_validation import validate_config
     from mgd_jax.pipeline import train_and_evaluate
 
-    unknown = [m for m in modes if m not in default.STUDENT_MODES]
-    if unknown:
-        raise ConfigError(f"--modes: unknown mode(s) {', '.join(unknown)}; known: {', '.join(default.STUDENT_MODES)}")
-    base = load_base(config_path)
     root = os.path.abspath(root)
-    os.makedirs(root, exist_ok=True)
+    plan, names = [], {}
     for t, s in pairs:
         for seed in seeds:
-            c = run_config(base, (t, s), methods, modes, seed, sets or {})
-            print(f"== {t} -> {s}, seed {seed}", flush=True)
-            train_and_evaluate(c, os.path.join(root, f"{t}_{s}", f"seed{seed}"), devices=devices)
-    res = collect(root, pairs, methods, modes, seeds)
+            c, names[(t, s)] = run_config(config_path, (t, s), methods, modes, seed, sets)
+            validate_config(c)
+            plan.append(((t, s), seed, c))
+    os.makedirs(root, exist_ok=True)
+    for (t, s), seed, c in plan:
+        print(f"== {t} -> {s}, seed {seed}", flush=True)
+        train_and_evaluate(c, workdir(root, (t, s), seed), devices=devices)
+    res = collect(root, pairs, methods, modes, seeds, names)
     md = table(res, pairs, methods, modes)
     with open(os.path.join(root, "results.md"), "w") as f:
         f.write(md)
@@ -209,33 +242,37 @@ def sweep(config_path, pairs, methods, modes, seeds, root, sets=None, devices=No
     return res, md
 
 
+@cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/cifar100.py")
+    p.add_argument("--config", default="configs/cifar100.py",
+                   help="a config file whose get_config takes 'teacher,student,method,mode[,...]' (read from the "
+                        "repository root)")
     p.add_argument("--pairs", required=True, help='"teacher,student;teacher,student"')
     p.add_argument("--methods", default="kd")
     p.add_argument("--modes", default="baseline,none,mag,mas", help="of: baseline, none, mag, mas")
     p.add_argument("--seeds", default="0")
     p.add_argument("--root", required=True)
-    p.add_argument("--set", action="append", default=[], help="key=value (a Python literal)")
+    p.add_argument("--set", action="append", default=[], help="FIELD=VALUE, a config override (like train.py's "
+                                                              "--config.FIELD=VALUE), e.g. student.epochs=10")
     a = p.parse_args(argv)
     pairs = [tuple(x.split(",")) for x in a.pairs.split(";") if x]
+    bad = [",".join(x) for x in pairs if len(x) != 2]
+    if bad:
+        p.error(f"--pairs: {'; '.join(bad)} is not teacher,student")
     sets = {}
     for kv in a.set:
-        k, _, v = kv.partition("=")
-        try:
-            sets[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            sets[k] = v
-    from mgd_jax.errors import USER_ERRORS
+        if "=" not in kv:
+            p.error(f"--set {kv}: use FIELD=VALUE")
+        field, text = kv.split("=", 1)
+        sets[field] = text
     try:
-        sweep(a.config, pairs, a.methods.split(","), a.modes.split(","), [int(x) for x in a.seeds.split(",")],
-              a.root, sets)
-    except (FileNotFoundError, *USER_ERRORS) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        seeds = [int(x) for x in a.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds={a.seeds}: integers, comma-separated")
+    sweep(a.config, pairs, a.methods.split(","), a.modes.split(","), seeds, a.root, sets)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -9,13 +9,35 @@ import pytest
 
 from configs import cifar100, default
 from conftest import ROOT
+from mgd_jax import summarize
 from mgd_jax import sweep as sweep_lib
+from mgd_jax.errors import ConfigError
 from mgd_jax.paper_results import TOP1
+
+CIFAR100 = str(ROOT / "configs" / "cifar100.py")
+
+
+# configs/smoke.py's settings with the argument a sweep passes (teacher,student,method,mode), like cifar100.py's
+SMOKE_SWEEP = '''
+import ml_collections
+
+from configs import default, smoke
+
+
+def get_config(arg):
+    teacher, student, method, mode = arg.split(",")
+    c = smoke.get_config()
+    default.set_pair(c, teacher, student)
+    run = default.student_run(method, mode, student_arch=student)
+    c.students = ml_collections.ConfigDict({f"{mode}_{method}": run})
+    return c
+'''
 
 
 def test_sweep_runs_resumes_and_tabulates(tmp_path, monkeypatch):
     root = str(tmp_path / "sweep")
-    args = dict(config_path=str(ROOT / "configs" / "smoke.py"), pairs=[("resnet8", "resnet8")], methods=["kd"],
+    (tmp_path / "smoke_sweep.py").write_text(SMOKE_SWEEP)
+    args = dict(config_path=str(tmp_path / "smoke_sweep.py"), pairs=[("resnet8", "resnet8")], methods=["kd"],
                 modes=["baseline", "mas"], seeds=[0, 1], root=root, devices=jax.devices()[:1])
     res, md = sweep_lib.sweep(**args)
     assert set(res) == {("resnet8,resnet8", "kd", "baseline"), ("resnet8,resnet8", "kd", "mas")}
@@ -23,6 +45,12 @@ def test_sweep_runs_resumes_and_tabulates(tmp_path, monkeypatch):
     assert "| kd | 0.1 CE + 0.9 logit KD (RepDistiller" in md and "| MAS+kd | " in md and "n=2" in md
     for f in ("results.md", "results.json", "curves.png", "gains.png"):
         assert os.path.getsize(os.path.join(root, f)) > 100
+    # the students are the config file's, under its names
+    assert sorted(os.listdir(os.path.join(root, "resnet8_resnet8", "seed1", "students"))) == ["baseline_kd", "mas_kd"]
+    # the seeds' summaries side by side (mgd_jax.summarize): the same mean ± std as the sweep's table
+    seeds = [os.path.join(root, "resnet8_resnet8", f"seed{i}") for i in (0, 1)]
+    row = next(ln for ln in summarize.aggregate(seeds).splitlines() if ln.startswith("| student mas_kd"))
+    assert row.split(" | ")[2] == md.split("| MAS+kd | ")[1].split(" | ")[1].split(" (last")[0] and row.endswith("| 2 |")
     # finished runs are not trained again
     from mgd_jax import pipeline
     original = pipeline.mesh_lib.shard_batch
@@ -69,8 +97,9 @@ def test_baseline_mode_is_repdistillers_protocol():
     s = c.students.hint_baseline
     assert (s.granularity, s.protocol) == ("none", "repdistiller")
     assert dict(s.weights) == dict(ce=1.0, logit_kd=0.0, method=100.0, granularity=1.0)
-    base = sweep_lib.load_base(str(ROOT / "configs" / "cifar100.py"))
-    c = sweep_lib.run_config(base, ("resnet32x4", "ShuffleV1"), ["kd", "crd", "abound"], ["baseline", "none"], 0, {})
+    c, names = sweep_lib.run_config(CIFAR100, ("resnet32x4", "ShuffleV1"), ["kd", "crd", "abound"],
+                                    ["baseline", "none"], 0)
+    assert names[("crd", "none")] == "crd_none" and c.seed == 0 and not c.progress
     w = {name: dict(s.weights) for name, s in c.students.items()}
     assert w["kd_baseline"] == dict(ce=0.1, logit_kd=0.9, method=0.0, granularity=1.0)  # -r 0.1 -a 0.9 -b 0
     assert w["kd_none"] == dict(ce=0.2, logit_kd=0.8, method=1.0, granularity=1.0)  # the MG script
@@ -90,9 +119,9 @@ def test_teacher_schedules(monkeypatch):
     assert c.teacher.optimizer.milestones == (150, 180, 210) and c.teacher.epochs == 240
     with pytest.raises(ValueError, match="unknown teacher schedule"):
         cifar100.get_config("resnet56,resnet20,kd,mas,torch")
-    base = sweep_lib.load_base(str(ROOT / "configs" / "cifar100.py") + ":resnet56,resnet20,kd,mas,repdistiller")
-    assert sweep_lib.run_config(base, ("vgg13", "vgg8"), ["kd"], ["mas"], 0, {}).teacher.optimizer.milestones == (
-        150, 180, 210)
+    c, _ = sweep_lib.run_config(CIFAR100 + ":resnet56,resnet20,kd,mas,repdistiller", ("vgg13", "vgg8"), ["kd"],
+                                ["mas"], 0)
+    assert c.teacher.optimizer.milestones == (150, 180, 210) and c.teacher.arch == "vgg13"
     # a command-line override still wins
     from absl import flags
     from ml_collections import config_flags
@@ -103,3 +132,47 @@ def test_teacher_schedules(monkeypatch):
     config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True)
     fv(argv)
     assert fv.config.teacher.optimizer.milestones == (100, 200)
+
+
+def test_run_configs_come_from_the_config_file():
+    """One get_config("teacher,student,method,mode") per method x mode, the students merged: the same config as
+    the file gives for each, with the sweep's seed and --set overrides (typed like train.py's)."""
+    c, names = sweep_lib.run_config(CIFAR100, ("vgg13", "MobileNetV2"), ["kd", "fsp"], ["mag", "baseline"], 3,
+                                    {"student.epochs": "10", "data.data_dir": "/data"})
+    assert sorted(c.students) == sorted(names.values()) == ["fsp_baseline", "fsp_mag", "kd_baseline", "kd_mag"]
+    for (m, mode), name in names.items():
+        one = cifar100.get_config(f"vgg13,MobileNetV2,{m},{mode}")
+        assert c.students[name].to_dict() == one.students[name].to_dict()
+    one.seed, one.progress, one.student.epochs, one.data.data_dir = 3, False, 10, "/data"
+    assert {k: v for k, v in c.to_dict().items() if k != "students"} == \
+        {k: v for k, v in one.to_dict().items() if k != "students"}
+    assert c.student.optimizer.lr == default.LOW_LR  # the config file's lr rule
+
+
+@pytest.mark.parametrize("argv,why", [
+    (["--modes=plain"], "--config=CIFAR100:resnet56,resnet20,kd,plain: unknown student mode 'plain'"),
+    (["--methods=kd,hinted"], "resnet56,resnet20,hinted,baseline: unknown method 'hinted'"),
+    (["--modes=all"], ":resnet56,resnet20,kd,all gives 3 students"),
+    (["--set", "student.epoch=3"], "--set student.epoch=3: the config has no field 'student.epoch'"),
+    (["--config=SMOKE"], "its get_config() takes no argument; a sweep calls it with 'teacher,student,method,mode"),
+    (["--config=CIFAR100:resnet56"], "replaces the first fields of the argument"),
+    (["--pairs=resnet56,nope"], "config.student.arch='nope': unknown architecture"),
+])
+def test_sweep_refuses_in_one_line_before_training(tmp_path, capsys, argv, why):
+    argv = [a.replace("CIFAR100", CIFAR100).replace("SMOKE", str(ROOT / "configs" / "smoke.py")) for a in argv]
+    root = tmp_path / "root"
+    assert sweep_lib.main([f"--config={CIFAR100}", "--pairs=resnet56,resnet20", f"--root={root}", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and why.replace("CIFAR100", CIFAR100) in err and err.count("\n") == 1, err
+    assert not root.exists()  # every run config is checked before anything trains
+
+
+def test_config_files_import_configs_from_the_repository_root(tmp_path, monkeypatch):
+    """Config files say `from configs import default`, resolved from the working directory like train.py's: from
+    elsewhere the sweep says so in one line (and the package itself never imports configs/)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(ROOT))])
+    for name in [m for m in sys.modules if m == "configs" or m.startswith("configs.")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(ConfigError, match="imports the repository's 'configs': run the command from the repository"):
+        sweep_lib.run_config(CIFAR100, ("resnet56", "resnet20"), ["kd"], ["mas"], 0)

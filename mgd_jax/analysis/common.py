@@ -35,7 +35,7 @@ from mgd_jax.stages.common import apply_backbone
 from mgd_jax.train import mesh as mesh_lib
 from mgd_jax.train.checkpoint import StageCheckpoints
 
-__all__ = ["AnalysisError", "BACKBONE_STAGES", "Backbone", "Run", "cli", "evaluate_split", "load_config",
+__all__ = ["AnalysisError", "BACKBONE_STAGES", "Backbone", "ConfigFile", "Run", "cli", "evaluate_split", "load_config",
            "load_config_file", "model_of", "override", "parse_with_overrides", "restore_best", "tool_parser"]
 
 BACKBONE_STAGES = "teacher | students/<name>"
@@ -207,25 +207,29 @@ def _config_module(path: str):
     return module
 
 
-def takes_argument(path: str) -> bool:
-    """Whether the config file's ``get_config`` takes an argument (``--config=path:argument``)."""
-    return bool(inspect.signature(_config_module(path).get_config).parameters)
+class ConfigFile:
+    """A config file given by path: ``get_config(argument)``, its refusal of the argument (a ``ValueError``:
+    unknown dataset, method, mode ...) as one line."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.module = _config_module(path)
+        self.takes_argument = bool(inspect.signature(self.module.get_config).parameters)
+
+    def get_config(self, argument: str | None = None) -> ml_collections.ConfigDict:
+        if argument is not None and not self.takes_argument:
+            raise ConfigError(f"--config={self.path}: its get_config() takes no argument, got {argument!r}")
+        try:
+            return self.module.get_config(argument) if argument is not None else self.module.get_config()
+        except ValueError as e:
+            spec = self.path + (f":{argument}" if argument is not None else "")
+            raise ConfigError(f"--config={spec}: {e}") from None
 
 
 def load_config_file(spec: str, argument: str | None = None) -> ml_collections.ConfigDict:
-    """``spec`` = ``path[:argument]`` -> the file's ``get_config(argument)``; ``argument`` replaces the spec's.
-
-    The file's refusal of its argument (a ``ValueError``: unknown dataset, method, mode ...) is one line."""
+    """``spec`` = ``path[:argument]`` -> the file's ``get_config(argument)``; ``argument`` replaces the spec's."""
     path, colon, spec_argument = spec.partition(":")
-    argument = argument if argument is not None else (spec_argument if colon else None)
-    module = _config_module(path)
-    takes = bool(inspect.signature(module.get_config).parameters)
-    if argument is not None and not takes:
-        raise ConfigError(f"--config={path}: its get_config() takes no argument, got {argument!r}")
-    try:
-        return module.get_config(argument) if argument is not None else module.get_config()
-    except ValueError as e:
-        raise ConfigError(f"--config={path}" + (f":{argument}" if argument is not None else "") + f": {e}") from None
+    return ConfigFile(path).get_config(argument if argument is not None else (spec_argument if colon else None))
 
 
 def _parse_value(text: str, kind: type | None, where: str):

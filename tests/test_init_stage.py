@@ -88,8 +88,8 @@ def test_init_stage_lr_is_the_students():
 
 @pytest.mark.parametrize("name", ["abound", "factor", "fsp"])
 def test_init_stage_params_are_inits(name):
-    """``init_stage_params(key, ...)`` are, bitwise, the parameters ``init(key, ...)`` gives the init stage
-    (``init_params``: the ones later frozen into ``state[init_params_key]``): the same key use."""
+    """``init_stage_params(key, ...)`` are, bitwise, the module ``init(key, ...)`` puts in the method state under
+    ``init_params_key`` (AB's connectors, FT's paraphraser; FSP: none): the same key use."""
     key = jax.random.key(3)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 3)), jnp.float32)
     method = get_method(name)
@@ -98,7 +98,8 @@ def test_init_stage_params_are_inits(name):
         m = get_model(arch, 10)
         outs.append(Outputs(*m.apply(m.init(jax.random.key(0), x), x, preact=preact)))
     got = method.init_stage_params(key, *outs, {"num_train": 8})
-    want = method.init(key, *outs, {"num_train": 8}).get("init_params", {})
+    state = method.init(key, *outs, {"num_train": 8})["state"]
+    want = {} if method.init_params_key is None else state[method.init_params_key]
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(a, b)

@@ -80,4 +80,4 @@ def test_crd_and_init_stage_methods_through_the_pipeline_with_accelerator_defaul
     init_rows = [json.loads(line) for line in open(os.path.join(workdir, "students/abound_mas/init/metrics.jsonl"))]
     assert len(init_rows) == 1 and np.isfinite(init_rows[0]["train/loss/init"])
     final = _final(workdir, c)
-    assert final["students/crd_mag"]["batch_stats"]["method"]["memory_v1"].shape == (192, 16)
+    assert final["students/crd_mag"]["method_state"]["memory_v1"].shape == (192, 16)

@@ -57,7 +57,7 @@ class AB(Method):
     def init(self, key, s, t, ctx=None):
         params, stats = self._init_connectors(key, s, t)
         # connectors are trained in the init stage only: in the main stage they are frozen state
-        return {"params": {}, "state": {"connector": params, "batch_stats": stats}, "init_params": params}
+        return {"params": {}, "state": {"connector": params, "batch_stats": stats}}
 
     def init_stage_params(self, key, s, t, ctx=None):
         return self._init_connectors(key, s, t)[0]

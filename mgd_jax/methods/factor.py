@@ -75,7 +75,7 @@ class Factor(Method):
         para = self.init_stage_params(key, s, t, ctx)
         tr = Translator(t.features[-2].shape[-1]).init(k_tr, s.features[-2], False)
         return {"params": {"translator": tr["params"]},
-                "state": {"paraphraser": para, "batch_stats": tr["batch_stats"]}, "init_params": para}
+                "state": {"paraphraser": para, "batch_stats": tr["batch_stats"]}}
 
     def init_loss(self, variables, s, t, train):
         _, rec = Paraphraser().apply({"params": variables["params"]}, t.features[-2])

@@ -9,6 +9,7 @@ run in eval mode.  Checkpoints: ``<workdir>/students/<name>/init/``.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import jax
 import optax
@@ -22,6 +23,7 @@ from mgd_jax.stages.common import StageRun, TrainState, apply_backbone, classifi
 from mgd_jax.stages.student import StudentModules, TeacherModules, teacher_forward, teacher_inputs
 from mgd_jax.stages.teacher import Teacher
 from mgd_jax.train import mesh as mesh_lib
+from mgd_jax.train.checkpoint import StageCheckpoints
 from mgd_jax.train.loop import StageSpec, fit
 
 SEED_OFFSET = 7  # the init stage's data order: the student's seed + 7
@@ -119,6 +121,17 @@ def make_init_eval_step(s: StudentModules, aug_cfg):
     return eval_step
 
 
+def _main_stage_started(directory: str) -> bool:
+    """The student's main stage has a committed checkpoint (resumed or finished from it, not from the init stage)."""
+    if not os.path.isdir(os.path.join(directory, "checkpoints", "latest")):
+        return False
+    ck = StageCheckpoints(os.path.join(directory, "checkpoints"))
+    try:
+        return ck.latest_meta() is not None
+    finally:
+        ck.close()
+
+
 def run(run: StageRun, name: str, modules: StudentModules, teacher: Teacher, student: TrainState, student_tx,
         meta: dict) -> TrainState:
     """Train (or resume, or reuse) the init stage of student ``name``; -> the student's state for its main stage."""
@@ -129,6 +142,9 @@ def run(run: StageRun, name: str, modules: StudentModules, teacher: Teacher, stu
     seed = run.seed("student")
     state = init_stage_state(modules, t_modules, t_inputs, student, tx, jax.random.key(seed), run.sample_images(),
                              {"num_train": len(run.data.train_labels)})
+    if _main_stage_started(run.directory("students", name)):
+        # its checkpoints hold everything the init stage made: only the state's layout is needed to restore them
+        return finish_init_stage(modules, state, student, student_tx)
     step = jax.jit(make_init_step(modules, t_modules, tx, config.augment), donate_argnums=0)
     eval_step = jax.jit(make_init_eval_step(modules, config.augment))
     spec = StageSpec(

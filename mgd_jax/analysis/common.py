@@ -7,7 +7,8 @@
   (its ``config.precision``).
 * ``evaluate_split``: a jitted function's exact sums over a whole split.
 * Config files given by path (``configs/transfer.py:stl10``, the sweep's ``configs/cifar100.py``):
-  ``load_config_file`` and ``override`` (``--config.a.b=value``, typed like train.py's overrides).
+  ``ConfigFile`` / ``load_config_file`` (the file's refusal of its argument in one line), ``override`` and
+  ``parse_with_overrides`` (``--config.a.b=value``, typed like train.py's overrides).
 """
 from __future__ import annotations
 
@@ -95,6 +96,11 @@ def restore_best(directory: str) -> tuple[Any, dict]:
         ck.close()
 
 
+def _classifier_kernel(params):
+    """A zoo backbone's classifier weights, [pooled feature, classes]."""
+    return params[classifier_name(params)]["kernel"]
+
+
 @dataclasses.dataclass(eq=False)
 class Backbone:
     """A teacher's or student's backbone from its best checkpoint, computing as the run did."""
@@ -107,12 +113,12 @@ class Backbone:
 
     @property
     def num_classes(self) -> int:
-        return int(self.variables["params"][classifier_name(self.variables["params"])]["kernel"].shape[-1])
+        return int(_classifier_kernel(self.variables["params"]).shape[1])
 
     @property
     def feature_dim(self) -> int:
         """The size of the pooled feature (the last entry of the feature list), the classifier's input."""
-        return int(self.variables["params"][classifier_name(self.variables["params"])]["kernel"].shape[0])
+        return int(_classifier_kernel(self.variables["params"]).shape[0])
 
     def apply(self, variables, x, preact: bool = False):
         """Eval mode: normalised NHWC images -> (logits, features)."""
@@ -144,9 +150,6 @@ class Run:
     def restore_best(self, stage: str) -> tuple[Any, dict]:
         return restore_best(self.stage_dir(stage))
 
-    def model(self, arch: str, num_classes: int):
-        return model_of(self.config, arch, num_classes)
-
     def backbone(self, stage: str) -> Backbone:
         """``stage`` = teacher | students/<name>: its backbone (a student's without its encoders / aux modules)."""
         if stage != "teacher" and not stage.startswith("students/"):
@@ -157,8 +160,8 @@ class Run:
         else:
             variables = {"params": saved["params"]["backbone"], "batch_stats": saved["batch_stats"]["backbone"]}
         arch = self.config.teacher.arch if stage == "teacher" else self.config.student.arch
-        num_classes = int(variables["params"][classifier_name(variables["params"])]["kernel"].shape[-1])
-        return Backbone(stage, arch, self.model(arch, num_classes), variables, meta)
+        num_classes = int(_classifier_kernel(variables["params"]).shape[1])  # the run's classes, without its data
+        return Backbone(stage, arch, model_of(self.config, arch, num_classes), variables, meta)
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------

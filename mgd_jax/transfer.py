@@ -32,7 +32,8 @@ from mgd_jax.data import augment, load_dataset
 from mgd_jax.errors import ConfigError
 from mgd_jax.models import LOW_LR_ARCHITECTURES
 from mgd_jax.models.layers import Linear
-from mgd_jax.stages.common import TrainState, apply_backbone, classification_counts, step_key, train_metrics
+from mgd_jax.stages.common import (TrainState, apply_backbone, classification_counts, legacy_layout, step_key,
+                                   train_metrics)
 from mgd_jax.train import mesh as mesh_lib
 from mgd_jax.train.checkpoint import flatten_config
 from mgd_jax.train.loop import StageSpec, evaluate_dataset, fit
@@ -136,7 +137,8 @@ def transfer(workdir: str, stage: str, config: ml_collections.ConfigDict, device
                      passes=[("transfer", step)],
                      evaluate=lambda s: evaluate_dataset(lambda b: ev(s, b), ds.test_images, ds.test_labels,
                                                          tcfg.eval_batch_size, mesh),
-                     improve=improve, export=lambda s, prev, imp: s.params["head"], progress=False)
+                     improve=improve, export=lambda s, prev, imp: s.params["head"], progress=False,
+                     legacy_layout=legacy_layout)
     _, _, result = fit(spec, state, None, ds, mesh, jax.device_get(state.params["head"]))
     out = {"stage": stage, "dataset": tcfg.data.name, "full_finetune": tcfg.full_finetune, "adapt_bn": tcfg.adapt_bn,
            "epochs": tcfg.epochs, "best_top1": result["best"].get("test/acc1"),

@@ -74,3 +74,55 @@ def test_a_checkpoint_laid_out_differently_is_one_clear_error(tmp_path):
             ck.restore_latest({"params": {"w": np.ones(2)}, "batch_stats": {}, "method_state": {"m": np.zeros(1)}})
     finally:
         ck.close()
+
+
+def test_checkpoints_of_the_earlier_layout_resume():
+    """A checkpoint written before TrainState had ``method_state`` / ``frozen`` (method state in
+    batch_stats['method'], the init stage's frozen modules in batch_stats['fixed']) restores into today's state."""
+    import tempfile
+    from typing import Any
+
+    import chex
+    import flax
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from mgd_jax.stages.common import TrainState, legacy_layout
+    from mgd_jax.train.checkpoint import StageCheckpoints
+
+    @flax.struct.dataclass
+    class OldTrainState:  # the 4 fields of commit 19591dd
+        step: Any
+        params: Any
+        batch_stats: Any
+        opt_state: Any
+
+    tx = optax.sgd(0.1, momentum=0.9)
+    params = {"backbone": {"w": jnp.arange(3.0)}, "init": {"v": jnp.ones(2)}}
+    bs = {"backbone": {"bn": {"mean": jnp.full(4, 0.5)}}}
+    method = {"memory_v1": jnp.arange(6.0).reshape(2, 3)}
+    frozen = {"non_feature": {"fc": {"kernel": jnp.ones((2, 2))}}, "features": {"conv": {"kernel": jnp.zeros(5)}}}
+    opt = jax.tree.map(lambda x: x + 1, tx.init(params))
+    cases = {  # name: (old checkpoint, the state today's code trains)
+        "teacher": (OldTrainState(jnp.int32(7), params, bs, opt), TrainState(jnp.int32(7), params, bs, opt)),
+        "student": (OldTrainState(jnp.int32(7), params, {**bs, "method": method}, opt),
+                    TrainState(jnp.int32(7), params, bs, opt, method)),
+        "init stage": (OldTrainState(jnp.int32(7), params, {**bs, "method": method,
+                                                            "fixed": {"frozen": frozen["non_feature"],
+                                                                      "features": frozen["features"]}}, opt),
+                       TrainState(jnp.int32(7), params, bs, opt, method, frozen)),
+        "analyzer": ({"a": OldTrainState(jnp.int32(7), params, {}, opt)}, {"a": TrainState(jnp.int32(7), params, {}, opt)}),
+    }
+    for name, (old, new) in cases.items():
+        with tempfile.TemporaryDirectory() as d:
+            ck = StageCheckpoints(d)
+            try:
+                ck.save_latest(1, old, {"epoch": 1})
+                like = jax.tree.map(jnp.zeros_like, new)
+                got, _ = ck.restore_latest(jax.device_get(like), legacy_layout)
+            finally:
+                ck.close()
+        assert jax.tree.structure(got) == jax.tree.structure(new), name
+        chex.assert_trees_all_equal(jax.tree.map(np.asarray, got), jax.tree.map(np.asarray, new))

@@ -49,6 +49,40 @@ class TrainState:
                             method_state=self.method_state if method_state is None else method_state)
 
 
+def _is_state(x) -> bool:
+    return isinstance(x, TrainState)
+
+
+def legacy_layout(like):
+    """Checkpoints of mgd-jax before the ``method_state`` / ``frozen`` fields (up to commit 19591dd) kept a method's
+    state in ``batch_stats['method']`` and the init stage's frozen modules in ``batch_stats['fixed']`` (``frozen``:
+    the non-feature modules, ``features``: FT's frozen feature modules).  -> (``like`` in that layout, a function
+    converting a tree restored in it to ``like``'s layout), for ``StageSpec.legacy_layout``: an interrupted run of
+    the earlier version resumes."""
+    def old(ts: TrainState):
+        stats = dict(ts.batch_stats)
+        if ts.method_state:
+            stats["method"] = ts.method_state
+        if ts.frozen:
+            stats["fixed"] = {"frozen": ts.frozen["non_feature"],
+                              **({"features": ts.frozen["features"]} if "features" in ts.frozen else {})}
+        return {"step": ts.step, "params": ts.params, "batch_stats": stats, "opt_state": ts.opt_state}
+
+    def new(ts_like, restored):
+        if not _is_state(ts_like):
+            return restored
+        stats = dict(restored["batch_stats"])
+        method_state = stats.pop("method") if ts_like.method_state else {}
+        fixed = stats.pop("fixed") if ts_like.frozen else {}
+        frozen = {}
+        if fixed:
+            frozen = {"non_feature": fixed["frozen"], **({"features": fixed["features"]} if "features" in fixed else {})}
+        return TrainState(restored["step"], restored["params"], stats, restored["opt_state"], method_state, frozen)
+
+    old_like = jax.tree.map(lambda x: old(x) if _is_state(x) else x, like, is_leaf=_is_state)
+    return old_like, lambda restored: jax.tree.map(new, like, restored, is_leaf=_is_state)
+
+
 def apply_backbone(model, params, batch_stats, x, *, train: bool, preact: bool = False):
     """-> (logits, features, new_batch_stats).  In train mode BN uses (global) batch statistics."""
     variables = {"params": params, "batch_stats": batch_stats}
@@ -163,7 +197,8 @@ class StageRun:
         ck = self.config.get("checkpoint", None) or {}
         return dict(drop_remainder=self.config.drop_remainder, progress=self.config.progress,
                     checkpoint_every_steps=int(ck.get("every_steps", 0) or 0),
-                    keep_checkpoints=int(ck.get("keep", 2)), on_device=self.data_on_device())
+                    keep_checkpoints=int(ck.get("keep", 2)), on_device=self.data_on_device(),
+                    legacy_layout=legacy_layout)
 
     def evaluate(self, counts_fn) -> dict:
         """``counts_fn(batch) -> {name: sum}`` over the test split: dataset-level means."""

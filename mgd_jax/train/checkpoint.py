@@ -314,25 +314,38 @@ class StageCheckpoints:
         return self._meta(self.best)
 
     @staticmethod
-    def _restore(mngr, like) -> tuple[Any, dict]:
+    def _restore(mngr, like, legacy=None) -> tuple[Any, dict]:
         step = mngr.latest_step()
+
+        def restore(target):
+            return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target)),
+                                                              meta=ocp.args.JsonRestore()))
         try:
-            r = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like)),
-                                                           meta=ocp.args.JsonRestore()))
+            r = restore(like)
+            return r["state"], dict(r["meta"])
         except ValueError as e:
             if "tree structures do not match" not in str(e):
                 raise
-            raise StageMismatchError(
-                f"{mngr.directory}/{step}: the checkpoint's variables are laid out differently from what this "
-                f"version of mgd-jax trains (written by another version, or for another setup); finish the stage "
-                f"with the version that started it, or move that stage's folder away to retrain it") from None
-        return r["state"], dict(r["meta"])
+        if legacy is not None:  # a checkpoint of an earlier version's layout: read it in that layout, convert
+            old_like, convert = legacy(like)
+            try:
+                r = restore(old_like)
+                return convert(r["state"]), dict(r["meta"])
+            except ValueError as e:
+                if "tree structures do not match" not in str(e):
+                    raise
+        raise StageMismatchError(
+            f"{mngr.directory}/{step}: the checkpoint's variables are laid out differently from what this version of "
+            f"mgd-jax trains (written by another version, or for another setup); finish the stage with the version "
+            f"that started it, or move that stage's folder away to retrain it") from None
 
-    def restore_latest(self, like):
-        return self._restore(self.latest, like)
+    def restore_latest(self, like, legacy=None):
+        """The newest latest step restored onto ``like``'s structure; ``legacy(like) -> (old_like, convert)`` reads
+        a checkpoint written in an earlier layout."""
+        return self._restore(self.latest, like, legacy)
 
-    def restore_best(self, like):
-        return self._restore(self.best, like)
+    def restore_best(self, like, legacy=None):
+        return self._restore(self.best, like, legacy)
 
     def close(self):
         if getattr(self, "_failed", False):

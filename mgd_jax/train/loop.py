@@ -49,6 +49,8 @@ class StageSpec:
     checkpoint_every_steps: int = 0  # also checkpoint inside an epoch (0: at epoch ends only)
     keep_checkpoints: int = 2
     on_device: bool = False  # training data resident on the devices, batches gathered inside the step
+    # (like) -> (like in an earlier version's checkpoint layout, convert to like's): resumes old workdirs
+    legacy_layout: Callable | None = None
 
 
 def host_rss_mib() -> float:
@@ -164,11 +166,11 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writers):
         if meta.get("imported") or (int(meta["epoch"]) >= spec.num_epochs and not meta.get("position")):
             if ckpt.best_meta() is None:
                 raise FileNotFoundError(f"{spec.directory}/checkpoints/best is missing for a finished stage")
-            export, _ = ckpt.restore_best(export_like)
+            export, _ = ckpt.restore_best(export_like, spec.legacy_layout)
             how = "imported" if meta.get("imported") else f"finished earlier ({meta['epoch']} epochs)"
             print(f"[{spec.name}] {how}: using {spec.directory}/checkpoints/best", flush=True)
             return state, export, {"best": best, "last": last}
-        restored, meta = ckpt.restore_latest(jax.device_get(state))
+        restored, meta = ckpt.restore_latest(jax.device_get(state), spec.legacy_layout)
         state = mesh_lib.replicate(restored, mesh)
         start_epoch = int(meta["epoch"])
         pos = meta.get("position")
@@ -177,7 +179,7 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writers):
             done_passes = dict(pos["done_passes"])
             acc = _Accumulator(pos["sums"], pos["count"])
         if ckpt.best_meta() is not None:
-            export, _ = ckpt.restore_best(export_like)
+            export, _ = ckpt.restore_best(export_like, spec.legacy_layout)
         where = f"at epoch {start_epoch + 1}, pass {start_pass + 1}, batch {start_batch}" if pos else \
             f"after epoch {start_epoch}/{spec.num_epochs}"
         print(f"[{spec.name}] resuming {where}", flush=True)

@@ -83,6 +83,31 @@ def set_pair(c, teacher: str, student: str):
     c.student.optimizer.lr = student_lr(student)
 
 
+def set_students(c, method: str, mode: str):
+    """``config.students`` for ``method`` in ``mode`` (``all``: none, mag and mas, sharing one teacher)."""
+    if method not in known_methods():
+        raise ValueError(f"unknown method {method!r}; configs know: {', '.join(known_methods())}")
+    modes = ("none", "mag", "mas") if mode == "all" else (mode,)
+    c.students = ml_collections.ConfigDict({f"{method}_{m}": student_run(method, m, student_arch=c.student.arch)
+                                            for m in modes})
+
+
+def apply_run_argument(c, arg: str, schedule: bool = True):
+    """A config file's argument ``teacher,student,method,mode[,teacher_schedule]`` (what ``train.py
+    --config=FILE:ARG`` and the sweep pass) applied to ``c``; ``schedule=False``: the file keeps its own teacher
+    schedule and refuses a fifth field."""
+    parts = arg.split(",")
+    if len(parts) not in ((4, 5) if schedule else (4,)):
+        form = "teacher,student,method,mode" + ("[,teacher_schedule]" if schedule else "")
+        raise ValueError(f"config argument must be '{form}', got {arg!r}")
+    teacher, student, method, mode = parts[:4]
+    set_pair(c, teacher, student)
+    if schedule:
+        set_teacher_schedule(c, parts[4] if len(parts) == 5 else "mg")
+    set_students(c, method, mode)
+    return c
+
+
 def set_teacher_schedule(c, name: str):
     """The teacher's milestones by name (``TEACHER_SCHEDULES``)."""
     if name not in TEACHER_SCHEDULES:
@@ -103,7 +128,8 @@ def get_config():
     c.eval_batch_size = 500
     c.granularities = PAPER_GRANULARITIES
     c.progress = True
-    c.compilation_cache = True  # persistent XLA compilation cache in <workdir>/.jax_cache (train.py)
+    # persistent XLA compilation cache in <workdir>/.jax_cache, or $JAX_COMPILATION_CACHE_DIR when set (train.py)
+    c.compilation_cache = True
     # CPU only: None = one XLA device per core, the batch split over them (mgd_jax/train/cpu.py); a count; or 0
     # for XLA's single CPU device.  Ignored when XLA_FLAGS sets a device count.
     c.cpu_devices = config_dict.placeholder(int)

@@ -13,7 +13,8 @@ DIGITS_MEAN = (0.3054,)  # mean / std of the 1437 training images scaled to [0, 
 DIGITS_STD = (0.3760,)
 
 
-def get_config():
+def get_config(arg: str | None = None):
+    """``arg``: optional ``teacher,student,method,mode`` (as configs/cifar100.py; the sweep passes it)."""
     c = default.get_config()
     c.data.name = "digits"
     c.data.image_size = 16
@@ -34,4 +35,4 @@ def get_config():
         "mag_kd": default.student_run("kd", "mag"),
         "mas_kd": default.student_run("kd", "mas"),
     })
-    return c
+    return default.apply_run_argument(c, arg, schedule=False) if arg else c

@@ -5,7 +5,8 @@ import ml_collections
 from configs import default, quickstart
 
 
-def get_config():
+def get_config(arg: str | None = None):
+    """``arg``: optional ``teacher,student,method,mode`` (as configs/cifar100.py; the sweep passes it)."""
     c = quickstart.get_config()
     c.data.image_size = 8
     c.data.train_limit = 192
@@ -19,4 +20,4 @@ def get_config():
     c.granularities = ((16, 2.0), (32, 8.0))
     c.checkpoint.every_steps = 2
     c.students = ml_collections.ConfigDict({"mas_kd": default.student_run("kd", "mas")})
-    return c
+    return default.apply_run_argument(c, arg, schedule=False) if arg else c

@@ -15,7 +15,7 @@ from mgd_jax.stages.student import GRANULARITY_MODES
 
 
 def _fail(field, value, why):
-    raise ConfigError(f"config.{field}={value!r}: {why}")
+    raise ConfigError(f"config.{field.lstrip('.')}={value!r}: {why}")
 
 
 def _check_optimizer(prefix, opt, epochs):
@@ -40,6 +40,19 @@ def _check_stage(prefix, cfg):
     if int(cfg.batch_size) != cfg.batch_size or cfg.batch_size < 1:
         _fail(f"{prefix}.batch_size", cfg.batch_size, "must be an integer >= 1")
     _check_optimizer(prefix, cfg.optimizer, cfg.epochs)
+
+
+def validate_transfer_config(cfg) -> None:
+    """The transfer recipe (``configs/transfer.py``, after the tool's overrides)."""
+    if cfg.data.name not in DATASETS:
+        _fail("data.name", cfg.data.name, f"unknown dataset; known: {', '.join(DATASETS)}")
+    _check_stage("", cfg)
+    if not cfg.get("low_lr", 1.0) > 0:
+        _fail("low_lr", cfg.low_lr, "learning rate must be > 0")
+    if cfg.eval_batch_size < 1:
+        _fail("eval_batch_size", cfg.eval_batch_size, "must be >= 1")
+    if len(cfg.augment.mean) != len(cfg.augment.std) or any(s <= 0 for s in cfg.augment.std):
+        _fail("augment.std", tuple(cfg.augment.std), "needs one positive value per channel of augment.mean")
 
 
 def validate_config(config) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 from mgd_jax import losses, optim
 from mgd_jax.analysis.common import (BACKBONE_STAGES, Run, cli, load_config_file, override, parse_with_overrides,
                                      tool_parser)
+from mgd_jax.config_validation import validate_transfer_config
 from mgd_jax.data import augment, load_dataset
 from mgd_jax.errors import ConfigError
 from mgd_jax.models import LOW_LR_ARCHITECTURES
@@ -89,6 +90,7 @@ def transfer(workdir: str, stage: str, config: ml_collections.ConfigDict, device
     run = Run(workdir)
     backbone = run.backbone(stage)
     tcfg = recipe(config, backbone.arch)
+    validate_transfer_config(tcfg)
     if not tcfg.data.get("data_dir", None) and run.config.data.get("data_dir", None):
         tcfg.data.data_dir = run.config.data.data_dir
     ds = load_dataset(tcfg.data)

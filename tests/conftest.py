@@ -8,12 +8,14 @@ if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the whole suite: the xdist workers and the train.py processes the tests
-# start inherit it (the controller loads this file first).  The SIGKILL tests drop it from their children's
-# environment (a process killed mid-write must not leave the others a torn entry).
+# start inherit it (the controller loads this file first, and removes the folder at the end).  The random-SIGKILL
+# test drops it from its children's environment (a process killed at any moment may be writing an entry; the
+# fault-injection kills happen at checkpoint saves, outside compilation).
+_OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mgd-jax-test-xla-cache-")
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mgd-jax-test-xla-cache-")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `configs` is a top-level folder of the repository, not of the package
@@ -49,3 +51,10 @@ _SLOW_FIRST = ("test_reliability.py::test_kill_at_each_save_boundary", "test_mul
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: next((i for i, s in enumerate(_SLOW_FIRST) if s in item.nodeid), len(_SLOW_FIRST)))
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not hasattr(config, "workerinput"):  # the controller (or a run without xdist) made it
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -167,12 +167,12 @@ def _crd_steps(devices):
         idx = np.arange(16 * i, 16 * (i + 1))
         b = {**b, "label": labels[idx], **sampler(idx, 0, 0, i)}
         state, _ = step(state, teacher, mesh_lib.shard_batch(b, mesh), base)
-    return jax.device_get((state.params, state.batch_stats))
+    return jax.device_get((state.params, state.batch_stats, state.method_state))
 
 
 def test_crd_memory_four_devices_equal_one_device():
     _require_four_devices()
     one, four = _crd_steps(jax.devices()[:1]), _crd_steps(jax.devices()[:4])
     chex.assert_trees_all_close(one, four, atol=1e-5, rtol=1e-5)
-    mem = one[1]["method"]["memory_v1"]
+    mem = one[2]["memory_v1"]
     np.testing.assert_allclose(np.linalg.norm(mem[:48], axis=1), 1.0, rtol=1e-5)  # the 48 rows seen were updated

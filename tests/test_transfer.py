@@ -91,6 +91,9 @@ def test_transfer_command_line_errors(cifar_workdir, capsys):
                       ([*base[:2], f"--config={CONFIG}:stl10", "--dataset=cifar10"], "contradicts"),
                       (base + ["--config.optimizer.lrr=0.1"], "the config has no field 'optimizer.lrr'"),
                       (base + ["--config.epochs=ten"], "--config.epochs=ten: 'ten' is not a int"),
+                      (base + ["--config.data.name=svhn"], "config.data.name='svhn': unknown dataset"),
+                      (base + ["--config.epochs=0"], "config.epochs=0: must be an integer >= 1"),
+                      (base + ["--config.optimizer.momentum=1.5"], "config.optimizer.momentum=1.5: momentum"),
                       ([*base[:2], "--config=configs/none.py"], "config file configs/none.py does not exist")]:
         capsys.readouterr()
         assert T.main(argv) == 2, argv

@@ -144,6 +144,7 @@ def run(run: StageRun, name: str, modules: StudentModules, teacher: Teacher, stu
                              {"num_train": len(run.data.train_labels)})
     if _main_stage_started(run.directory("students", name)):
         # its checkpoints hold everything the init stage made: only the state's layout is needed to restore them
+        print(f"[student/{name}/init] skipped: the main stage has started from it", flush=True)
         return finish_init_stage(modules, state, student, student_tx)
     step = jax.jit(make_init_step(modules, t_modules, tx, config.augment), donate_argnums=0)
     eval_step = jax.jit(make_init_eval_step(modules, config.augment))

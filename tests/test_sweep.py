@@ -154,12 +154,14 @@ def test_run_configs_come_from_the_config_file():
     (["--methods=kd,hinted"], "resnet56,resnet20,hinted,baseline: unknown method 'hinted'"),
     (["--modes=all"], ":resnet56,resnet20,kd,all gives 3 students"),
     (["--set", "student.epoch=3"], "--set student.epoch=3: the config has no field 'student.epoch'"),
-    (["--config=SMOKE"], "its get_config() takes no argument; a sweep calls it with 'teacher,student,method,mode"),
+    (["--config=NOARG"], "its get_config() takes no argument; a sweep calls it with 'teacher,student,method,mode"),
     (["--config=CIFAR100:resnet56"], "replaces the first fields of the argument"),
     (["--pairs=resnet56,nope"], "config.student.arch='nope': unknown architecture"),
 ])
 def test_sweep_refuses_in_one_line_before_training(tmp_path, capsys, argv, why):
-    argv = [a.replace("CIFAR100", CIFAR100).replace("SMOKE", str(ROOT / "configs" / "smoke.py")) for a in argv]
+    noarg = tmp_path / "noarg.py"  # a config file whose get_config() takes no argument
+    noarg.write_text("from configs import smoke\n\n\ndef get_config():\n    return smoke.get_config()\n")
+    argv = [a.replace("CIFAR100", CIFAR100).replace("NOARG", str(noarg)) for a in argv]
     root = tmp_path / "root"
     assert sweep_lib.main([f"--config={CIFAR100}", "--pairs=resnet56,resnet20", f"--root={root}", *argv]) == 2
     err = capsys.readouterr().err
@@ -176,3 +178,19 @@ def test_config_files_import_configs_from_the_repository_root(tmp_path, monkeypa
         monkeypatch.delitem(sys.modules, name)
     with pytest.raises(ConfigError, match="imports the repository's 'configs': run the command from the repository"):
         sweep_lib.run_config(CIFAR100, ("resnet56", "resnet20"), ["kd"], ["mas"], 0)
+
+
+def test_quickstart_and_smoke_take_the_run_argument():
+    """The sweep's argument works on the digits configs too: their own settings, the argument's pair and students."""
+    from configs import quickstart, smoke
+
+    for module, settings in ((quickstart, quickstart.get_config()), (smoke, smoke.get_config())):
+        c = module.get_config("resnet14,resnet8,crd,all")
+        assert (c.teacher.arch, c.student.arch) == ("resnet14", "resnet8")
+        assert sorted(c.students) == ["crd_mag", "crd_mas", "crd_none"]
+        assert c.students.crd_mas.to_dict() == default.student_run("crd", "mas", student_arch="resnet8").to_dict()
+        for field in ("data", "augment", "granularities", "checkpoint"):
+            assert c[field] == settings[field], field
+        assert c.teacher.optimizer.milestones == settings.teacher.optimizer.milestones  # no schedule argument
+        with pytest.raises(ValueError, match="must be 'teacher,student,method,mode'"):
+            module.get_config("resnet14,resnet8,crd,mas,repdistiller")

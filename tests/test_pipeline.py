@@ -1,6 +1,7 @@
 """End to end: the three stages on the bundled digits (tiny settings), exact resume, no redone stages."""
 import json
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -81,3 +82,9 @@ def test_crd_and_init_stage_methods_through_the_pipeline_with_accelerator_defaul
     assert len(init_rows) == 1 and np.isfinite(init_rows[0]["train/loss/init"])
     final = _final(workdir, c)
     assert final["students/crd_mag"]["method_state"]["memory_v1"].shape == (192, 16)
+    # once the main stage has a checkpoint, the init stage is not needed (nor read) again: the rerun gives the same
+    # summary without it
+    shutil.rmtree(os.path.join(workdir, "students/abound_mas/init"))
+    again = pipeline.train_and_evaluate(c, workdir, devices=jax.devices()[:2])
+    assert again["rows"] == summary["rows"]
+    assert not os.path.exists(os.path.join(workdir, "students/abound_mas/init"))

@@ -147,6 +147,9 @@ def get_config():
     # Stage 2 (train_teacher_wrapper.py): 60 epochs, lr 0.01 per granularity, x0.1 at 30/45.
     c.analyzer = dict(epochs=60, batch_size=64, shared_pass=False, optimizer=sgd(0.01, (30, 45)))
     # Stage 3 (student.py / student_stable.py): 240 epochs, lr 0.05, x0.1 at 150/180/210.
-    c.student = dict(arch="resnet20", epochs=240, batch_size=64, optimizer=sgd(STUDENT_LR, STUDENT_MILESTONES))
+    # group_size: the students of a run train fused, this many per group, sharing one teacher pass per batch (0: all
+    # of them in one group; 1: one after another); each student's result is the same either way.
+    c.student = dict(arch="resnet20", epochs=240, batch_size=64, optimizer=sgd(STUDENT_LR, STUDENT_MILESTONES),
+                     group_size=0)
     c.students = {"kd_mas": student_run("kd", "mas")}
     return c

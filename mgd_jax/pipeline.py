@@ -93,8 +93,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
         rows.append({"stage": f"analyzer {g.name}", "model": f"{config.teacher.arch} decoder",
                      "best_acc1": best.get("acc1"), "best_acc5": best.get("acc5"), "best_epoch": best.get("epoch"),
                      "last_acc1": last.get(f"test/acc1/{g.name}"), "last_acc5": last.get(f"test/acc5/{g.name}")})
+    results = student_stage.run_all(run, teacher)
     for name, scfg in config.students.items():
-        _, result = student_stage.run(run, name, teacher)
+        _, result = results[name]
         mode = "baseline" if scfg.get("protocol", "mg") == "repdistiller" else scfg.granularity
         rows.append(result_row(f"student {name} ({scfg.method} / {mode})", config.student.arch, result))
     return _write_summary(rows, workdir)

@@ -122,8 +122,9 @@ def step_key(base_key: jax.Array, step: jax.Array) -> jax.Array:
 # --- what a stage's runner needs from the run ----------------------------------------------------------------------
 SEED_OFFSETS = {"teacher": 0, "analyzer": 1, "student": 2, "mutual": 2}
 
-# Config fields that do not change a stage's numbers (where the data lives, how it reaches the devices).
-_NOT_RESULT_FIELDS = ("data.data_dir", "data.on_device")
+# Config fields that do not change a stage's numbers (where the data lives, how it reaches the devices, how many
+# students train fused).
+_NOT_RESULT_FIELDS = ("data.data_dir", "data.on_device", "student.group_size")
 
 
 def stage_config(config, stage: str, student: str | None = None) -> dict:
@@ -137,10 +138,9 @@ def stage_config(config, stage: str, student: str | None = None) -> dict:
         for name in names:
             if name in config:
                 out.update(flatten_config(f"config.{name}", config[name]))
-        return out
+        return {k: v for k, v in out.items() if k[len("config."):] not in _NOT_RESULT_FIELDS}
 
-    common = {k: v for k, v in fields("seed", "data", "augment", "drop_remainder", "precision").items()
-              if k[len("config."):] not in _NOT_RESULT_FIELDS}
+    common = fields("seed", "data", "augment", "drop_remainder", "precision")
     if stage == "mutual":
         return {**common, **fields("mutual", "granularities")}
     teacher = {**common, **fields("teacher")}

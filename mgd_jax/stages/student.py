@@ -22,7 +22,7 @@ from mgd_jax.stages.common import (StageRun, TrainState, apply_backbone, best_by
                                    stage_config, step_key, train_metrics)
 from mgd_jax.stages.teacher import Teacher
 from mgd_jax.train import mesh as mesh_lib
-from mgd_jax.train.loop import StageSpec, fit
+from mgd_jax.train.loop import StageSpec, common_step, fit, fit_group
 
 GRANULARITY_MODES = ("none", "mag", "mas")
 
@@ -133,26 +133,54 @@ def method_variables(state: TrainState, params) -> dict:
     return {"params": params.get("method", {}), "state": state.method_state}
 
 
+def _update(s: StudentModules, objective: Objective, tx, state: TrainState, x, t_out: Outputs, batch):
+    """One optimizer step of one student on the augmented images ``x`` and the teacher's outputs ``t_out``."""
+    def loss_fn(params):
+        s_out, new_bs = student_forward(s, params, state.batch_stats, x, train=True)
+        method_loss, method_state = s.method.loss(method_variables(state, params), s_out, t_out, batch, True)
+        terms = objective_terms(objective, s_out, t_out, batch["label"], method_loss)
+        return total_loss(terms), (terms, s_out.logits, new_bs, method_state)
+
+    (loss, (terms, logits, new_bs, method_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads, tx, {"backbone": new_bs}, method_state if state.method_state else None)
+    values = {k: v for k, (_, v) in terms.items()}
+    return new_state, train_metrics(loss, values, logits, batch["label"], grads)
+
+
 def make_train_step(s: StudentModules, t: TeacherModules, objective: Objective, tx, aug_cfg):
     decode = objective.mode == "mas"
 
     def train_step(state: TrainState, teacher, batch, base_key):
         x = augment.train_transform(batch["image"], step_key(base_key, state.step), aug_cfg)
         t_out = teacher_forward(t, teacher, x, decode=decode, preact=s.method.teacher_preact)
-
-        def loss_fn(params):
-            s_out, new_bs = student_forward(s, params, state.batch_stats, x, train=True)
-            method_loss, method_state = s.method.loss(method_variables(state, params), s_out, t_out, batch, True)
-            terms = objective_terms(objective, s_out, t_out, batch["label"], method_loss)
-            return total_loss(terms), (terms, s_out.logits, new_bs, method_state)
-
-        (loss, (terms, logits, new_bs, method_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        new_state = state.apply_gradients(grads, tx, {"backbone": new_bs},
-                                          method_state if state.method_state else None)
-        values = {k: v for k, (_, v) in terms.items()}
-        return new_state, train_metrics(loss, values, logits, batch["label"], grads)
+        return _update(s, objective, tx, state, x, t_out, batch)
 
     return train_step
+
+
+GROUP_SEP = "::"  # a group's batch carries each student's extra arrays (CRD's indices) as '<name>::<key>'
+
+
+def make_group_train_step(members: dict, t: TeacherModules, aug_cfg):
+    """One step of several students on one batch: the teacher (backbone + tubes) runs once per batch (twice when
+    some student reads its pre-activation features, as AB), then every student takes its own step.
+    ``members``: {name: (StudentModules, Objective, tx)}; the state is {name: TrainState}, in lockstep."""
+    decode = any(objective.mode == "mas" for _, objective, _ in members.values())
+    preacts = sorted({s.method.teacher_preact for s, _, _ in members.values()})
+    first = next(iter(members))
+
+    def group_step(states, teacher, batch, base_key):
+        x = augment.train_transform(batch["image"], step_key(base_key, states[first].step), aug_cfg)
+        t_outs = {p: teacher_forward(t, teacher, x, decode=decode, preact=p) for p in preacts}
+        shared = {k: v for k, v in batch.items() if GROUP_SEP not in k}
+        new, metrics = {}, {}
+        for name, (s, objective, tx) in members.items():
+            own = {k.split(GROUP_SEP, 1)[1]: v for k, v in batch.items() if k.startswith(name + GROUP_SEP)}
+            new[name], metrics[name] = _update(s, objective, tx, states[name], x, t_outs[s.method.teacher_preact],
+                                               {**shared, **own})
+        return new, metrics
+
+    return group_step
 
 
 def make_eval_step(s: StudentModules, aug_cfg):
@@ -213,9 +241,19 @@ def check_pairs(config, num_classes: int, image_shape) -> None:
                      outs["teacher", m.teacher_preact])
 
 
-def run(run: StageRun, name: str, teacher: Teacher) -> tuple[dict, dict]:
-    """Train (or resume, or reuse) the student ``config.students[name]`` against the frozen ``teacher`` (its
-    init stage first for AB / FT / FSP); -> (its best-epoch variables, {'best', 'last'})."""
+@dataclasses.dataclass
+class _Student:
+    """One student of a run, built and ready to train (its init stage done)."""
+
+    name: str
+    modules: StudentModules
+    objective: Objective
+    tx: object
+    state: TrainState
+    spec: StageSpec
+
+
+def _build(run: StageRun, name: str, teacher: Teacher) -> _Student:
     from mgd_jax.stages import init_stage
 
     config, cfg, scfg = run.config, run.config.student, run.config.students[name]
@@ -228,7 +266,6 @@ def run(run: StageRun, name: str, teacher: Teacher) -> tuple[dict, dict]:
     seed = run.seed("student")
     ctx = {"num_train": len(run.data.train_labels)}
     state = init_state(modules, t_modules, t_inputs, tx, jax.random.key(seed), run.sample_images(), ctx)
-    directory = run.directory("students", name)
     meta = spec_meta(config, name, run.data.num_classes)
     if method.has_init_stage:  # AB / FT / FSP: SPEC_BASELINES §3
         state = init_stage.run(run, name, modules, teacher, state, tx, meta)
@@ -236,15 +273,63 @@ def run(run: StageRun, name: str, teacher: Teacher) -> tuple[dict, dict]:
     if method.needs_contrast:
         from mgd_jax.data.contrast import ContrastSampler
         extras = ContrastSampler(run.data.train_labels, method.nce_k, method.mode, seed)
-    state = mesh_lib.replicate(state, run.mesh)
-    step = jax.jit(make_train_step(modules, t_modules, objective_of(scfg, granularities), tx, config.augment),
-                   donate_argnums=0)
+    objective = objective_of(scfg, granularities)
+    step = jax.jit(make_train_step(modules, t_modules, objective, tx, config.augment), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(modules, config.augment))
     spec = StageSpec(
-        name=f"student/{name}", directory=directory, num_epochs=cfg.epochs, batch_size=cfg.batch_size, seed=seed,
-        meta=meta, passes=[("student", step)],
+        name=f"student/{name}", directory=run.directory("students", name), num_epochs=cfg.epochs,
+        batch_size=cfg.batch_size, seed=seed, meta=meta, passes=[("student", step)],
         evaluate=lambda s: run.evaluate(lambda b: eval_step(export_variables(s), b)),
         improve=best_by("test/acc1"), export=lambda s, prev, improved: export_variables(s),
         **run.loop_options(), batch_extras=extras)
-    _, export, result = fit(spec, state, t_inputs, run.data, run.mesh, jax.device_get(export_variables(state)))
+    return _Student(name, modules, objective, tx, mesh_lib.replicate(state, run.mesh), spec)
+
+
+def run(run: StageRun, name: str, teacher: Teacher) -> tuple[dict, dict]:
+    """Train (or resume, or reuse) the student ``config.students[name]`` alone against the frozen ``teacher`` (its
+    init stage first for AB / FT / FSP); -> (its best-epoch variables, {'best', 'last'})."""
+    st = _build(run, name, teacher)
+    _, export, result = fit(st.spec, st.state, teacher_inputs(teacher), run.data, run.mesh,
+                            jax.device_get(export_variables(st.state)))
     return export, result
+
+
+def _group_extras(students: list):
+    samplers = {st.spec.name: st.spec.batch_extras for st in students if st.spec.batch_extras is not None}
+    if not samplers:
+        return None
+
+    def extras(idx, epoch, pass_id, i):
+        return {f"{name}{GROUP_SEP}{k}": v for name, sampler in samplers.items()
+                for k, v in sampler(idx, epoch, pass_id, i).items()}
+    return extras
+
+
+def run_all(run: StageRun, teacher: Teacher) -> dict:
+    """Every student of ``config.students``, fused in groups of ``config.student.group_size`` (0: all) that share
+    one teacher pass per batch; each keeps its own checkpoints, metrics and best epoch, as if run alone.  A group
+    killed between its members' saves resumes together from the newest step all of them saved (``common_step``).
+    -> {name: (export, result)}, in config order."""
+    names = list(run.config.students)
+    size = int(run.config.student.get("group_size", 0) or 0) or len(names)
+    t_modules, t_inputs = TeacherModules.of(teacher), teacher_inputs(teacher)
+    out = {}
+    for start in range(0, len(names), size):
+        chunk = [_build(run, name, teacher) for name in names[start:start + size]]
+        groups = [(chunk, None if len(chunk) == 1 else common_step([st.spec for st in chunk]))]
+        for group, step_from in groups:
+            if len(group) == 1:
+                st = group[0]
+                _, export, result = fit(st.spec, st.state, t_inputs, run.data, run.mesh,
+                                        jax.device_get(export_variables(st.state)))
+                out[st.name] = (export, result)
+                continue
+            members = {st.spec.name: (st.modules, st.objective, st.tx) for st in group}
+            step = jax.jit(make_group_train_step(members, t_modules, run.config.augment), donate_argnums=0)
+            states = {st.spec.name: st.state for st in group}
+            likes = {st.spec.name: jax.device_get(export_variables(st.state)) for st in group}
+            _, exports, results = fit_group([st.spec for st in group], [("students", step)], states, t_inputs,
+                                            run.data, run.mesh, likes, _group_extras(group), step_from)
+            for st in group:
+                out[st.name] = (exports[st.spec.name], results[st.spec.name])
+    return {name: out[name] for name in names}

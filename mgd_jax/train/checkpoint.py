@@ -301,21 +301,26 @@ class StageCheckpoints:
         return self._save("best", epoch, export, meta)
 
     @staticmethod
-    def _meta(mngr) -> dict | None:
-        step = mngr.latest_step()
+    def _meta(mngr, step=None) -> dict | None:
+        step = mngr.latest_step() if step is None else step
         if step is None:
             return None
         return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
-    def latest_meta(self) -> dict | None:
-        return self._meta(self.latest)
+    def latest_meta(self, step: int | None = None) -> dict | None:
+        """The metadata of the newest ``latest`` step (or of ``step``)."""
+        return self._meta(self.latest, step)
+
+    def latest_steps(self) -> list[int]:
+        """The committed ``latest`` steps, oldest first (the newest ``keep``)."""
+        return sorted(self.latest.all_steps())
 
     def best_meta(self) -> dict | None:
         return self._meta(self.best)
 
     @staticmethod
-    def _restore(mngr, like, legacy=None) -> tuple[Any, dict]:
-        step = mngr.latest_step()
+    def _restore(mngr, like, legacy=None, step=None) -> tuple[Any, dict]:
+        step = mngr.latest_step() if step is None else step
 
         def restore(target):
             return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target)),
@@ -339,10 +344,10 @@ class StageCheckpoints:
             f"mgd-jax trains (written by another version, or for another setup); finish the stage with the version "
             f"that started it, or move that stage's folder away to retrain it") from None
 
-    def restore_latest(self, like, legacy=None):
-        """The newest latest step restored onto ``like``'s structure; ``legacy(like) -> (old_like, convert)`` reads
-        a checkpoint written in an earlier layout."""
-        return self._restore(self.latest, like, legacy)
+    def restore_latest(self, like, legacy=None, step: int | None = None):
+        """The newest latest step (or ``step``) restored onto ``like``'s structure; ``legacy(like) -> (old_like,
+        convert)`` reads a checkpoint written in an earlier layout."""
+        return self._restore(self.latest, like, legacy, step)
 
     def restore_best(self, like, legacy=None):
         return self._restore(self.best, like, legacy)

@@ -138,99 +138,179 @@ class _Accumulator:
 
 def fit(spec: StageSpec, state, frozen, dataset, mesh, export_like) -> tuple[Any, Any, dict]:
     """Train (or resume, or skip if finished) one stage. Returns (state, export, {'best', 'last'})."""
-    ckpt = StageCheckpoints(f"{spec.directory}/checkpoints", keep=spec.keep_checkpoints, name=spec.name)
-    writers = []  # opened once the resume point is known
+    name = spec.name
+
+    def one(step):
+        def group_step(states, frozen, batch, key):
+            new, metrics = step(states[name], frozen, batch, key)
+            return {name: new}, {name: metrics}
+        return group_step
+
+    passes = [(label, one(step)) for label, step in spec.passes]
+    states, exports, results = fit_group([spec], passes, {name: state}, frozen, dataset, mesh, {name: export_like},
+                                         spec.batch_extras)
+    return states[name], exports[name], results[name]
+
+
+def common_step(specs: list) -> int:
+    """The newest ``latest`` step that every stage of ``specs`` has committed (0: the start, which every stage
+    has).  Members of a group killed between their saves of one step resume from there, all together, and redo
+    exactly what they did (a step saved already is kept as it is)."""
+    committed = []
+    for spec in specs:
+        ck = StageCheckpoints(f"{spec.directory}/checkpoints", keep=spec.keep_checkpoints, name=spec.name)
+        try:
+            committed.append(set(ck.latest_steps()) | {0})
+        finally:
+            ck.close()
+    return max(set.intersection(*committed))
+
+
+class _Member:
+    """One stage of a group: its checkpoints, metric writer, best epoch, export and running sums."""
+
+    def __init__(self, spec: StageSpec, export_like):
+        self.spec, self.export_like = spec, export_like
+        self.ckpt = StageCheckpoints(f"{spec.directory}/checkpoints", keep=spec.keep_checkpoints, name=spec.name)
+        self.writer = None
+        self.best, self.last, self.export = {}, {}, None
+        self.done_passes, self.acc = {}, _Accumulator()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+        self.ckpt.close()
+
+
+_SHARED_FIELDS = ("num_epochs", "batch_size", "seed", "drop_remainder", "checkpoint_every_steps", "on_device")
+
+
+def fit_group(specs: list, passes: list, states: dict, frozen, dataset, mesh, export_likes: dict,
+              batch_extras: Callable | None = None, resume_step: int | None = None) -> tuple[dict, dict, dict]:
+    """Train several stages in lockstep on the same batches: ``passes`` are ``[(label, step)]`` with
+    ``step(states, frozen, batch, key) -> (states, {name: metrics})`` over ``states = {spec.name: state}``.  Each
+    member keeps its own checkpoints, metrics, best epoch and export, as if it ran alone; all must share the data
+    order, epochs and checkpoint cadence (``_SHARED_FIELDS``) and stand at the same point, or resume together
+    from ``resume_step`` (``common_step``; 0: from the start).
+    -> ({name: state}, {name: export}, {name: {'best', 'last'}})."""
+    lead = specs[0]
+    for spec in specs[1:]:
+        for f in _SHARED_FIELDS:
+            if getattr(spec, f) != getattr(lead, f):
+                raise ValueError(f"fit_group: {spec.name} and {lead.name} differ in {f}")
+    members = {}
     try:
-        return _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writers)
+        for spec in specs:
+            members[spec.name] = _Member(spec, export_likes[spec.name])
+        return _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extras, resume_step)
     finally:
-        for w in writers:
-            w.close()
-        ckpt.close()
+        for m in members.values():
+            m.close()
 
 
-def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writers):
+def _resume(m: _Member, state, mesh, step=None):
+    """-> (state, position or None, finished) of member ``m`` from its checkpoints (a fresh member as given), from
+    its newest latest step or ``step`` (0: from the start)."""
     from mgd_jax.train.checkpoint import check_meta
 
+    spec, ckpt = m.spec, m.ckpt
+    meta = None if step == 0 else ckpt.latest_meta(step)
+    if meta is None:
+        return state, (0, 0, 0), False
+    check_meta(meta, spec.meta, f"{spec.directory}/checkpoints/latest")
+    m.best, m.last = dict(meta["best"]), dict(meta.get("last", {}))
+    if meta.get("imported") or (int(meta["epoch"]) >= spec.num_epochs and not meta.get("position")):
+        if ckpt.best_meta() is None:
+            raise FileNotFoundError(f"{spec.directory}/checkpoints/best is missing for a finished stage")
+        m.export, _ = ckpt.restore_best(m.export_like, spec.legacy_layout)
+        how = "imported" if meta.get("imported") else f"finished earlier ({meta['epoch']} epochs)"
+        print(f"[{spec.name}] {how}: using {spec.directory}/checkpoints/best", flush=True)
+        return state, None, True
+    restored, meta = ckpt.restore_latest(jax.device_get(state), spec.legacy_layout, step)
+    state = mesh_lib.replicate(restored, mesh)
+    start = (int(meta["epoch"]), 0, 0)
+    pos = meta.get("position")
+    if pos:
+        start = (start[0], int(pos["pass"]), int(pos["batch"]))
+        m.done_passes = dict(pos["done_passes"])
+        m.acc = _Accumulator(pos["sums"], pos["count"])
+    if ckpt.best_meta() is not None:
+        m.export, _ = ckpt.restore_best(m.export_like, spec.legacy_layout)
+    where = f"at epoch {start[0] + 1}, pass {start[1] + 1}, batch {start[2]}" if pos else \
+        f"after epoch {start[0]}/{spec.num_epochs}"
+    print(f"[{spec.name}] resuming {where}", flush=True)
+    return state, start, False
+
+
+def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extras, resume_step=None):
     n, ndev = len(dataset.train_labels), mesh.devices.size
-    if spec.batch_size % ndev:
-        raise ValueError(f"batch_size {spec.batch_size} is not divisible by the {ndev} devices of the mesh")
-    steps = mesh_lib.steps_per_epoch(n, spec.batch_size, ndev, spec.drop_remainder)
-    npass = len(spec.passes)
+    if lead.batch_size % ndev:
+        raise ValueError(f"batch_size {lead.batch_size} is not divisible by the {ndev} devices of the mesh")
+    steps = mesh_lib.steps_per_epoch(n, lead.batch_size, ndev, lead.drop_remainder)
+    npass = len(passes)
 
-    start_epoch, start_pass, start_batch, best, export, last = 0, 0, 0, {}, None, {}
-    done_passes, acc = {}, _Accumulator()
-    meta = ckpt.latest_meta()
-    if meta is not None:
-        check_meta(meta, spec.meta, f"{spec.directory}/checkpoints/latest")
-        best, last = dict(meta["best"]), dict(meta.get("last", {}))
-        if meta.get("imported") or (int(meta["epoch"]) >= spec.num_epochs and not meta.get("position")):
-            if ckpt.best_meta() is None:
-                raise FileNotFoundError(f"{spec.directory}/checkpoints/best is missing for a finished stage")
-            export, _ = ckpt.restore_best(export_like, spec.legacy_layout)
-            how = "imported" if meta.get("imported") else f"finished earlier ({meta['epoch']} epochs)"
-            print(f"[{spec.name}] {how}: using {spec.directory}/checkpoints/best", flush=True)
-            return state, export, {"best": best, "last": last}
-        restored, meta = ckpt.restore_latest(jax.device_get(state), spec.legacy_layout)
-        state = mesh_lib.replicate(restored, mesh)
-        start_epoch = int(meta["epoch"])
-        pos = meta.get("position")
-        if pos:
-            start_pass, start_batch = int(pos["pass"]), int(pos["batch"])
-            done_passes = dict(pos["done_passes"])
-            acc = _Accumulator(pos["sums"], pos["count"])
-        if ckpt.best_meta() is not None:
-            export, _ = ckpt.restore_best(export_like, spec.legacy_layout)
-        where = f"at epoch {start_epoch + 1}, pass {start_pass + 1}, batch {start_batch}" if pos else \
-            f"after epoch {start_epoch}/{spec.num_epochs}"
-        print(f"[{spec.name}] resuming {where}", flush=True)
-    writer = None
+    states, starts, finished = dict(states), {}, {}
+    for name, m in members.items():
+        states[name], starts[name], finished[name] = _resume(m, states[name], mesh, resume_step)
+    if any(finished.values()):
+        if not all(finished.values()):
+            raise ValueError(f"fit_group: members at different points ({starts}); resume them from their common_step")
+        return states, {k: m.export for k, m in members.items()}, {k: {"best": m.best, "last": m.last}
+                                                                   for k, m in members.items()}
+    if len(set(starts.values())) > 1:
+        raise ValueError(f"fit_group: members at different points ({starts}); resume them from their common_step")
+    start_epoch, start_pass, start_batch = next(iter(starts.values()))
     if jax.process_index() == 0:  # a redone epoch's rows are dropped: each epoch is logged once
-        writer = MetricWriter(spec.directory, start_epoch=start_epoch)
-        writers.append(writer)
+        for m in members.values():
+            m.writer = MetricWriter(m.spec.directory, start_epoch=start_epoch)
 
-    total = steps * npass * spec.num_epochs
+    total = steps * npass * lead.num_epochs
     done = (start_epoch * npass + start_pass) * steps + start_batch
-    bar = tqdm(total=total, initial=done, desc=spec.name, unit="step",
-               disable=not (spec.progress and sys.stdout.isatty() and jax.process_index() == 0),
+    label = lead.name if len(members) == 1 else f"{len(members)} x {lead.name.split('/')[0]}"
+    bar = tqdm(total=total, initial=done, desc=label, unit="step",
+               disable=not (lead.progress and sys.stdout.isatty() and jax.process_index() == 0),
                dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
-    stage_key = jax.random.key(spec.seed)
-    every = int(spec.checkpoint_every_steps or 0)
-    if spec.on_device:
+    stage_key = jax.random.key(lead.seed)
+    every = int(lead.checkpoint_every_steps or 0)
+    if lead.on_device:
         data = mesh_lib.replicate({"image": dataset.train_images, "label": dataset.train_labels}, mesh)
-        passes = [(label, gather_rows(step)) for label, step in spec.passes]
+        passes = [(lbl, gather_rows(step)) for lbl, step in passes]
     else:
-        data, passes = None, spec.passes
+        data = None
 
-    def flush(pending, epoch, p, i):
+    def flush(pending, epoch):
         if not pending:
             return
-        bad = _first_nonfinite(pending)
-        if bad is not None:
-            gstep, term, value = bad
-            what = "gradient norm" if "grad_norm" in term.split("/") else "loss term"
-            raise NonFiniteLossError(
-                f"{spec.name}: {what} {term!r} became {value} at step {gstep} (epoch {epoch + 1}); stopped, "
-                f"the last good checkpoint stays the latest")
-        acc.add(pending)
+        for name, m in members.items():
+            mine = [(g, size, metrics[name]) for g, size, metrics in pending]
+            bad = _first_nonfinite(mine)
+            if bad is not None:
+                gstep, term, value = bad
+                what = "gradient norm" if "grad_norm" in term.split("/") else "loss term"
+                raise NonFiniteLossError(
+                    f"{m.spec.name}: {what} {term!r} became {value} at step {gstep} (epoch {epoch + 1}); stopped, "
+                    f"the last good checkpoint stays the latest")
+        for name, m in members.items():
+            m.acc.add([(g, size, metrics[name]) for g, size, metrics in pending])
         pending.clear()
 
-    def save_latest(gstep, epoch, meta, point):
+    def save_latest(m, state, gstep, epoch, meta, point):
         """The latest checkpoint, only of finite parameters / statistics (never a NaN 'last good' state)."""
         if not bool(_all_finite(state)):
             raise NonFiniteLossError(
-                f"{spec.name}: the trained state became non-finite by step {gstep} (epoch {epoch + 1}) although "
+                f"{m.spec.name}: the trained state became non-finite by step {gstep} (epoch {epoch + 1}) although "
                 f"every logged loss and gradient norm was finite; stopped, the last good checkpoint stays the latest")
-        faults.point(spec.name, f"before_{point}")
-        ckpt.save_latest(gstep, state, meta)
-        faults.point(spec.name, f"after_{point}")
+        faults.point(m.spec.name, f"before_{point}")
+        m.ckpt.save_latest(gstep, state, meta)
+        faults.point(m.spec.name, f"after_{point}")
 
     try:
-        for epoch in range(start_epoch, spec.num_epochs):
+        for epoch in range(start_epoch, lead.num_epochs):
             t0 = time.time()
             for p in range(start_pass if epoch == start_epoch else 0, npass):
-                label, step = passes[p]
+                _, step = passes[p]
                 base_key = mesh_lib.replicate(jax.random.fold_in(stage_key, p), mesh)
-                batches = mesh_lib.epoch_batches(n, spec.batch_size, spec.seed, epoch, p, ndev, spec.drop_remainder)
+                batches = mesh_lib.epoch_batches(n, lead.batch_size, lead.seed, epoch, p, ndev, lead.drop_remainder)
                 first = start_batch if (epoch == start_epoch and p == start_pass) else 0
                 pending = []
                 for i in range(first, len(batches)):
@@ -239,49 +319,56 @@ def _fit(spec, state, frozen, dataset, mesh, export_like, ckpt, writers):
                         rows = {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}
                     else:
                         rows = {ROWS: idx.astype(np.int32)}
-                    if spec.batch_extras is not None:
-                        rows.update(spec.batch_extras(idx, epoch, p, i))
-                    args = (state, frozen, mesh_lib.shard_batch(rows, mesh), base_key)
-                    state, m = step(*args) if data is None else step(*args, data)
+                    if batch_extras is not None:
+                        rows.update(batch_extras(idx, epoch, p, i))
+                    args = (states, frozen, mesh_lib.shard_batch(rows, mesh), base_key)
+                    states, metrics = step(*args) if data is None else step(*args, data)
                     gstep = (epoch * npass + p) * steps + i + 1
-                    pending.append((gstep, len(idx), m))
+                    pending.append((gstep, len(idx), metrics))
                     bar.update(1)
                     if every and gstep % every == 0 and i + 1 < len(batches):
-                        flush(pending, epoch, p, i)
-                        save_latest(gstep, epoch, {
-                            **spec.meta, "epoch": epoch, "best": best, "last": last,
-                            "position": {"pass": p, "batch": i + 1, "done_passes": done_passes,
-                                         "sums": acc.sums, "count": acc.count}}, "mid")
+                        flush(pending, epoch)
+                        for name, m in members.items():
+                            save_latest(m, states[name], gstep, epoch, {
+                                **m.spec.meta, "epoch": epoch, "best": m.best, "last": m.last,
+                                "position": {"pass": p, "batch": i + 1, "done_passes": m.done_passes,
+                                             "sums": m.acc.sums, "count": m.acc.count}}, "mid")
                     if i % 50 == 49 and not bar.disable:  # an occasional host sync for the display
-                        bar.set_postfix(epoch=epoch + 1, **{k: f"{float(v):.3f}" for k, v in m.items()
+                        shown = metrics[next(iter(members))]
+                        bar.set_postfix(epoch=epoch + 1, **{k: f"{float(v):.3f}" for k, v in shown.items()
                                                             if k.startswith("loss")})
-                flush(pending, epoch, p, len(batches) - 1)
-                done_passes.update({f"train/{k}": v for k, v in acc.means().items()})
-                acc = _Accumulator()
-            train_metrics, done_passes = done_passes, {}
-            check_finite({k[len("train/"):]: v for k, v in train_metrics.items()}, spec.name, epoch)
-            eval_metrics = {f"test/{k}": v for k, v in spec.evaluate(state).items()}
-            metrics = {**train_metrics, **eval_metrics, "epoch_seconds": time.time() - t0,
-                       "host_rss_mib": host_rss_mib()}
-            best, improved = spec.improve(best, eval_metrics, epoch)
-            last = eval_metrics
-            if writer is not None:
-                writer.write(epoch, metrics)
-            if improved or export is None:
-                export = jax.device_get(spec.export(state, export, improved))  # a host copy: state buffers are donated
-                if not bool(_all_finite(export)):
-                    raise NonFiniteLossError(f"{spec.name}: the stage's product became non-finite in epoch "
-                                             f"{epoch + 1}; stopped, the last good checkpoint stays the latest")
-                faults.point(spec.name, "before_best")
-                ckpt.save_best(epoch + 1, export, {**spec.meta, "epoch": epoch + 1, "best": best})
-                faults.point(spec.name, "after_best")
-            save_latest((epoch + 1) * npass * steps, epoch,
-                        {**spec.meta, "epoch": epoch + 1, "best": best, "last": last}, "latest")
-            shown = {k.split("/", 1)[1]: f"{v:.4f}" for k, v in eval_metrics.items()}
-            bar.set_postfix(epoch=epoch + 1, **shown)
-            if bar.disable and jax.process_index() == 0:
-                print(f"[{spec.name}] epoch {epoch + 1}/{spec.num_epochs} " +
-                      " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+                flush(pending, epoch)
+                for m in members.values():
+                    m.done_passes.update({f"train/{k}": v for k, v in m.acc.means().items()})
+                    m.acc = _Accumulator()
+            for name, m in members.items():
+                spec, state = m.spec, states[name]
+                train_metrics, m.done_passes = m.done_passes, {}
+                check_finite({k[len("train/"):]: v for k, v in train_metrics.items()}, spec.name, epoch)
+                eval_metrics = {f"test/{k}": v for k, v in spec.evaluate(state).items()}
+                epoch_metrics = {**train_metrics, **eval_metrics, "epoch_seconds": time.time() - t0,
+                                 "host_rss_mib": host_rss_mib()}
+                m.best, improved = spec.improve(m.best, eval_metrics, epoch)
+                m.last = eval_metrics
+                if m.writer is not None:
+                    m.writer.write(epoch, epoch_metrics)
+                if improved or m.export is None:
+                    # a host copy: state buffers are donated
+                    m.export = jax.device_get(spec.export(state, m.export, improved))
+                    if not bool(_all_finite(m.export)):
+                        raise NonFiniteLossError(f"{spec.name}: the stage's product became non-finite in epoch "
+                                                 f"{epoch + 1}; stopped, the last good checkpoint stays the latest")
+                    faults.point(spec.name, "before_best")
+                    m.ckpt.save_best(epoch + 1, m.export, {**spec.meta, "epoch": epoch + 1, "best": m.best})
+                    faults.point(spec.name, "after_best")
+                save_latest(m, state, (epoch + 1) * npass * steps, epoch,
+                            {**spec.meta, "epoch": epoch + 1, "best": m.best, "last": m.last}, "latest")
+                shown = {k.split("/", 1)[1]: f"{v:.4f}" for k, v in eval_metrics.items()}
+                bar.set_postfix(epoch=epoch + 1, **shown)
+                if bar.disable and jax.process_index() == 0:
+                    print(f"[{spec.name}] epoch {epoch + 1}/{spec.num_epochs} " +
+                          " ".join(f"{k}={v:.4f}" for k, v in epoch_metrics.items()), flush=True)
     finally:
         bar.close()
-    return state, export, {"best": best, "last": last}
+    return states, {k: m.export for k, m in members.items()}, {k: {"best": m.best, "last": m.last}
+                                                               for k, m in members.items()}

@@ -46,7 +46,8 @@ def smoke_workdir(tmp_path_factory):
 # The longest tests (child processes training the smoke config several times) start first, so that with
 # `pytest -n 2` they do not end up alone at the end of the run.
 _SLOW_FIRST = ("test_reliability.py::test_kill_at_each_save_boundary", "test_multihost.py::",
-               "test_reliability.py::test_sigkill_at_random_moments", "test_sweep.py::test_sweep_runs")
+               "test_reliability.py::test_sigkill_at_random_moments", "test_fused_students.py::test_a_kill",
+               "test_sweep.py::test_sweep_runs")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,6 +3,7 @@
     python benchmarks/step_speed.py                       # resnet56 -> resnet20, batch 64, every stage
     python benchmarks/step_speed.py --pairs=readme        # teacher / analyzer / MAS+KD student of each README pair
     python benchmarks/step_speed.py --teacher=resnet32x4 --student=resnet8x4 --steps=20 --json=out.json
+    python benchmarks/step_speed.py --fused=1,3,8         # fused students: per-student images/s by group size
 
 Arithmetic ceiling: the FLOP/s of a large float32 matmul (4096^2) measured in the same run; a step's FLOPs
 come from XLA's cost analysis of the whole (global-batch) step, so "% ceiling" = FLOPs / step time / matmul
@@ -140,6 +141,44 @@ class Bench:
         return time_step(step, state, lambda b: (teacher, b, self.base), self.batches, self.steps)
 
 
+def fused_students(b: "Bench", student_arch: str, sizes, batch: int, paper_students: int = 24) -> list[dict]:
+    """Per-student images/s of a fused group of n KD students (modes none / mag / mas in turn) sharing one teacher
+    pass per batch, against the single MAS+KD student step; and the paper table's ``paper_students`` students of
+    one pair (240 epochs x 782 steps), fused in groups of the largest size vs one after another, projected from
+    the measured step times (training steps only)."""
+    teacher = {"backbone": b.t_vars, "analyzer": mesh_lib.replicate(
+        b.analyzer.init(b.key, jnp.zeros((1, b.feature_dim)))["params"], b.mesh)}
+    t_mods = student_stage.TeacherModules(b.t_model, b.analyzer)
+    rows = []
+    for n in sizes:
+        members, states = {}, {}
+        for i in range(n):
+            mode = ("none", "mag", "mas")[i % 3]
+            s_mods = student_stage.StudentModules(
+                b._model(student_arch), None if mode == "none" else GranularityAnalyzer(GRANS, NUM_CLASSES, False),
+                get_method("kd"))
+            objective = student_stage.Objective(mode, GRANS, w_ce=0.2, w_logit_kd=0.8)
+            name = f"s{i}"
+            members[name] = (s_mods, objective, b.tx)
+            states[name] = mesh_lib.replicate(student_stage.init_state(
+                s_mods, t_mods, jax.device_get(teacher), b.tx, jax.random.fold_in(b.key, i), b.sample), b.mesh)
+        step = jax.jit(student_stage.make_group_train_step(members, t_mods, AUG), donate_argnums=0)
+        r = time_step(step, states, lambda x: (teacher, x, b.base), b.batches, b.steps)
+        r.update(students=n, per_student_images_per_s=n * batch / (r["ms"] / 1000))
+        rows.append(r)
+        print(f"| {n} | {r['ms']:.1f} | {r['per_student_images_per_s']:.0f} | {r['compile_s']:.1f} | "
+              f"{r['xla_memory_mib']:.0f} |", flush=True)
+    one, big = rows[0], rows[-1]
+    steps = 240 * 782
+    alone_h = paper_students * one["ms"] / 1000 * steps / 3600
+    groups = -(-paper_students // big["students"])
+    fused_h = groups * big["ms"] / 1000 * steps / 3600
+    print(f"\nprojected training time of {paper_students} students (240 epochs x 782 steps, from the step times "
+          f"above): one after another {alone_h:.1f} h, fused in {groups} groups of {big['students']} "
+          f"{fused_h:.1f} h ({alone_h / fused_h:.2f}x)")
+    return rows
+
+
 def _row(pair, stage, r, batch, ceiling, ndev):
     dt = r["ms"] / 1000
     pct = None if r["flops"] is None else 100 * r["flops"] / dt / ceiling
@@ -165,6 +204,7 @@ def main():
     p.add_argument("--pairs", choices=["readme", "scripts"], help="teacher, analyzer and MAS+KD student of each pair")
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--fused", default="", help="group sizes, e.g. 1,3,8: per-student images/s of fused students")
     a = p.parse_args()
     devs = jax.devices()[:a.devices or None]
     mesh = mesh_lib.make_mesh(devs)
@@ -173,8 +213,18 @@ def main():
     print(f"batch {a.batch}, {a.steps} timed steps, {a.precision}; jax {jax.__version__}, "
           f"{len(devs)} x {devs[0].device_kind}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
     print(f"arithmetic ceiling: float32 4096^2 matmul = {ceiling / 1e9:.0f} GFLOP/s\n")
-    print(HEADER)
     rows = []
+    if a.fused:
+        print(f"{a.teacher} -> {a.student}, fused KD students (none / mag / mas in turn)\n")
+        print("| students | ms/step | images/s per student | compile s | XLA memory MiB |\n|---|---|---|---|---|")
+        b = Bench(a.teacher, mesh, a.batch, a.steps, dtype)
+        rows = fused_students(b, a.student, [int(n) for n in a.fused.split(",")], a.batch)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"batch": a.batch, "device": devs[0].device_kind, "devices": len(devs), "rows": rows}, f,
+                          indent=1)
+        return
+    print(HEADER)
     if a.pairs:
         from configs import default
         pairs = default.README_PAIRS if a.pairs == "readme" else default.SCRIPT_PAIRS

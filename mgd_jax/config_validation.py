@@ -77,6 +77,9 @@ def validate_config(config) -> None:
     _check_stage("teacher", config.teacher)
     _check_stage("analyzer", config.analyzer)
     _check_stage("student", config.student)
+    group_size = config.student.get("group_size", 0)
+    if not (isinstance(group_size, int) and group_size >= 0):
+        _fail("student.group_size", group_size, "must be an integer >= 0 (0: all students in one group)")
     try:
         parse_granularities(config.granularities)
     except ValueError as e:

@@ -92,3 +92,29 @@ def test_a_kill_between_members_saves_resumes_the_group_exactly(tmp_path):
         chex.assert_trees_all_equal(_students(ref, names, which), _students(work, names, which))
     assert json.load(open(os.path.join(ref, "summary.json"))) == json.load(open(os.path.join(work, "summary.json")))
     np.testing.assert_equal(len(open(os.path.join(work, "students", names[0], "metrics.jsonl")).readlines()), 2)
+
+
+def test_lockstep_groups_never_send_a_student_with_checkpoints_back_to_the_start(tmp_path):
+    """Who trains with whom after a restart: the newest step all share; a finished stage alone; a stage whose
+    checkpoints share no step with the others keeps its own point (never the start)."""
+    from mgd_jax.train.loop import StageSpec, lockstep_groups
+
+    def spec(name, steps, finished=False):
+        d = str(tmp_path / name)
+        ck = ckpt_lib.StageCheckpoints(os.path.join(d, "checkpoints"), keep=3)
+        try:
+            for s in steps:
+                done = finished and s == steps[-1]
+                ck.save_latest(s, {"w": np.zeros(2)}, {"epoch": 2 if done else 1, "best": {},
+                                                       **({} if done else {"position": {"pass": 0, "batch": s}})})
+        finally:
+            ck.close()
+        return StageSpec(name=name, directory=d, num_epochs=2, batch_size=8, seed=0, meta={}, passes=[],
+                         evaluate=None, improve=None, export=None)
+
+    a, b, c, d = spec("a", [2, 4]), spec("b", [2]), spec("c", []), spec("d", [2, 6], finished=True)
+    e, f = spec("e", [4]), spec("f", [2])  # keep=1 and a kill between their saves: nothing in common but 0
+    got = [([s.name for s in group], step) for group, step in lockstep_groups([a, b, c, d])]
+    assert got == [(["d"], None), (["c"], 0), (["a", "b"], 2)]
+    got = [([s.name for s in group], step) for group, step in lockstep_groups([e, f])]
+    assert got == [(["e"], 4), (["f"], 2)]

@@ -22,7 +22,7 @@ from mgd_jax.stages.common import (StageRun, TrainState, apply_backbone, best_by
                                    stage_config, step_key, train_metrics)
 from mgd_jax.stages.teacher import Teacher
 from mgd_jax.train import mesh as mesh_lib
-from mgd_jax.train.loop import StageSpec, common_step, fit, fit_group
+from mgd_jax.train.loop import StageSpec, fit, fit_group, lockstep_groups
 
 GRANULARITY_MODES = ("none", "mag", "mas")
 
@@ -308,7 +308,7 @@ def _group_extras(students: list):
 def run_all(run: StageRun, teacher: Teacher) -> dict:
     """Every student of ``config.students``, fused in groups of ``config.student.group_size`` (0: all) that share
     one teacher pass per batch; each keeps its own checkpoints, metrics and best epoch, as if run alone.  A group
-    killed between its members' saves resumes together from the newest step all of them saved (``common_step``).
+    killed between its members' saves resumes together from the newest step all of them saved (``lockstep_groups``).
     -> {name: (export, result)}, in config order."""
     names = list(run.config.students)
     size = int(run.config.student.get("group_size", 0) or 0) or len(names)
@@ -316,7 +316,9 @@ def run_all(run: StageRun, teacher: Teacher) -> dict:
     out = {}
     for start in range(0, len(names), size):
         chunk = [_build(run, name, teacher) for name in names[start:start + size]]
-        groups = [(chunk, None if len(chunk) == 1 else common_step([st.spec for st in chunk]))]
+        by_spec = {id(st.spec): st for st in chunk}
+        groups = [([by_spec[id(spec)] for spec in specs], step)
+                  for specs, step in lockstep_groups([st.spec for st in chunk])]
         for group, step_from in groups:
             if len(group) == 1:
                 st = group[0]

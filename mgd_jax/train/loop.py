@@ -152,18 +152,39 @@ def fit(spec: StageSpec, state, frozen, dataset, mesh, export_like) -> tuple[Any
     return states[name], exports[name], results[name]
 
 
-def common_step(specs: list) -> int:
-    """The newest ``latest`` step that every stage of ``specs`` has committed (0: the start, which every stage
-    has).  Members of a group killed between their saves of one step resume from there, all together, and redo
-    exactly what they did (a step saved already is kept as it is)."""
-    committed = []
-    for spec in specs:
-        ck = StageCheckpoints(f"{spec.directory}/checkpoints", keep=spec.keep_checkpoints, name=spec.name)
-        try:
-            committed.append(set(ck.latest_steps()) | {0})
-        finally:
-            ck.close()
-    return max(set.intersection(*committed))
+def committed_steps(spec: StageSpec) -> tuple[list[int], bool]:
+    """-> (the committed ``latest`` steps of ``spec``'s stage, oldest first; whether the stage has finished)."""
+    ck = StageCheckpoints(f"{spec.directory}/checkpoints", keep=spec.keep_checkpoints, name=spec.name)
+    try:
+        steps, meta = ck.latest_steps(), ck.latest_meta()
+    finally:
+        ck.close()
+    finished = meta is not None and (bool(meta.get("imported")) or
+                                     (int(meta["epoch"]) >= spec.num_epochs and not meta.get("position")))
+    return steps, finished
+
+
+def lockstep_groups(specs: list) -> list[tuple[list, int | None]]:
+    """Split stages that should train in lockstep into groups that can: ``[(specs, resume_step)]``.
+
+    A finished stage is alone (nothing to train).  The others resume together from the newest step all of them
+    committed (a group killed between its members' saves of one step: the members ahead redo it exactly, a step
+    saved already is kept), if every one has that step; a stage that would have to go back to the start while it
+    has checkpoints trains with the stages at its own newest step instead."""
+    info = {id(s): committed_steps(s) for s in specs}
+    groups = [([s], None) for s in specs if info[id(s)][1]]
+    rest = [s for s in specs if not info[id(s)][1]]
+    while rest:
+        shared = set.intersection(*[set(info[id(s)][0]) | {0} for s in rest])
+        step = max(shared)
+        members = [s for s in rest if step in info[id(s)][0] or (step == 0 and not info[id(s)][0])]
+        if not members:  # no step in common: the stages at the newest point first
+            newest = max(max(info[id(s)][0], default=0) for s in rest)
+            members = [s for s in rest if max(info[id(s)][0], default=0) == newest]
+            step = newest
+        groups.append((members, step))
+        rest = [s for s in rest if s not in members]
+    return groups
 
 
 class _Member:
@@ -191,7 +212,7 @@ def fit_group(specs: list, passes: list, states: dict, frozen, dataset, mesh, ex
     ``step(states, frozen, batch, key) -> (states, {name: metrics})`` over ``states = {spec.name: state}``.  Each
     member keeps its own checkpoints, metrics, best epoch and export, as if it ran alone; all must share the data
     order, epochs and checkpoint cadence (``_SHARED_FIELDS``) and stand at the same point, or resume together
-    from ``resume_step`` (``common_step``; 0: from the start).
+    from ``resume_step`` (``lockstep_groups``; 0: from the start).
     -> ({name: state}, {name: export}, {name: {'best', 'last'}})."""
     lead = specs[0]
     for spec in specs[1:]:
@@ -254,11 +275,11 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
         states[name], starts[name], finished[name] = _resume(m, states[name], mesh, resume_step)
     if any(finished.values()):
         if not all(finished.values()):
-            raise ValueError(f"fit_group: members at different points ({starts}); resume them from their common_step")
+            raise ValueError(f"fit_group: members at different points ({starts}); group them with lockstep_groups")
         return states, {k: m.export for k, m in members.items()}, {k: {"best": m.best, "last": m.last}
                                                                    for k, m in members.items()}
     if len(set(starts.values())) > 1:
-        raise ValueError(f"fit_group: members at different points ({starts}); resume them from their common_step")
+        raise ValueError(f"fit_group: members at different points ({starts}); group them with lockstep_groups")
     start_epoch, start_pass, start_batch = next(iter(starts.values()))
     if jax.process_index() == 0:  # a redone epoch's rows are dropped: each epoch is logged once
         for m in members.values():
@@ -294,12 +315,17 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
             m.acc.add([(g, size, metrics[name]) for g, size, metrics in pending])
         pending.clear()
 
+    def check_states(gstep, epoch):
+        """Every member's parameters / statistics are finite, checked before any member saves (never a NaN 'last
+        good' state, and the members of a group stop at the same point)."""
+        for name, m in members.items():
+            if not bool(_all_finite(states[name])):
+                raise NonFiniteLossError(
+                    f"{m.spec.name}: the trained state became non-finite by step {gstep} (epoch {epoch + 1}) although "
+                    f"every logged loss and gradient norm was finite; stopped, the last good checkpoint stays the "
+                    f"latest")
+
     def save_latest(m, state, gstep, epoch, meta, point):
-        """The latest checkpoint, only of finite parameters / statistics (never a NaN 'last good' state)."""
-        if not bool(_all_finite(state)):
-            raise NonFiniteLossError(
-                f"{m.spec.name}: the trained state became non-finite by step {gstep} (epoch {epoch + 1}) although "
-                f"every logged loss and gradient norm was finite; stopped, the last good checkpoint stays the latest")
         faults.point(m.spec.name, f"before_{point}")
         m.ckpt.save_latest(gstep, state, meta)
         faults.point(m.spec.name, f"after_{point}")
@@ -328,6 +354,7 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
                     bar.update(1)
                     if every and gstep % every == 0 and i + 1 < len(batches):
                         flush(pending, epoch)
+                        check_states(gstep, epoch)
                         for name, m in members.items():
                             save_latest(m, states[name], gstep, epoch, {
                                 **m.spec.meta, "epoch": epoch, "best": m.best, "last": m.last,
@@ -341,10 +368,12 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
                 for m in members.values():
                     m.done_passes.update({f"train/{k}": v for k, v in m.acc.means().items()})
                     m.acc = _Accumulator()
+            for m in members.values():
+                check_finite({k[len("train/"):]: v for k, v in m.done_passes.items()}, m.spec.name, epoch)
+            check_states((epoch + 1) * npass * steps, epoch)
             for name, m in members.items():
                 spec, state = m.spec, states[name]
                 train_metrics, m.done_passes = m.done_passes, {}
-                check_finite({k[len("train/"):]: v for k, v in train_metrics.items()}, spec.name, epoch)
                 eval_metrics = {f"test/{k}": v for k, v in spec.evaluate(state).items()}
                 epoch_metrics = {**train_metrics, **eval_metrics, "epoch_seconds": time.time() - t0,
                                  "host_rss_mib": host_rss_mib()}

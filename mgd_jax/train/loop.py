@@ -197,10 +197,25 @@ class _Member:
         self.best, self.last, self.export = {}, {}, None
         self.done_passes, self.acc = {}, _Accumulator()
 
-    def close(self):
-        if self.writer is not None:
-            self.writer.close()
-        self.ckpt.close()
+    def close(self, quietly: bool = False):
+        """Close the metric writer and checkpoints; ``quietly`` (an error is on its way up already): a failure to
+        close (a full disk flushing TensorBoard events) must not replace that error."""
+        from mgd_jax.train.checkpoint import _is_disk_full, disk_full_error
+
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        except OSError as e:
+            if not quietly:
+                if _is_disk_full(e):
+                    raise disk_full_error(self.spec.directory, "while closing its metrics", e) from e
+                raise
+        finally:
+            try:
+                self.ckpt.close()
+            except Exception:  # noqa: BLE001
+                if not quietly:
+                    raise
 
 
 _SHARED_FIELDS = ("num_epochs", "batch_size", "seed", "drop_remainder", "checkpoint_every_steps", "on_device")
@@ -223,10 +238,14 @@ def fit_group(specs: list, passes: list, states: dict, frozen, dataset, mesh, ex
     try:
         for spec in specs:
             members[spec.name] = _Member(spec, export_likes[spec.name])
-        return _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extras, resume_step)
-    finally:
+        out = _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extras, resume_step)
+    except BaseException:
         for m in members.values():
-            m.close()
+            m.close(quietly=True)
+        raise
+    for m in members.values():
+        m.close()
+    return out
 
 
 def _resume(m: _Member, state, mesh, step=None):

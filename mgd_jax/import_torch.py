@@ -1,11 +1,16 @@
-"""Import PyTorch checkpoints of the reference code (RepDistiller / the authors' zoo) into a workdir.
+"""Import PyTorch checkpoints into a workdir: the reference code's (RepDistiller / the authors' zoo) and
+torchvision's ImageNet ResNets.
 
     python -m mgd_jax.import_torch --arch=resnet56 --teacher=ckpt/best.pth \
         [--tube64=teacher_high_best.pth --tube256=teacher_low_best.pth] --workdir=runs/x
+    python -m mgd_jax.import_torch --arch=resnet34_imagenet --teacher=resnet34.pth --workdir=runs/r34_r18
 
 writes ``runs/x/teacher/checkpoints`` (and ``runs/x/analyzer/checkpoints``) as finished stages, so
-``train.py --workdir=runs/x`` goes straight to the students.  Files are read with
-``torch.load(..., weights_only=True)``: a file that needs arbitrary pickled objects is refused, never run.
+``train.py --workdir=runs/x`` goes straight to the students.  A teacher file is ``{'model': state_dict}``
+(RepDistiller) or a bare ``state_dict`` (``torch.save(torchvision.models.resnet34().state_dict(), ...)``; the
+``*_imagenet`` models have torchvision's keys, ``mobilenetv1_imagenet`` the benchmark reference's).  Files are
+read with ``torch.load(..., weights_only=True)``: a file that needs arbitrary pickled objects is refused, never
+run.  The way back, a trained student to a PyTorch ``state_dict``, is ``mgd_jax.export_torch``.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import argparse
 import pickle
 import re
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +27,7 @@ from flax import traverse_util
 
 from mgd_jax.analyzer import PAPER_GRANULARITIES, parse_granularities
 from mgd_jax.errors import CheckpointImportError  # noqa: F401 - raised here
-from mgd_jax.models import get_model
+from mgd_jax.models import get_model, reference_num_classes
 
 
 def load_torch_file(path: str) -> dict:
@@ -41,6 +47,29 @@ def load_torch_file(path: str) -> dict:
         raise CheckpointImportError(f"{path}: refused, it is not a weights-only PyTorch checkpoint "
                                     f"({type(e).__name__}: {first})") from e
     return obj
+
+
+def torchvision_models():
+    """``torchvision.models``, also where torchvision's compiled operators cannot load.
+
+    The PyPI torchvision built for a torch release is linked against CUDA; beside the CPU build of that torch its
+    import fails while registering the compiled operators' shape functions (``torchvision/_meta_registrations``:
+    ``operator torchvision::nms does not exist``).  The model definitions need none of those operators, so after
+    such a failure the half-imported package is dropped and imported again with an empty module in place of
+    ``torchvision._meta_registrations``: the models work, the detection operators (nms, roi_align) do not.  A
+    healthy torchvision is imported as it is.
+    """
+    try:
+        import torchvision.models
+        return torchvision.models
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
+    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+    import torchvision.models
+    return torchvision.models
 
 
 def _np(t) -> np.ndarray:
@@ -142,16 +171,31 @@ def convert_tube(ckpt: dict, dim: int, feature_dim: int, num_classes: int, where
     return traverse_util.unflatten_dict({k[1:]: v for k, v in flat.items()})
 
 
-def import_to_workdir(arch: str, teacher_path: str, workdir: str, num_classes: int = 100,
+def check_arch(arch: str) -> None:
+    """CheckpointImportError unless ``arch`` is in the zoo (torchvision's name of one of ours is pointed to it)."""
+    from mgd_jax.models import ARCHITECTURES
+    from mgd_jax.models.resnet_imagenet import TORCHVISION_NAMES
+
+    if arch in ARCHITECTURES:
+        return
+    ours = {tv: name for name, tv in TORCHVISION_NAMES.items()}.get(arch)
+    if ours:
+        raise CheckpointImportError(f"--arch={arch!r}: torchvision's {arch} is {ours} here (ResNet50 and the "
+                                    f"resnet<depth> names without _imagenet are the CIFAR zoo's)")
+    raise CheckpointImportError(f"--arch={arch!r}: unknown architecture; known: {', '.join(ARCHITECTURES)}")
+
+
+def import_to_workdir(arch: str, teacher_path: str, workdir: str, num_classes: int | None = None,
                       tubes: dict | None = None, granularities=PAPER_GRANULARITIES) -> None:
-    """Writes the teacher (and analyzer) stage checkpoints of ``workdir`` as finished stages."""
+    """Writes the teacher (and analyzer) stage checkpoints of ``workdir`` as finished stages.  ``num_classes``:
+    the checkpoint's classes, by default its reference's (``models.reference_num_classes``: 1000 for an
+    ``*_imagenet`` model, else 100)."""
     import os
 
-    from mgd_jax.models import ARCHITECTURES
     from mgd_jax.train.checkpoint import StageCheckpoints
 
-    if arch not in ARCHITECTURES:
-        raise CheckpointImportError(f"--arch={arch!r}: unknown architecture; known: {', '.join(ARCHITECTURES)}")
+    check_arch(arch)
+    num_classes = reference_num_classes(arch) if num_classes is None else num_classes
     for stage_name in ("teacher", "analyzer") if tubes else ("teacher",):
         for which in ("latest", "best"):  # an earlier import killed between its two saves leaves only best
             d = os.path.join(workdir, stage_name, "checkpoints", which)
@@ -161,8 +205,6 @@ def import_to_workdir(arch: str, teacher_path: str, workdir: str, num_classes: i
     ck = load_torch_file(teacher_path)
     sd = ck.get("model", ck) if isinstance(ck, dict) else ck
     variables = convert_backbone(arch, sd, num_classes, where=teacher_path)
-    model = get_model(arch, num_classes)
-    d = model.apply(variables, jnp.zeros((1, 32, 32, 3)))[1][-1].shape[-1]
     meta = {"stage": "teacher", "arch": arch, "num_classes": num_classes, "imported_from": os.path.abspath(teacher_path)}
     best = {"imported": True, "epoch": 0}
     stage = StageCheckpoints(os.path.join(workdir, "teacher", "checkpoints"))
@@ -170,6 +212,8 @@ def import_to_workdir(arch: str, teacher_path: str, workdir: str, num_classes: i
     stage.save_latest(0, variables, {**meta, "epoch": 0, "best": best, "last": {}, "imported": True})
     stage.close()
     if tubes:
+        model = get_model(arch, num_classes)
+        d = jax.eval_shape(lambda: model.apply(variables, jnp.zeros((1, 32, 32, 3))))[1][-1].shape[-1]  # pooled dim
         grans = parse_granularities(granularities)
         params = {}
         for g in grans:
@@ -187,10 +231,12 @@ def import_to_workdir(arch: str, teacher_path: str, workdir: str, num_classes: i
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", required=True)
-    p.add_argument("--teacher", required=True, help="{'model': state_dict} file (teacher.py's ckpt/best.pth)")
+    p.add_argument("--teacher", required=True, help="{'model': state_dict} file (teacher.py's ckpt/best.pth) or a "
+                                                    "bare state_dict (torchvision's)")
     p.add_argument("--tube64", help="64-d tube (teacher_high_best.pth)")
     p.add_argument("--tube256", help="256-d tube (teacher_low_best.pth)")
-    p.add_argument("--num_classes", type=int, default=100)
+    p.add_argument("--num_classes", type=int, default=None,
+                   help="the checkpoint's classes (default: 1000 for an *_imagenet model, else 100)")
     p.add_argument("--workdir", required=True)
     a = p.parse_args(argv)
     tubes = {k: v for k, v in ((64, a.tube64), (256, a.tube256)) if v}

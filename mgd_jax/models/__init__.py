@@ -2,18 +2,26 @@
 
 ``module.apply(variables, x_nhwc, train=..., preact=...)`` returns ``(logits, features)`` where ``features`` is
 the reference's ``is_feat`` list (last entry: the globally pooled penultimate vector).
+
+Two families of input: the CIFAR zoo of the reference (32x32 images, 100 classes in its experiments) and the
+ImageNet models of the large-scale benchmark (``IMAGENET_ARCHITECTURES``: torchvision's ResNet-18 / 34 / 50 and
+the benchmark's MobileNet(V1); 224x224 images, 1000 classes), each named with an ``_imagenet`` suffix so that
+none can be taken for a CIFAR model (``ResNet50`` is the reference's CIFAR-stem ResNet-50).
 """
 from __future__ import annotations
 
 from flax import linen as nn
 
-from mgd_jax.models import mobilenetv2, resnet, resnetv2, shufflenet, vgg, wrn
+from mgd_jax.models import mobilenetv1, mobilenetv2, resnet, resnet_imagenet, resnetv2, shufflenet, vgg, wrn
 
 _REGISTRY = {}
-for _family in (resnet, resnetv2, wrn, vgg, mobilenetv2, shufflenet):
+for _family in (resnet, resnetv2, wrn, vgg, mobilenetv2, shufflenet, resnet_imagenet, mobilenetv1):
     _REGISTRY.update(_family.builders())
 
 ARCHITECTURES = tuple(_REGISTRY)
+IMAGENET_ARCHITECTURES = tuple(resnet_imagenet.builders()) + tuple(mobilenetv1.builders())
+# The class count an architecture's reference checkpoints have: ImageNet-1k's 1000, CIFAR-100's 100.
+IMAGENET_CLASSES, CIFAR_CLASSES = 1000, 100
 
 # Architectures the reference trains with a lower learning rate (0.01 instead of 0.05 as students; its DML and
 # transfer scripts likewise): the MobileNet / ShuffleNet family.
@@ -31,6 +39,8 @@ NON_FEATURE_MODULES = {
     mobilenetv2.MobileNetV2: ("conv2_0", "conv2_1", "classifier"),
     shufflenet.ShuffleV1: ("fc",),
     shufflenet.ShuffleV2: ("conv2", "bn2", "fc"),
+    resnet_imagenet.ImageNetResNet: ("fc",),
+    mobilenetv1.MobileNetV1: ("fc",),
 }
 CLASSIFIER_NAMES = ("fc", "linear", "classifier")  # the last entry of each NON_FEATURE_MODULES row
 
@@ -49,6 +59,11 @@ def get_model(name: str, num_classes: int) -> nn.Module:
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     return _REGISTRY[name](int(num_classes))
+
+
+def reference_num_classes(name: str) -> int:
+    """The class count of ``name``'s reference checkpoints: 1000 for an ImageNet model, else 100 (CIFAR-100)."""
+    return IMAGENET_CLASSES if name in IMAGENET_ARCHITECTURES else CIFAR_CLASSES
 
 
 def non_feature_modules(model) -> tuple[str, ...]:

@@ -3,6 +3,7 @@ benchmark's MobileNet(V1) written in torch from its reference structure; import 
 a state_dict torch loads with strict=True), the command lines and their one-line refusals.
 
 Skipped only where torch or torchvision is not installed; CI installs both (.ci/run)."""
+import copy
 import types
 
 import jax
@@ -119,7 +120,8 @@ def _check_outputs(model, variables, torch_out, x, preact=True, tol=TOL):
 @pytest.mark.parametrize("depth", [18, 34, 50])
 def test_torchvision_resnet_imports_with_its_outputs(depth):
     """Parameter count; a random, BN-calibrated torchvision ResNet imported gives its eval-mode logits and
-    features (plain and preact) at 224 and at 64; its state_dict exported back is torchvision's, key for key."""
+    features (plain and preact) at 224 and at 64, and its train-mode logits and running-statistics update; its
+    state_dict exported back is torchvision's, key for key."""
     tv = _calibrate(getattr(tvm, f"resnet{depth}")())
     arch = f"resnet{depth}_imagenet"
     model = get_model(arch, 1000)
@@ -131,6 +133,16 @@ def test_torchvision_resnet_imports_with_its_outputs(depth):
     for size in (224, 64):
         x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
         _check_outputs(model, v, _torchvision_outputs(tv, x), x)
+    # train mode (batch statistics, running statistics updated with momentum 0.1 and the unbiased variance)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    trained = copy.deepcopy(tv).train()
+    with torch.no_grad():
+        t_logits = trained(x)
+    logits, upd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(v, jnp.asarray(_nhwc(x)))
+    np.testing.assert_allclose(logits[0], t_logits.numpy(), **TOL)
+    after = convert_backbone(arch, trained.state_dict(), 1000)["batch_stats"]
+    jax.tree.map(lambda ours, theirs: np.testing.assert_allclose(ours, theirs, **TOL), upd["batch_stats"], after)
+
     back = to_state_dict(arch, v)
     assert list(back) == list(sd)  # torchvision's keys in torchvision's order
     for k, t in sd.items():

@@ -320,3 +320,26 @@ def test_resnet50_checkpoint_as_another_architecture_names_the_key():
         convert_backbone("resnet34_imagenet", sd, 1000)
     with pytest.raises(CheckpointImportError, match=r"key 'conv1.weight' has no place in this architecture"):
         convert_backbone("mobilenetv1_imagenet", sd, 1000)
+
+
+def test_torchvision_models_helper_healthy_and_cuda_linked(tmp_path):
+    """``torchvision_models()`` on two stand-in packages (a fresh interpreter each): a healthy torchvision is
+    imported as it is; one whose operator registration fails as PyPI's CUDA build does beside the CPU torch is
+    imported again with ``_meta_registrations`` stubbed, and its models are there."""
+    import os
+    import subprocess
+    import sys
+
+    for kind, broken in (("healthy", False), ("cuda_linked", True)):
+        pkg = tmp_path / kind / "torchvision"
+        pkg.mkdir(parents=True)
+        (pkg / "__init__.py").write_text("from torchvision import _meta_registrations, models\n")
+        (pkg / "_meta_registrations.py").write_text(
+            "raise RuntimeError('operator torchvision::nms does not exist')\n" if broken else "REAL = True\n")
+        (pkg / "models.py").write_text("def resnet18():\n    return 'resnet18'\n")
+        code = ("import sys; from mgd_jax.import_torch import torchvision_models; m = torchvision_models(); "
+                "print(m.resnet18(), hasattr(sys.modules['torchvision._meta_registrations'], 'REAL'))")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path / kind)})
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == ["resnet18", str(not broken)], r.stdout

@@ -6,6 +6,7 @@ The reference models are PyTorch; these two layers are where flax's defaults dif
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -24,7 +25,8 @@ class BatchNorm(nn.Module):
     """BatchNorm over all axes but the last, PyTorch semantics (eps 1e-5, momentum 0.1, unbiased running var).
 
     Under ``jax.jit`` with the batch sharded over a mesh, the mean over the batch axis is a *global* mean,
-    so statistics are those of the global batch on any number of devices.
+    so statistics are those of the global batch on any number of devices.  Training mode differentiates
+    through ``batch_norm_train``'s own backward pass (see there).
     """
 
     epsilon: float = 1e-5
@@ -37,20 +39,61 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-        axes = tuple(range(x.ndim - 1))
-        if train:
-            xf = x.astype(jnp.float32)
-            mean = jnp.mean(xf, axes)
-            var = jnp.mean(jnp.square(xf - mean), axes)  # biased: used to normalise
-            if not self.is_initializing():
-                n = x.size // c
-                unbiased = var * (n / max(n - 1, 1))
-                ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
-                ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
-        else:
-            mean, var = ra_mean.value, ra_var.value
-        inv = jax.lax.rsqrt(var + self.epsilon) * scale
-        return (x - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype)
+        if not train:
+            return _normalize(x, ra_mean.value, jax.lax.rsqrt(ra_var.value + self.epsilon) * scale, bias)
+        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+        if not self.is_initializing():
+            n = x.size // c
+            unbiased = var * (n / max(n - 1, 1))
+            ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+            ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+        return y
+
+
+def _normalize(x, mean, inv, bias):
+    return (x - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype)
+
+
+def _batch_norm_fwd(x, scale, bias, eps):
+    axes = tuple(range(x.ndim - 1))
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axes)
+    var = jnp.mean(jnp.square(xf - mean), axes)  # biased, two-pass: used to normalise
+    inv = jax.lax.rsqrt(var + eps)
+    return (_normalize(x, mean, inv * scale, bias), mean, var), (x, mean, inv, scale)
+
+
+def _batch_norm_bwd(eps, residuals, cotangents):
+    """dx = scale * inv / n * (n dy - sum(dy) - xhat sum(dy xhat)); d bias = sum(dy); d scale = sum(dy xhat).
+
+    Both sums are one reduction of the stacked (dy, dy xhat), i.e. one all-reduce when the batch is sharded
+    (autodiff of the forward pass reduces, and all-reduces, through the mean and the variance separately).
+    The cotangents of the returned mean and variance are ignored: they only feed the running statistics.
+    """
+    del eps
+    x, mean, inv, scale = residuals
+    dy = cotangents[0].astype(jnp.float32)
+    axes = tuple(range(1, x.ndim))
+    n = x.size // x.shape[-1]
+    xhat = (x.astype(jnp.float32) - mean) * inv
+    d_bias, d_scale = jnp.sum(jnp.stack([dy, dy * xhat]), axes)
+    dx = (scale * inv / n) * (n * dy - d_bias - xhat * d_scale)
+    return dx.astype(x.dtype), d_scale, d_bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float):
+    """Training-mode BatchNorm -> (y, batch mean, biased batch variance); statistics over all axes but the last.
+
+    The forward pass is the textbook two-pass one (mean, then the mean of squared deviations), the same
+    float32 operations as before this function existed; the backward pass is written out
+    (``_batch_norm_bwd``): on 2 CPU devices it took the MAS+KD resnet56 -> resnet20 step from 314 to
+    295 ms (README "Speed"), within 1e-6 of autodiff's gradients (tests/test_layers.py).
+    """
+    return _batch_norm_fwd(x, scale, bias, eps)[0]
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 class Linear(nn.Module):

@@ -144,8 +144,13 @@ def export_stage(workdir: str, stage: str, out: str) -> tuple[str, int]:
     if not os.path.isdir(parent):
         raise AnalysisError(f"--out={out}: the folder {parent} does not exist")
     tmp = f"{out}.tmp"
-    torch.save(tensors, tmp)
-    os.replace(tmp, out)  # never a half-written file under the name asked for
+    try:
+        torch.save(tensors, tmp)
+        os.replace(tmp, out)  # never a half-written file under the name asked for
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise AnalysisError(f"--out={out}: cannot write it ({type(e).__name__}: {e})") from e
     return arch, len(tensors)
 
 

@@ -9,6 +9,8 @@ that feed the weight gradients, other elementwise fusions (BatchNorm, ReLU, resi
 reductions (BatchNorm statistics), dots, collectives (with several devices: the all-reduces of BatchNorm's
 global-batch statistics and of the gradients) and the time devices wait for each other at them.  Convolution rows also show GFLOP/s (2 x MACs of the op / its time),
 next to the float32 matmul ceiling of the same run.  Times are summed over devices (core-ms per step).
+Per XLA worker thread: the share of the step with an op (or a wait at a collective) in progress, and the idle
+gaps between ops by length (how many per step, and their total).
 """
 from __future__ import annotations
 
@@ -98,16 +100,31 @@ def classify(hlo: str):
     return kind
 
 
-def _busy(events) -> tuple[int, int]:
-    """(ns covered by at least one event, ns from the first event's start to the last event's end)."""
+GAP_BUCKETS_US = (1, 10, 50, 200, 1000)
+
+
+def _busy(events) -> tuple[int, int, list[int]]:
+    """(ns covered by at least one event, ns from the first event's start to the last event's end, the idle gaps
+    between covered spans in ns)."""
     spans = sorted((e.start_ns, e.start_ns + e.duration_ns) for e in events)
-    covered, (lo, hi) = 0, spans[0]
+    covered, gaps, (lo, hi) = 0, [], spans[0]
     for a, b in spans[1:]:
         if a > hi:
-            covered, lo, hi = covered + hi - lo, a, b
+            covered, gaps, lo, hi = covered + hi - lo, gaps + [a - hi], a, b
         else:
             hi = max(hi, b)
-    return covered + hi - lo, spans[-1][1] - spans[0][0]
+    return covered + hi - lo, spans[-1][1] - spans[0][0], gaps
+
+
+def _gap_table(gaps: list[int], runs: int) -> str:
+    """Idle gaps of one worker thread by length: count and total per step."""
+    edges = (0,) + GAP_BUCKETS_US + (float("inf"),)
+    cells = []
+    for lo, hi in zip(edges, edges[1:]):
+        sel = [g for g in gaps if lo * 1e3 <= g < hi * 1e3]
+        label = f"{lo:g}-{hi:g} us" if hi != float("inf") else f">= {lo:g} us"
+        cells.append(f"{label}: {len(sel) / runs:.0f} ({sum(sel) / 1e6 / runs:.1f} ms)")
+    return "; ".join(cells)
 
 
 def main():
@@ -161,9 +178,10 @@ def main():
     ncores = step_speed.cpu.num_cores() if devs[0].platform == "cpu" else 1
     print(f"{a.stage} step, {a.teacher} -> {a.student}, batch {a.batch}, {len(devs)} x {devs[0].device_kind}; "
           f"{r['ms']:.1f} ms/step wall, {total:.1f} core-ms/step in ops; matmul ceiling {ceiling / 1e9:.0f} GFLOP/s")
-    for thread, (b_ns, span, n) in sorted(busy.items()):
+    for thread, (b_ns, span, gaps, n) in sorted(busy.items()):
         print(f"thread {thread}: an op or a wait in progress {100 * b_ns / span:.0f}% of the traced steps, "
-              f"{n / captured['runs']:.0f} op events per step")
+              f"{n / captured['runs']:.0f} op events per step; idle gaps per step by length (count, total): "
+              f"{_gap_table(gaps, captured['runs'])}")
     print(f"| category | core-ms / step | share | GFLOP/s per core (ceiling {ceiling / ncores / 1e9:.0f}) | ops (core-ms) |")
     print("|---|---|---|---|---|")
     for k, v in times.most_common():

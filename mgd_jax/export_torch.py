@@ -148,9 +148,10 @@ def export_stage(workdir: str, stage: str, out: str) -> tuple[str, int]:
         torch.save(tensors, tmp)
         os.replace(tmp, out)  # never a half-written file under the name asked for
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as a RuntimeError
-        if os.path.exists(tmp):
+        if os.path.isfile(tmp):
             os.remove(tmp)
-        raise AnalysisError(f"--out={out}: cannot write it ({type(e).__name__}: {e})") from e
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise AnalysisError(f"--out={out}: cannot write it ({type(e).__name__}: {first})") from e
     return arch, len(tensors)
 
 

@@ -25,7 +25,7 @@ except ImportError:
                 allow_module_level=True)
 
 # |ours - torch| <= 1e-4 + 1e-4 |torch| per element (the issue's "within 1e-4").  The networks are random but
-# well-conditioned like trained ones: each residual branch's last BN has a small weight (0.1 .. 0.3; torchvision's
+# well-conditioned: each residual branch's last BN has a small weight (0.1 .. 0.3; torchvision's
 # zero_init_residual takes it to 0), so float32 noise is not amplified through 16 blocks: torch float32 itself is
 # within 2.2e-5 of torch float64 on every output here.  With all BN weights in 0.5 .. 1.5, torch float32 is 1e-3
 # off its own float64 result on ResNet-50's last stage, and no float32 port can be checked at 1e-4.

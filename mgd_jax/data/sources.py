@@ -49,7 +49,10 @@ def load_digits(image_size: int = 16, test_size: int = 360, split_seed: int = 0)
 
 
 _TFDS = {"cifar100": 100, "cifar10": 10, "stl10": 10}
-DATASETS = ("digits", *_TFDS)  # config.data.name
+# streamed, never held in memory (mgd_jax/data/streaming.py): tfds imagenet2012, or an image folder
+# (``config.data.dir``; with it any name reads the folder, 'image_folder' says so)
+STREAMING = ("imagenet2012", "image_folder")
+DATASETS = ("digits", *_TFDS, *STREAMING)  # config.data.name
 
 
 def build_instructions(name: str, data_dir: str | None) -> str:
@@ -113,7 +116,16 @@ def load_tfds(name: str, data_dir: str | None = None) -> ArrayDataset:
 
 def load_dataset(cfg) -> ArrayDataset:
     """``cfg``: the config's ``data`` block (name, per-dataset options, optional ``train_limit`` /
-    ``test_limit``: keep only the first N examples, for smoke runs)."""
+    ``test_limit``: keep only the first N examples, for smoke runs).  ImageNet (``imagenet2012``) and image folders
+    (``dir``) give a ``streaming.StreamingDataset``: nothing is read before a batch needs it."""
+    if cfg.get("dir", None) or cfg.name in STREAMING:
+        from mgd_jax.data import streaming
+        if cfg.get("dir", None):
+            return streaming.load_image_folder(cfg)
+        if cfg.name == "image_folder":
+            raise DatasetNotFoundError("config.data.name='image_folder' needs config.data.dir=FOLDER (FOLDER/train/"
+                                       "<class>/*.jpg, FOLDER/val/<class>/*.jpg)")
+        return streaming.load_tfds_streaming(cfg)
     if cfg.name == "digits":
         ds = load_digits(cfg.get("image_size", 16), cfg.get("test_size", 360), cfg.get("split_seed", 0))
     elif cfg.name in _TFDS:

@@ -124,7 +124,8 @@ SEED_OFFSETS = {"teacher": 0, "analyzer": 1, "student": 2, "mutual": 2}
 
 # Config fields that do not change a stage's numbers (where the data lives, how it reaches the devices, how many
 # students train fused).
-_NOT_RESULT_FIELDS = ("data.data_dir", "data.on_device", "student.group_size")
+_NOT_RESULT_FIELDS = ("data.data_dir", "data.dir", "data.on_device", "data.workers", "data.prefetch",
+                      "student.group_size")
 
 
 def stage_config(config, stage: str, student: str | None = None) -> dict:
@@ -189,6 +190,8 @@ class StageRun:
 
     def data_on_device(self) -> bool:
         """``data.on_device``: True / False, or None = on for GPU / TPU (the host path is as fast on CPU)."""
+        if getattr(self.data, "streaming", False):  # decoded on the host batch by batch (data/streaming.py)
+            return False
         v = self.config.data.get("on_device", None)
         return jax.default_backend() != "cpu" if v is None else bool(v)
 

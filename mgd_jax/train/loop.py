@@ -10,7 +10,9 @@ A stage hands the loop:
 Data path: by default each step's rows are gathered on the host and placed on the mesh.  With
 ``on_device=True`` the training images and labels are put on every device once per stage and each step
 receives only the batch's row indices; the rows are gathered inside the jitted step (augmentation runs there
-already), so the step needs nothing from the host but 4 bytes per image.  Metrics stay on the device until
+already), so the step needs nothing from the host but 4 bytes per image.  A streaming dataset (``streaming = True``:
+ImageNet, image folders; ``mgd_jax/data/streaming.py``) decodes and augments each step's rows on host threads,
+prefetched, every process only its own slice of the batch.  Metrics stay on the device until
 the loop fetches them in groups (at checkpoints and epoch ends), so no step waits for the host.
 """
 from __future__ import annotations
@@ -312,7 +314,8 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
                dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
     stage_key = jax.random.key(lead.seed)
     every = int(lead.checkpoint_every_steps or 0)
-    if lead.on_device:
+    streaming = bool(getattr(dataset, "streaming", False))
+    if lead.on_device and not streaming:
         data = mesh_lib.replicate({"image": dataset.train_images, "label": dataset.train_labels}, mesh)
         passes = [(lbl, gather_rows(step)) for lbl, step in passes]
     else:
@@ -358,15 +361,23 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
                 batches = mesh_lib.epoch_batches(n, lead.batch_size, lead.seed, epoch, p, ndev, lead.drop_remainder)
                 first = start_batch if (epoch == start_epoch and p == start_pass) else 0
                 pending = []
+                streamed = dataset.train_batches(batches[first:], lead.seed, epoch, p, jax.process_index(),
+                                                 jax.process_count()) if streaming else None
                 for i in range(first, len(batches)):
                     idx = batches[i]
-                    if data is None:
+                    if streaming:
+                        rows = {"label": dataset.train_labels[idx]}
+                    elif data is None:
                         rows = {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}
                     else:
                         rows = {ROWS: idx.astype(np.int32)}
                     if batch_extras is not None:
                         rows.update(batch_extras(idx, epoch, p, i))
-                    args = (states, frozen, mesh_lib.shard_batch(rows, mesh), base_key)
+                    batch = mesh_lib.shard_batch(rows, mesh)
+                    if streaming:  # this process's rows of the global batch
+                        batch["image"] = jax.make_array_from_process_local_data(
+                            mesh_lib.batch_sharding(mesh), next(streamed), (len(idx), *dataset.image_shape))
+                    args = (states, frozen, batch, base_key)
                     states, metrics = step(*args) if data is None else step(*args, data)
                     gstep = (epoch * npass + p) * steps + i + 1
                     pending.append((gstep, len(idx), metrics))

@@ -108,6 +108,10 @@ class TfdsSource:
                 f"dataset {name!r} split {split!r} cannot be read with tfds.data_source ({type(e).__name__}: {first}); "
                 f"build it once with `tfds build {name} --manual_dir=DIR --file_format=array_record` (ImageNet's "
                 f"archives in DIR), or train from an image folder with --config.data.dir=FOLDER") from e
+        try:  # the encoded bytes, decoded here (draft mode); tfds' mock_data needs TensorFlow to hand out bytes
+            self.source[0] if len(self.source) else None
+        except ModuleNotFoundError:
+            self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)  # decoded by tfds
         self.name, self.split = name, split
         self.classes = None
         self.labels = self._labels(data_dir)

@@ -1,0 +1,187 @@
+"""ImageNet input pipeline and step speed.  Not a test.
+
+    python benchmarks/input_pipeline.py                          # synthetic JPEG folder; tfds through mock_data
+    python benchmarks/input_pipeline.py --folder=/data/imagenet --tfds_data_dir=~/tensorflow_datasets
+    python benchmarks/input_pipeline.py --step_batch=256 --precision=bfloat16   # on a GPU / TPU
+
+1. Input pipeline alone (``mgd_jax/data/streaming.py``): images/s of read + JPEG decode + RandomResizedCrop(224) +
+   flip (train) and of resize 256 + centre crop 224 (eval), with 1 decoding thread (= per core) and with one
+   thread per core, from an image folder (``--folder``, else a synthetic one: JPEGs of ImageNet's typical size,
+   500x375 / 375x500, quality 90, with some texture) and from tfds ``imagenet2012`` (``--tfds_data_dir`` where it
+   is built as ArrayRecord; else tfds' mock_data, whose records are random arrays: no JPEG decode, a lower
+   bound of the per-record cost only).  Host memory: the process's RSS after streaming a quarter of the folder
+   and after streaming all of it (it must not grow with the number of images).
+2. One ResNet-34 -> ResNet-18 MAS+KD student step at 224x224, 1000 classes (the ImageNet config's granularities):
+   images/s, % of the arithmetic ceiling (a large matmul's FLOP/s, as ``step_speed.py``), XLA memory, peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # for configs/ and mgd_jax
+
+from mgd_jax.train import cpu  # noqa: E402
+
+cpu.configure_host_devices()  # the same device setup as train.py
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mgd_jax.data import load_dataset  # noqa: E402
+from mgd_jax.train import mesh as mesh_lib  # noqa: E402
+from mgd_jax.train.loop import host_rss_mib  # noqa: E402
+
+
+def synthetic_folder(root: str, n: int, classes: int = 4, seed: int = 0) -> str:
+    """``n`` JPEGs (train) of ImageNet's typical size, some texture so they compress like photos; a few for val."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n), ("val", max(classes, n // 8))):
+        for k in range(count):
+            d = os.path.join(root, split, f"c{k % classes}")
+            os.makedirs(d, exist_ok=True)
+            w, h = (500, 375) if k % 3 else (375, 500)
+            low = rng.integers(0, 256, (h // 25 + 1, w // 25 + 1, 3), dtype=np.uint8)
+            img = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), np.int16)
+            img = np.clip(img + rng.integers(-20, 21, img.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(os.path.join(d, f"{k:06d}.JPEG"), quality=90)
+    return root
+
+
+def stream_rate(ds, n: int, batch: int, train: bool) -> float:
+    """images/s of streaming ``n`` images (train: ``train_batches``; eval: the test view's batches)."""
+    rows = np.arange(n)
+    batches = [rows[i:i + batch] for i in range(0, n - batch + 1, batch)]
+    t0 = time.perf_counter()
+    if train:
+        for _ in ds.train_batches(batches, 0, 0, 0):
+            pass
+    else:
+        for idx in batches:
+            ds.test_images[idx]
+    return len(batches) * batch / (time.perf_counter() - t0)
+
+
+def pipeline_rows(cfg_base: dict, label: str, n_train: int, n_test: int, batch: int, cores: int) -> list:
+    rows = []
+    for workers in sorted({1, cores}):
+        ds = load_dataset(ml_collections.ConfigDict({**cfg_base, "workers": workers, "prefetch": 4}))
+        n_tr, n_te = min(n_train, len(ds.train_labels)), min(n_test, len(ds.test_labels))
+        stream_rate(ds, n_tr, min(batch, n_tr), True)  # warm: threads, the OS file cache (as in a long run)
+        stream_rate(ds, n_te, min(batch, n_te), False)
+        tr = stream_rate(ds, n_tr, min(batch, n_tr), True)
+        te = stream_rate(ds, n_te, min(batch, n_te), False)
+        ds.close()
+        rows.append((label, workers, tr, tr / workers, te, te / workers))
+        print(f"| {label} | {workers} | {tr:.0f} | {tr / workers:.0f} | {te:.0f} | {te / workers:.0f} |", flush=True)
+    return rows
+
+
+def rss_growth(folder: str, size: int, batch: int) -> None:
+    """RSS after streaming a quarter of the folder's training images, then all of them."""
+    n = len(load_dataset(ml_collections.ConfigDict(dict(name="imagenet2012", dir=folder, image_size=size))).train_labels)
+    for limit in (n // 4, n):
+        ds = load_dataset(ml_collections.ConfigDict(dict(name="imagenet2012", dir=folder, image_size=size,
+                                                         train_limit=limit, prefetch=4)))
+        batches = mesh_lib.epoch_batches(limit, batch, 0, 0, 0, 1, True)
+        for _ in ds.train_batches(batches, 0, 0, 0):
+            pass
+        ds.close()
+        print(f"host RSS after streaming {limit} images ({len(batches)} batches of {batch}): {host_rss_mib():.0f} MiB",
+              flush=True)
+
+
+def step_row(batch: int, steps: int, dtype_name: str) -> None:
+    from benchmarks.step_speed import matmul_ceiling, time_step
+    from configs import imagenet
+    from mgd_jax import optim, precision
+    from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities
+    from mgd_jax.methods import get_method
+    from mgd_jax.models import get_model
+    from mgd_jax.stages import student as student_stage
+
+    mesh = mesh_lib.make_mesh()
+    ndev = mesh.devices.size
+    batch = -(-batch // ndev) * ndev
+    cfg = imagenet.get_config("resnet34,resnet18,kd,mas")
+    dtype = None if dtype_name == "float32" else jnp.bfloat16
+    grans = parse_granularities(cfg.granularities)
+    t_model = precision.with_compute_dtype(get_model("resnet34_imagenet", 1000), dtype)
+    s_model = precision.with_compute_dtype(get_model("resnet18_imagenet", 1000), dtype)
+    key = jax.random.key(0)
+    sample = jnp.zeros((2, 224, 224, 3))
+    t_vars = t_model.init(key, sample)
+    feature_dim = t_model.apply(t_vars, sample)[1][-1].shape[-1]
+    analyzer = GranularityAnalyzer(grans, 1000)
+    teacher = mesh_lib.replicate({"backbone": t_vars, "analyzer": analyzer.init(key, jnp.zeros((1, feature_dim)))
+                                  ["params"]}, mesh)
+    run = cfg.students.kd_mas
+    t_mods = student_stage.TeacherModules(t_model, analyzer)
+    s_mods = student_stage.StudentModules(s_model, GranularityAnalyzer(grans, 1000, False), get_method("kd"))
+    objective = student_stage.Objective("mas", grans, temperature=run.temperature, w_ce=run.weights.ce,
+                                        w_logit_kd=run.weights.logit_kd)
+    tx = optim.sgd(cfg.student.optimizer, 5000)
+    state = mesh_lib.replicate(student_stage.init_state(s_mods, t_mods, jax.device_get(teacher), tx, key, sample),
+                               mesh)
+    step = jax.jit(student_stage.make_train_step(s_mods, t_mods, objective, tx, cfg.augment), donate_argnums=0)
+    rng = np.random.default_rng(0)
+    batches = [mesh_lib.shard_batch({"image": rng.integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8),
+                                     "label": rng.integers(0, 1000, batch).astype(np.int32)}, mesh) for _ in range(2)]
+    base = mesh_lib.replicate(jax.random.key(1), mesh)
+    ceiling = matmul_ceiling()
+    r = time_step(step, state, lambda b: (teacher, b, base), batches, steps)
+    dt = r["ms"] / 1000
+    pct = None if r["flops"] is None else 100 * r["flops"] / dt / ceiling
+    peak = f" / device peak {r['device_peak_mib']:.0f}" if r["device_peak_mib"] else ""
+    print("| step | devices | batch | precision | images/s | % ceiling | ms/step | GFLOP/image | compile s | "
+          "XLA memory MiB | peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| resnet34 -> resnet18 MAS+KD, 224 | {ndev} x {jax.devices()[0].platform} | {batch} | {dtype_name} | "
+          f"{batch / dt:.1f} | {'-' if pct is None else f'{pct:.0f}'} | {r['ms']:.0f} | "
+          f"{(r['flops'] or 0) / batch / 1e9:.1f} | {r['compile_s']:.1f} | {r['xla_memory_mib']:.0f}{peak} | "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} |", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--folder", help="an image folder (train/, val/); default: a synthetic one in a temporary folder")
+    p.add_argument("--images", type=int, default=512, help="synthetic folder: training images")
+    p.add_argument("--tfds_data_dir", help="where tfds imagenet2012 is built (ArrayRecord); default: mock_data")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=64, help="input pipeline batch")
+    p.add_argument("--step_batch", type=int, default=16, help="the MAS+KD step's global batch (0: skip the step)")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+    args = p.parse_args()
+    cores = os.cpu_count() or 1
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.folder or synthetic_folder(os.path.join(tmp, "images"), args.images)
+        what = args.folder or f"synthetic: {args.images} JPEGs 500x375, q90"
+        print(f"## input pipeline at {args.size} ({cores} cores)\n\n| source | threads | train images/s | per thread | "
+              f"eval images/s | per thread |\n|---|---|---|---|---|---|", flush=True)
+        pipeline_rows(dict(name="imagenet2012", dir=folder, image_size=args.size), f"folder ({what})",
+                      args.images if not args.folder else 2048, 512, args.batch, cores)
+        if args.tfds_data_dir:
+            pipeline_rows(dict(name="imagenet2012", data_dir=args.tfds_data_dir, image_size=args.size),
+                          "tfds imagenet2012", 2048, 512, args.batch, cores)
+        else:
+            import tensorflow_datasets as tfds
+            with tfds.testing.mock_data(num_examples=args.batch * 4, policy=tfds.testing.MockPolicy.USE_CODE):
+                pipeline_rows(dict(name="imagenet2012", image_size=args.size), "tfds imagenet2012 (mock_data: random "
+                              "arrays, no JPEG decode)", args.batch * 4, args.batch * 4, args.batch, cores)
+        print()
+        rss_growth(folder, args.size, args.batch)
+    if args.step_batch:
+        print()
+        step_row(args.step_batch, args.steps, args.precision)
+
+
+if __name__ == "__main__":
+    main()

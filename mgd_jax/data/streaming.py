@@ -86,10 +86,7 @@ class FolderSource:
         return os.path.join(self.root, self.names[i].decode())
 
     def read(self, i: int) -> Image.Image:
-        path = self.describe(i)
-        with open(path, "rb") as f:
-            data = f.read()
-        return Image.open(io.BytesIO(data))
+        return Image.open(self.describe(i))
 
 
 class TfdsSource:

@@ -246,3 +246,25 @@ def test_batchnorm_backward_is_one_all_reduce_on_a_sharded_batch():
         assert len(re.findall(r" all-reduce(?:-start)?\(", hlo)) == 3, hlo  # autodiff of the textbook form: 4
     for a, b in zip(f(xs, scale, bias), f(x, scale, bias)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_backward_in_bfloat16_keeps_dtypes_and_is_close_to_float32():
+    """Mixed precision casts BatchNorm's input and parameters to bfloat16: every gradient comes back in its
+    primal's dtype (a custom_vjp must), within bfloat16 rounding of the float32 gradients; statistics are not
+    differentiable."""
+    from mgd_jax.models.layers import batch_norm_train
+    rng = np.random.default_rng(3)
+    x = rng.normal(1.0, 2.0, size=(8, 4, 4, 6)).astype(np.float32)
+    scale, bias = rng.uniform(0.5, 1.5, 6).astype(np.float32), rng.normal(size=6).astype(np.float32)
+    w = rng.normal(size=x.shape).astype(np.float32)
+
+    def loss(x, s, b):
+        return jnp.sum(batch_norm_train(x, s, b, 1e-5)[0].astype(jnp.float32) * w)
+
+    g32 = jax.grad(loss, (0, 1, 2))(x, scale, bias)
+    g16 = jax.grad(loss, (0, 1, 2))(*(jnp.asarray(a, jnp.bfloat16) for a in (x, scale, bias)))
+    assert [g.dtype for g in g16] == [jnp.bfloat16] * 3
+    for a, b in zip(g16, g32):
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0.05, atol=0.05 * float(np.abs(b).max()))
+    stats_grad = jax.grad(lambda x: jnp.sum(batch_norm_train(x, scale, bias, 1e-5)[1]))(x)
+    np.testing.assert_array_equal(stats_grad, 0.0)

@@ -60,7 +60,7 @@ def _batch_norm_fwd(x, scale, bias, eps):
     mean = jnp.mean(xf, axes)
     var = jnp.mean(jnp.square(xf - mean), axes)  # biased, two-pass: used to normalise
     inv = jax.lax.rsqrt(var + eps)
-    return (_normalize(x, mean, inv * scale, bias), mean, var), (x, mean, inv, scale)
+    return (_normalize(x, mean, inv * scale, bias), mean, var), (x, mean, inv, scale, bias)
 
 
 def _batch_norm_bwd(eps, residuals, cotangents):
@@ -68,32 +68,41 @@ def _batch_norm_bwd(eps, residuals, cotangents):
 
     Both sums are one reduction of the stacked (dy, dy xhat), i.e. one all-reduce when the batch is sharded
     (autodiff of the forward pass reduces, and all-reduces, through the mean and the variance separately).
-    The cotangents of the returned mean and variance are ignored: they only feed the running statistics.
+    The cotangents of the returned mean and variance are zero (``batch_norm_train`` stops their gradients).
+    The sums are float32; each gradient is returned in its primal's dtype (bfloat16 under mixed precision).
     """
     del eps
-    x, mean, inv, scale = residuals
+    x, mean, inv, scale, bias = residuals
     dy = cotangents[0].astype(jnp.float32)
     axes = tuple(range(1, x.ndim))
     n = x.size // x.shape[-1]
     xhat = (x.astype(jnp.float32) - mean) * inv
     d_bias, d_scale = jnp.sum(jnp.stack([dy, dy * xhat]), axes)
     dx = (scale * inv / n) * (n * dy - d_bias - xhat * d_scale)
-    return dx.astype(x.dtype), d_scale, d_bias
+    return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_norm(x, scale, bias, eps):
+    return _batch_norm_fwd(x, scale, bias, eps)[0]
+
+
+_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
 def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float):
     """Training-mode BatchNorm -> (y, batch mean, biased batch variance); statistics over all axes but the last.
 
     The forward pass is the textbook two-pass one (mean, then the mean of squared deviations), the same
     float32 operations as before this function existed; the backward pass is written out
-    (``_batch_norm_bwd``): on 2 CPU devices it took the MAS+KD resnet56 -> resnet20 step from 314 to
-    295 ms (README "Speed"), within 1e-6 of autodiff's gradients (tests/test_layers.py).
+    (``_batch_norm_bwd``): on 2 CPU devices it took the MAS+KD resnet56 -> resnet20 step from ~314 to ~294 ms
+    (README "Speed"); its gradients agree with autodiff of the textbook form and with float64 finite
+    differences (tests/test_models.py).  Gradients flow through ``y`` only: the returned statistics are for the
+    running averages and are not differentiable (``stop_gradient``; a loss on batch statistics needs its own
+    computation).  A ``custom_vjp`` supports reverse mode only: no ``jax.jvp`` / ``jacfwd`` through training mode.
     """
-    return _batch_norm_fwd(x, scale, bias, eps)[0]
-
-
-batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+    y, mean, var = _batch_norm(x, scale, bias, eps)
+    return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
 
 
 class Linear(nn.Module):

@@ -117,7 +117,8 @@ def read_backbone(workdir: str, stage: str) -> tuple[str, dict]:
     """A stage's best checkpoint -> (its architecture, its backbone's ``{'params', 'batch_stats'}``)."""
     from mgd_jax.analysis.common import BACKBONE_STAGES, restore_best
 
-    if stage != "teacher" and not stage.startswith("students/"):
+    name = stage[len("students/"):] if stage.startswith("students/") else ""
+    if stage != "teacher" and (not name or "/" in name.strip("/")):
         raise AnalysisError(f"stage {stage!r} has no backbone to export; use {BACKBONE_STAGES.replace(' | ', ' or ')}")
     directory = os.path.join(workdir, stage)
     if not os.path.isdir(directory):
@@ -126,9 +127,16 @@ def read_backbone(workdir: str, stage: str) -> tuple[str, dict]:
     arch = meta.get("arch")
     if arch is None:
         raise AnalysisError(f"{directory}: the best checkpoint does not name its architecture")
-    if meta.get("stage") == "student":  # stages/student.py export_variables: the backbone beside encoders / method
-        return arch, {"params": saved["params"]["backbone"], "batch_stats": saved["batch_stats"]["backbone"]}
-    return arch, {"params": saved["params"], "batch_stats": saved["batch_stats"]}
+    if meta.get("stage") not in ("teacher", "student"):
+        raise AnalysisError(f"{directory}: the best checkpoint is a {meta.get('stage')!r} stage's, not a teacher's or "
+                            f"a student's")
+    try:
+        if meta["stage"] == "student":  # stages/student.py export_variables: the backbone beside encoders / method
+            return arch, {"params": saved["params"]["backbone"], "batch_stats": saved["batch_stats"]["backbone"]}
+        return arch, {"params": saved["params"], "batch_stats": saved["batch_stats"]}
+    except (KeyError, TypeError) as e:
+        raise AnalysisError(f"{directory}: the best checkpoint has no {e} entry where a {meta['stage']}'s backbone "
+                            f"is kept") from None
 
 
 def export_stage(workdir: str, stage: str, out: str) -> tuple[str, int]:

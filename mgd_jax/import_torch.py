@@ -119,6 +119,16 @@ def _to_flax(value: np.ndarray) -> np.ndarray:
     return value
 
 
+def _shape_hint(got, need) -> str:
+    """What a shape mismatch most likely means: another class count, or an ImageNet stem for a CIFAR model."""
+    got, need = tuple(got), tuple(need)
+    if len(got) == 2 and len(need) == 2 and got[0] == need[0] and got[1] != need[1]:
+        return f" (a {got[1]}-class classifier: pass --num_classes={got[1]})"
+    if len(got) == 4 and got[:2] == (7, 7) and need[:2] != (7, 7):
+        return " (a 7x7 ImageNet stem: torchvision's ResNets are resnet18_imagenet, resnet34_imagenet, resnet50_imagenet)"
+    return ""
+
+
 def _fill(expected: dict, items, where: str) -> dict:
     """expected: flat {(collection, *path): ShapeDtypeStruct}; items: [(torch_key, (collection, path), array)]."""
     out = {}
@@ -130,7 +140,8 @@ def _fill(expected: dict, items, where: str) -> dict:
         value = _to_flax(value)
         if tuple(value.shape) != tuple(expected[target].shape):
             raise CheckpointImportError(f"{where}: key {key!r} has shape {tuple(value.shape)} (flax layout) but "
-                                        f"this architecture needs {tuple(expected[target].shape)}")
+                                        f"this architecture needs {tuple(expected[target].shape)}"
+                                        f"{_shape_hint(value.shape, expected[target].shape)}")
         out[target] = value.astype(np.float32)
     missing = [k for k in expected if k not in out]
     if missing:
@@ -208,7 +219,7 @@ def import_to_workdir(arch: str, teacher_path: str, workdir: str, num_classes: i
     meta = {"stage": "teacher", "arch": arch, "num_classes": num_classes, "imported_from": os.path.abspath(teacher_path)}
     best = {"imported": True, "epoch": 0}
     stage = StageCheckpoints(os.path.join(workdir, "teacher", "checkpoints"))
-    stage.save_best(0, variables, {**meta, "epoch": 0, "best": best})
+    stage.save_best(0, variables, {**meta, "epoch": 0, "best": best, "imported": True})
     stage.save_latest(0, variables, {**meta, "epoch": 0, "best": best, "last": {}, "imported": True})
     stage.close()
     if tubes:
@@ -223,7 +234,7 @@ def import_to_workdir(arch: str, teacher_path: str, workdir: str, num_classes: i
         meta = {"stage": "analyzer", "teacher_arch": arch, "num_classes": num_classes,
                 "granularities": [[g.dim, g.temperature] for g in grans]}
         stage = StageCheckpoints(os.path.join(workdir, "analyzer", "checkpoints"))
-        stage.save_best(0, params, {**meta, "epoch": 0, "best": best})
+        stage.save_best(0, params, {**meta, "epoch": 0, "best": best, "imported": True})
         stage.save_latest(0, params, {**meta, "epoch": 0, "best": best, "last": {}, "imported": True})
         stage.close()
 

@@ -278,6 +278,9 @@ def test_cli_teacher_round_trip_and_student_export(tmp_path, capsys):
     torch.save(sd, tmp_path / "resnet18.pth")
     work = tmp_path / "w"
     assert import_main(["--arch=resnet18_imagenet", f"--teacher={tmp_path / 'resnet18.pth'}", f"--workdir={work}"]) == 0
+    # an imported teacher's best checkpoint says so at the top level, as the stage-identity check reads it
+    from mgd_jax.train.checkpoint import StageCheckpoints
+    assert StageCheckpoints(str(work / "teacher" / "checkpoints")).best_meta()["imported"] is True
     assert export_main([f"--workdir={work}", "--stage=teacher", f"--out={tmp_path / 't.pth'}"]) == 0
     back = torch.load(tmp_path / "t.pth", weights_only=True)
     assert list(back) == list(sd)
@@ -309,6 +312,8 @@ def test_cli_teacher_round_trip_and_student_export(tmp_path, capsys):
         ([f"--workdir={work}", "--stage=students/nope", f"--out={tmp_path / 'c.pth'}"], "does not exist"),
         ([f"--workdir={work}", "--stage=analyzer", f"--out={tmp_path / 'c.pth'}"], "has no backbone to export"),
         ([f"--workdir={work}", "--stage=teacher", f"--out={tmp_path / 'no' / 'c.pth'}"], "does not exist"),
+        ([f"--workdir={work}", "--stage=students/kd_mas/init", f"--out={tmp_path / 'c.pth'}"],
+         "has no backbone to export"),
     ]
     for argv, message in bad:
         assert export_main(argv) == 2, argv
@@ -323,7 +328,8 @@ def test_cli_teacher_round_trip_and_student_export(tmp_path, capsys):
          "nothing in the checkpoint for "),
         (["--arch=resnet18_imagenet", "--num_classes=10", f"--teacher={tmp_path / 'resnet18.pth'}",
           f"--workdir={tmp_path / 'w2'}"], r"key 'fc.weight' has shape (512, 1000) (flax layout) but this "
-                                           r"architecture needs (512, 10)"),
+                                           r"architecture needs (512, 10) (a 1000-class classifier: pass "
+                                           r"--num_classes=1000)"),
     ]:
         assert import_main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -337,6 +343,9 @@ def test_resnet50_checkpoint_as_another_architecture_names_the_key():
         convert_backbone("resnet34_imagenet", sd, 1000)
     with pytest.raises(CheckpointImportError, match=r"key 'conv1.weight' has no place in this architecture"):
         convert_backbone("mobilenetv1_imagenet", sd, 1000)
+    with pytest.raises(CheckpointImportError, match=r"\(a 7x7 ImageNet stem: torchvision's ResNets are "
+                                                    r"resnet18_imagenet, resnet34_imagenet, resnet50_imagenet\)"):
+        convert_backbone("ResNet50", sd, 1000)  # the CIFAR zoo's ResNet50
 
 
 def test_torchvision_models_helper_healthy_and_cuda_linked(tmp_path):

@@ -110,7 +110,8 @@ def _busy(events) -> tuple[int, int, list[int]]:
     covered, gaps, (lo, hi) = 0, [], spans[0]
     for a, b in spans[1:]:
         if a > hi:
-            covered, gaps, lo, hi = covered + hi - lo, gaps + [a - hi], a, b
+            gaps.append(a - hi)
+            covered, lo, hi = covered + hi - lo, a, b
         else:
             hi = max(hi, b)
     return covered + hi - lo, spans[-1][1] - spans[0][0], gaps

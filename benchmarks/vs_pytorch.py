@@ -160,6 +160,10 @@ def main():
             tstep(i)
         return 1000 * (time.perf_counter() - t0) / a.steps
 
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: load average {load:.1f} before the rounds: other processes compete for the cores, and "
+              f"PyTorch's threads suffer far more from it than XLA's; the comparison needs a quiet machine")
     for i in range(2):  # warm-up
         tstep(i)
     state, _ = jax_round(state)
@@ -183,7 +187,7 @@ def main():
             json.dump({"teacher": a.teacher, "student": a.student, "batch": a.batch, "ceiling_flops": ceiling,
                        "flops": captured["flops"], "torch": torch.__version__, "jax": jax.__version__,
                        "torch_threads": torch.get_num_threads(), "jax_devices": len(jax.devices()), "rounds": rows,
-                       "torch_median_ms": t_med, "jax_median_ms": j_med}, f, indent=1)
+                       "torch_median_ms": t_med, "jax_median_ms": j_med, "load_average_before": load}, f, indent=1)
 
 
 if __name__ == "__main__":

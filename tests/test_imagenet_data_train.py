@@ -1,6 +1,6 @@
-"""configs/imagenet.py end to end on a small image folder: teacher, analyzer and a MAS+KD student (ResNet-18s at
-32x32), streamed from the files; interrupted in the middle of the student's epoch, the resumed run is bitwise the
-uninterrupted one."""
+"""configs/imagenet.py end to end on a small image folder: teacher, analyzer and a MAS+CRD student (ResNet-18s at
+16x16; CRD's sampler and memory read the rows' indices), streamed from the files; interrupted in the middle of the
+student's epoch, the resumed run is bitwise the uninterrupted one."""
 import json
 import os
 import shutil
@@ -17,7 +17,7 @@ from mgd_jax.train import checkpoint as ckpt_lib
 from mgd_jax.train import faults
 from tests.test_imagenet_data import _write_folder
 
-STAGES = ("teacher", "analyzer", "students/kd_mas")
+STAGES = ("teacher", "analyzer", "students/crd_mas")
 
 
 class _Interrupted(Exception):
@@ -25,9 +25,10 @@ class _Interrupted(Exception):
 
 
 def _config(folder):
-    c = imagenet.get_config("resnet18,resnet18,kd,mas")
+    c = imagenet.get_config("resnet18,resnet18,crd,mas")
+    c.students.crd_mas.method_options.update(nce_k=8, feat_dim=16)
     c.data.dir = folder
-    c.data.image_size = 32
+    c.data.image_size = 16
     c.data.workers = 2
     c.precision = "float32"
     c.progress = False
@@ -71,7 +72,7 @@ def test_imagenet_config_trains_all_stages_from_a_folder_and_resumes_exactly(tmp
 
     def point(stage, name):
         real_point(stage, name)
-        if (stage, name) == ("student/kd_mas", "after_mid"):
+        if (stage, name) == ("student/crd_mas", "after_mid"):
             raise _Interrupted(f"{stage}:{name}")
 
     monkeypatch.setattr(faults, "point", point)

@@ -158,6 +158,7 @@ def main():
     p.add_argument("--step_batch", type=int, default=16, help="the MAS+KD step's global batch (0: skip the step)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--loader", default="threads", choices=["threads", "grain"], help="config.data.loader")
     args = p.parse_args()
     cores = os.cpu_count() or 1
 
@@ -166,7 +167,8 @@ def main():
         what = args.folder or f"synthetic: {args.images} JPEGs 500x375, q90"
         print(f"## input pipeline at {args.size} ({cores} cores)\n\n| source | threads | train images/s | per thread | "
               f"eval images/s | per thread |\n|---|---|---|---|---|---|", flush=True)
-        pipeline_rows(dict(name="imagenet2012", dir=folder, image_size=args.size), f"folder ({what})",
+        pipeline_rows(dict(name="imagenet2012", dir=folder, image_size=args.size, loader=args.loader),
+                      f"folder ({what}), loader {args.loader}",
                       args.images if not args.folder else 2048, 512, args.batch, cores)
         if args.tfds_data_dir:
             pipeline_rows(dict(name="imagenet2012", data_dir=args.tfds_data_dir, image_size=args.size),

@@ -75,7 +75,7 @@ def get_config(arg: str = "resnet34,resnet18,kd,mas"):
     # eval_resize_ratio: the short side before the centre crop, over image_size (256 / 224).
     c.data = dict(name="imagenet2012", dir=config_dict.placeholder(str), data_dir=config_dict.placeholder(str),
                   image_size=224, flip=True, crop_scale=(0.08, 1.0), eval_resize_ratio=256 / 224,
-                  workers=config_dict.placeholder(int), prefetch=4, skip_unreadable=False,
+                  workers=config_dict.placeholder(int), prefetch=4, skip_unreadable=False, loader="threads",
                   num_classes=config_dict.placeholder(int),
                   train_limit=config_dict.placeholder(int), test_limit=config_dict.placeholder(int), on_device=False)
     # the crop and the flip run on the host (streaming.py); the device only normalises

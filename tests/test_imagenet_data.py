@@ -117,6 +117,12 @@ def test_training_batches_are_a_function_of_seed_epoch_pass_row(folder):
         assert np.array_equal(x, np.stack([ds.train_example(r, 5, 0, 0) for r in idx]))
     one = load_dataset(_cfg(folder, workers=1, prefetch=1))  # worker count and prefetch change nothing
     assert all(np.array_equal(x, y) for x, y in zip(a, one.train_batches(batches, 5, 0, 0)))
+    grained = load_dataset(_cfg(folder, loader="grain"))  # nor does the loader (grain's MapDataset)
+    g = list(grained.train_batches(batches, 5, 0, 0))
+    assert len(g) == len(a) and all(np.array_equal(x, y) for x, y in zip(a, g))
+    g2 = list(grained.train_batches(batches[2:], 5, 0, 0, process_index=1, process_count=2))
+    assert all(np.array_equal(x, y[8:]) for x, y in zip(g2, a[2:]))
+    grained.close()
     resumed = list(ds.train_batches(batches[2:], 5, 0, 0))  # a resumed pass starts at its batch
     assert all(np.array_equal(x, y) for x, y in zip(a[2:], resumed))
     other = list(ds.train_batches(batches, 5, 1, 0))  # another epoch: other crops and flips of the same rows

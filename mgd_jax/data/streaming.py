@@ -41,6 +41,7 @@ EVAL_RESIZE_RATIO = 256 / 224  # the short side before the centre crop (torchvis
 CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's defaults (torchvision; the ImageNet recipe of every KD paper)
 CROP_RATIO = (3 / 4, 4 / 3)
 FOLDER_SPLITS = {"train": "train", "test": "val"}
+LOADERS = ("threads", "grain")  # config.data.loader: who decodes the training batches (the same batches either way)
 TFDS_SPLITS = {"train": "train", "test": "validation"}
 
 
@@ -236,11 +237,14 @@ class StreamingDataset:
     def __init__(self, name: str, train, test, num_classes: int, image_size: int, *, flip: bool = True,
                  crop_scale=CROP_SCALE, eval_resize_ratio: float = EVAL_RESIZE_RATIO, workers: int | None = None,
                  prefetch: int = 2, skip_unreadable: bool = False, train_limit: int | None = None,
-                 test_limit: int | None = None):
+                 test_limit: int | None = None, loader: str = "threads"):
         self.name, self.num_classes, self.image_size = name, int(num_classes), int(image_size)
         self.flip, self.crop_scale, self.eval_resize_ratio = bool(flip), tuple(crop_scale), float(eval_resize_ratio)
         self.workers = int(workers or os.cpu_count() or 1)
         self.prefetch = max(1, int(prefetch))
+        if loader not in LOADERS:
+            raise ValueError(f"data.loader must be one of {', '.join(LOADERS)}, got {loader!r}")
+        self.loader = loader
         self.skip_unreadable = bool(skip_unreadable)
         self._train, self._test = train, test
         self.train_labels = train.labels[:train_limit] if train_limit else train.labels
@@ -294,7 +298,12 @@ class StreamingDataset:
     def train_batches(self, batches, seed: int, epoch: int, pass_id: int, process_index: int = 0,
                       process_count: int = 1):
         """``batches``: global row-index arrays in order -> iterator of this process's uint8 image rows of each
-        (its contiguous slice of the global batch), decoded ``prefetch`` batches ahead on the pool's threads."""
+        (its contiguous slice of the global batch), decoded ``prefetch`` batches ahead on the pool's threads
+        (``loader='threads'``) or by a grain ``MapDataset`` with as many read threads (``loader='grain'``): the same
+        batches either way, each image a function of (seed, epoch, pass, row)."""
+        if self.loader == "grain":
+            yield from self._grain_batches(batches, seed, epoch, pass_id, process_index, process_count)
+            return
         pool = self.pool
         pending = collections.deque()
 
@@ -318,6 +327,28 @@ class StreamingDataset:
             for futures in pending:
                 for f in futures:
                     f.cancel()
+
+
+    def _grain_batches(self, batches, seed, epoch, pass_id, process_index, process_count):
+        try:
+            import grain
+        except ImportError:
+            raise DatasetNotFoundError("data.loader='grain' needs grain: pip install -e '.[imagenet]' (or use "
+                                       "data.loader='threads')") from None
+
+        mine = []
+        for idx in batches:
+            per = len(idx) // process_count
+            mine.append(np.asarray(idx[process_index * per:(process_index + 1) * per]))
+        if not mine:
+            return
+        rows = np.concatenate(mine)
+        ds = grain.MapDataset.source(rows).map(lambda r: self.train_example(int(r), seed, epoch, pass_id))
+        it = iter(ds.to_iter_dataset(grain.ReadOptions(
+            num_threads=self.workers, prefetch_buffer_size=self.prefetch * max(len(m) for m in mine))))
+        for m in mine:
+            yield np.stack([next(it) for _ in range(len(m))]) if len(m) else \
+                np.zeros((0, *self.image_shape), np.uint8)
 
 
 class _ImageView:
@@ -349,7 +380,8 @@ def _options(cfg) -> dict:
     return dict(flip=cfg.get("flip", True), crop_scale=cfg.get("crop_scale", CROP_SCALE),
                 eval_resize_ratio=cfg.get("eval_resize_ratio", EVAL_RESIZE_RATIO), workers=cfg.get("workers", None),
                 prefetch=cfg.get("prefetch", 2), skip_unreadable=cfg.get("skip_unreadable", False),
-                train_limit=cfg.get("train_limit", None), test_limit=cfg.get("test_limit", None))
+                train_limit=cfg.get("train_limit", None), test_limit=cfg.get("test_limit", None),
+                loader=cfg.get("loader", "threads"))
 
 
 def load_image_folder(cfg) -> StreamingDataset:

@@ -84,7 +84,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     run = StageRun(config, workdir, ds, mesh)
 
     if config.get("mutual", None) is not None:  # a training mode of its own: peers, no teacher
-        return _write_summary(mutual_stage.run(run), workdir)
+        rows = mutual_stage.run(run)
+        _report_reads(ds)
+        return _write_summary(rows, workdir)
     teacher, result = teacher_stage.run(run)
     rows = [result_row("teacher", config.teacher.arch, result)]
     teacher, result = analyzer_stage.run(run, teacher)
@@ -98,7 +100,16 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
         _, result = results[name]
         mode = "baseline" if scfg.get("protocol", "mg") == "repdistiller" else scfg.granularity
         rows.append(result_row(f"student {name} ({scfg.method} / {mode})", config.student.arch, result))
+    _report_reads(ds)
     return _write_summary(rows, workdir)
+
+
+def _report_reads(ds):
+    """A streaming dataset: how many images this process read (each process reads only its shard of a batch)."""
+    if getattr(ds, "streaming", False):
+        skipped = f", skipped {len(ds.skipped)} unreadable" if ds.skipped else ""
+        print(f"data: process {jax.process_index()}/{jax.process_count()} read {ds.decoded['train']} training and "
+              f"{ds.decoded['test']} evaluation images{skipped}", flush=True)
 
 
 def _write_summary(rows, workdir):

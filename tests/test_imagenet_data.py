@@ -194,3 +194,27 @@ def test_imagenet_config_recipe_and_overrides():
     assert sorted(c2.students) == ["crd_mag", "crd_mas", "crd_none"] and c2.student.arch == "mobilenetv1_imagenet"
     from configs import cifar100
     assert cifar100.get_config().augment.pad == 4  # CIFAR's recipe untouched
+
+
+def test_each_process_reads_only_its_own_evaluation_rows(folder, monkeypatch):
+    """Evaluation batches (mesh.local_rows, used by every evaluator): process p reads only its slice of each padded
+    global batch, and the slices put together are the single-process batch."""
+    ds = load_dataset(_cfg(folder))
+    images, labels = ds.test_images, ds.test_labels  # 18 images: batches of 12, the second padded by 6
+    read = []
+    real_read = ds._test.read
+    ds._test.read = lambda i: read.append(i) or real_read(i)
+    one = [mesh_lib.local_rows(images, labels, np.arange(s, s + 12)) for s in (0, 12)]
+    assert read and sorted(read) == list(range(18))
+    assert one[1]["mask"].tolist() == [1] * 6 + [0] * 6 and not one[1]["image"][6:].any()
+    for pid in range(3):
+        monkeypatch.setattr(mesh_lib.jax, "process_count", lambda: 3)
+        monkeypatch.setattr(mesh_lib.jax, "process_index", lambda p=pid: p)
+        read.clear()
+        for s, whole in zip((0, 12), one):
+            mine = mesh_lib.local_rows(images, labels, np.arange(s, s + 12))
+            for k in whole:
+                assert np.array_equal(mine[k], whole[k][4 * pid:4 * pid + 4]), (pid, s, k)
+        expected = [r for s in (0, 12) for r in range(s + 4 * pid, s + 4 * pid + 4) if r < 18]
+        assert sorted(read) == expected  # only its own rows, padding not read
+    ds.close()

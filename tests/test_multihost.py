@@ -28,9 +28,9 @@ def _env(devices, **extra):
     return env
 
 
-def _final(workdir, like=None):
+def _final(workdir, like=None, stages=STAGES):
     out = {}
-    for stage in STAGES:
+    for stage in stages:
         ck = ckpt_lib.StageCheckpoints(os.path.join(workdir, stage, "checkpoints"))
         if like is None:
             step = ck.latest.latest_step()

@@ -176,13 +176,10 @@ def evaluate_split(step: Callable, args, images: np.ndarray, labels: np.ndarray,
     args = mesh_lib.replicate(args, mesh)
     totals, n = None, len(labels)
     for start in range(0, n, batch_size):
-        idx = np.arange(start, min(n, start + batch_size))
-        pad = batch_size - len(idx)
-        batch = {"image": np.concatenate([images[idx], np.zeros((pad,) + images.shape[1:], images.dtype)]),
-                 "label": np.concatenate([labels[idx], np.zeros(pad, labels.dtype)]),
-                 "mask": np.concatenate([np.ones(len(idx), np.float32), np.zeros(pad, np.float32)]),
-                 "index": np.arange(start, start + batch_size, dtype=np.int32)}
-        sums = jax.device_get(run(args, mesh_lib.shard_batch(batch, mesh)))
+        rows = np.arange(start, start + batch_size)
+        batch = {**mesh_lib.local_rows(images, labels, rows),  # this process's rows of the batch only
+                 "index": rows[mesh_lib.process_slice(batch_size)].astype(np.int32)}
+        sums = jax.device_get(run(args, mesh_lib.shard_local_batch(batch, batch_size, mesh)))
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     return totals
 

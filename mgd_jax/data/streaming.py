@@ -252,6 +252,7 @@ class StreamingDataset:
         self.train_images = _ImageView(self, train, len(self.train_labels))
         self.test_images = _ImageView(self, test, len(self.test_labels))
         self.skipped: set[str] = set()
+        self.decoded = {"train": 0, "test": 0}  # images this process has read, per split (for the logs and tests)
         self._lock = threading.Lock()
         self._pool = None
 
@@ -271,6 +272,8 @@ class StreamingDataset:
             self._pool = None
 
     def _load(self, source, i: int, transform) -> np.ndarray:
+        with self._lock:
+            self.decoded["train" if source is self._train else "test"] += 1
         try:
             img = source.read(int(i))
             with img:

@@ -14,6 +14,8 @@ already), so the step needs nothing from the host but 4 bytes per image.  A stre
 ImageNet, image folders; ``mgd_jax/data/streaming.py``) decodes and augments each step's rows on host threads,
 prefetched, every process only its own slice of the batch.  Metrics stay on the device until
 the loop fetches them in groups (at checkpoints and epoch ends), so no step waits for the host.
+A preemption notice (SIGTERM; ``train/preemption.py``) saves the latest checkpoint at the next step boundary on
+every process and raises ``preemption.Preempted``: the restart redoes no step.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 
 from mgd_jax.train import faults
 from mgd_jax.train import mesh as mesh_lib
+from mgd_jax.train import preemption
 from mgd_jax.train.checkpoint import StageCheckpoints
 from mgd_jax.train.metrics import MetricWriter, NonFiniteLossError, check_finite
 
@@ -88,16 +91,8 @@ def evaluate_dataset(eval_fn: Callable, images: np.ndarray, labels: np.ndarray, 
     bs = int(np.ceil(batch_size / ndev) * ndev)
     totals = None
     for start in range(0, n, bs):
-        idx = np.arange(start, min(n, start + bs))
-        pad = bs - len(idx)
-        img = images[idx]
-        lab = labels[idx]
-        mask = np.ones(len(idx), np.float32)
-        if pad:
-            img = np.concatenate([img, np.zeros((pad,) + img.shape[1:], img.dtype)])
-            lab = np.concatenate([lab, np.zeros(pad, lab.dtype)])
-            mask = np.concatenate([mask, np.zeros(pad, np.float32)])
-        counts = eval_fn(mesh_lib.shard_batch({"image": img, "label": lab, "mask": mask}, mesh))
+        rows = mesh_lib.local_rows(images, labels, np.arange(start, start + bs))  # this process's rows only
+        counts = eval_fn(mesh_lib.shard_local_batch(rows, bs, mesh))
         totals = counts if totals is None else jax.tree.map(lambda a, b: a + b, totals, counts)
     return {k: float(v) / n for k, v in jax.device_get(totals).items()}
 
@@ -382,14 +377,23 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
                     gstep = (epoch * npass + p) * steps + i + 1
                     pending.append((gstep, len(idx), metrics))
                     bar.update(1)
-                    if every and gstep % every == 0 and i + 1 < len(batches):
-                        flush(pending, epoch)
-                        check_states(gstep, epoch)
-                        for name, m in members.items():
-                            save_latest(m, states[name], gstep, epoch, {
-                                **m.spec.meta, "epoch": epoch, "best": m.best, "last": m.last,
-                                "position": {"pass": p, "batch": i + 1, "done_passes": m.done_passes,
-                                             "sums": m.acc.sums, "count": m.acc.count}}, "mid")
+                    for m in members.values():
+                        faults.hold(m.spec.name, gstep)
+                    if i + 1 < len(batches):  # inside the pass: a checkpoint when due or on a preemption notice
+                        stop = preemption.requested()
+                        if stop or (every and gstep % every == 0):
+                            flush(pending, epoch)
+                            check_states(gstep, epoch)
+                            for name, m in members.items():
+                                save_latest(m, states[name], gstep, epoch, {
+                                    **m.spec.meta, "epoch": epoch, "best": m.best, "last": m.last,
+                                    "position": {"pass": p, "batch": i + 1, "done_passes": m.done_passes,
+                                                 "sums": m.acc.sums, "count": m.acc.count}}, "mid")
+                        if stop:
+                            where = f"epoch {epoch + 1}, " + (f"pass {p + 1}, " if npass > 1 else "") + \
+                                f"batch {i + 1} of {len(batches)}"
+                            raise preemption.Preempted(f"[{label}] saved the latest checkpoint at step {gstep} "
+                                                       f"({where})")
                     if i % 50 == 49 and not bar.disable:  # an occasional host sync for the display
                         shown = metrics[next(iter(members))]
                         bar.set_postfix(epoch=epoch + 1, **{k: f"{float(v):.3f}" for k, v in shown.items()
@@ -427,6 +431,9 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
                 if bar.disable and jax.process_index() == 0:
                     print(f"[{spec.name}] epoch {epoch + 1}/{spec.num_epochs} " +
                           " ".join(f"{k}={v:.4f}" for k, v in epoch_metrics.items()), flush=True)
+            if epoch + 1 < lead.num_epochs and preemption.requested():
+                raise preemption.Preempted(f"[{label}] saved the latest checkpoint at step "
+                                           f"{(epoch + 1) * npass * steps} (the end of epoch {epoch + 1})")
     finally:
         bar.close()
     return states, {k: m.export for k, m in members.items()}, {k: {"best": m.best, "last": m.last}

@@ -44,17 +44,40 @@ def replicate(tree, mesh: Mesh):
     return jax.tree.map(leaf, tree)
 
 
+def process_slice(global_size: int) -> slice:
+    """This process's contiguous slice of a global batch of ``global_size`` rows (all of it on one process)."""
+    per = global_size // jax.process_count()
+    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def shard_local_batch(local_rows: dict[str, np.ndarray], global_size: int, mesh: Mesh) -> dict[str, jax.Array]:
+    """``local_rows``: this process's slice (``process_slice``) of a global batch of ``global_size`` rows."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v, (global_size,) + v.shape[1:])
+            for k, v in local_rows.items()}
+
+
 def shard_batch(global_rows: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """``global_rows``: host arrays of the *global* batch; each process puts its own contiguous slice."""
-    sharding = batch_sharding(mesh)
-    n_proc, pid = jax.process_count(), jax.process_index()
-    out = {}
-    for k, v in global_rows.items():
-        if n_proc > 1:
-            per = v.shape[0] // n_proc
-            v = v[pid * per:(pid + 1) * per]
-        out[k] = jax.make_array_from_process_local_data(sharding, v, (global_rows[k].shape[0],) + v.shape[1:])
-    return out
+    size = next(iter(global_rows.values())).shape[0]
+    mine = process_slice(size)
+    return shard_local_batch({k: v[mine] for k, v in global_rows.items()}, size, mesh)
+
+
+def local_rows(images, labels, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """This process's slice of the global batch ``rows`` (indices into ``images`` / ``labels``; rows >= len(labels)
+    are padding, after the real rows: zero images, label 0, mask 0).  Only this slice's images are read (a streaming dataset decodes
+    them here), so each process of a multi-host evaluation reads only its own shard."""
+    n = len(labels)
+    mine = np.asarray(rows)[process_slice(len(rows))]
+    real = mine < n
+    if not np.all(real[:int(real.sum())]):
+        raise ValueError("local_rows: padding rows must come after the real rows")
+    img = images[mine[real]]
+    if not real.all():
+        img = np.concatenate([img, np.zeros((int((~real).sum()),) + tuple(img.shape[1:]), img.dtype)])
+    return {"image": img, "label": np.where(real, np.asarray(labels)[np.minimum(mine, n - 1)], 0).astype(labels.dtype),
+            "mask": real.astype(np.float32)}
 
 
 def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int, pass_id: int,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -84,18 +85,36 @@ def pipeline_rows(cfg_base: dict, label: str, n_train: int, n_test: int, batch: 
     return rows
 
 
-def rss_growth(folder: str, size: int, batch: int) -> None:
-    """RSS after streaming a quarter of the folder's training images, then all of them."""
-    n = len(load_dataset(ml_collections.ConfigDict(dict(name="imagenet2012", dir=folder, image_size=size))).train_labels)
-    for limit in (n // 4, n):
-        ds = load_dataset(ml_collections.ConfigDict(dict(name="imagenet2012", dir=folder, image_size=size,
-                                                         train_limit=limit, prefetch=4)))
-        batches = mesh_lib.epoch_batches(limit, batch, 0, 0, 0, 1, True)
-        for _ in ds.train_batches(batches, 0, 0, 0):
-            pass
-        ds.close()
-        print(f"host RSS after streaming {limit} images ({len(batches)} batches of {batch}): {host_rss_mib():.0f} MiB",
-              flush=True)
+def linked_folder(root: str, source: str, n: int) -> str:
+    """A training folder of ``n`` files, hard links (or copies) of ``source``'s training JPEGs under new names: as
+    many files as a large dataset's shard, without writing them all."""
+    src = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(source, "train")) for f in fs)
+    for split, count in (("train", n), ("val", 4)):
+        for k in range(count):
+            d = os.path.join(root, split, f"c{k % 4}")
+            os.makedirs(d, exist_ok=True)
+            dst = os.path.join(d, f"{k:07d}.JPEG")
+            try:
+                os.link(src[k % len(src)], dst)
+            except OSError:
+                shutil.copyfile(src[k % len(src)], dst)
+    return root
+
+
+def rss_growth(folder: str, size: int, batch: int, workers: int | None = None) -> None:
+    """Host RSS while one dataset streams every training image of ``folder`` (one pass, shuffled), read at 1/8, 1/4,
+    1/2 and all of the pass: it must stay flat, whatever the number of images."""
+    ds = load_dataset(ml_collections.ConfigDict(dict(name="imagenet2012", dir=folder, image_size=size, prefetch=4,
+                                                     workers=workers)))
+    n = len(ds.train_labels)
+    batches = mesh_lib.epoch_batches(n, batch, 0, 0, 0, 1, True)
+    marks = {max(1, len(batches) * k // 8) for k in (1, 2, 4, 8)}
+    t0 = time.perf_counter()
+    for i, _ in enumerate(ds.train_batches(batches, 0, 0, 0), 1):
+        if i in marks:
+            print(f"host RSS after streaming {i * batch} of {n} images: {host_rss_mib():.0f} MiB "
+                  f"({i * batch / (time.perf_counter() - t0):.0f} images/s)", flush=True)
+    ds.close()
 
 
 def step_row(batch: int, steps: int, dtype_name: str) -> None:
@@ -153,6 +172,8 @@ def main():
     p.add_argument("--folder", help="an image folder (train/, val/); default: a synthetic one in a temporary folder")
     p.add_argument("--images", type=int, default=512, help="synthetic folder: training images")
     p.add_argument("--tfds_data_dir", help="where tfds imagenet2012 is built (ArrayRecord); default: mock_data")
+    p.add_argument("--rss_images", type=int, default=8192,
+                   help="host memory check: stream a folder of this many files (hard links of the synthetic JPEGs)")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=64, help="input pipeline batch")
     p.add_argument("--step_batch", type=int, default=16, help="the MAS+KD step's global batch (0: skip the step)")
@@ -174,12 +195,18 @@ def main():
             pipeline_rows(dict(name="imagenet2012", data_dir=args.tfds_data_dir, image_size=args.size),
                           "tfds imagenet2012", 2048, 512, args.batch, cores)
         else:
-            import tensorflow_datasets as tfds
+            try:
+                import tensorflow_datasets as tfds
+            except ImportError:
+                tfds = None
+                print("| tfds imagenet2012 | - | tensorflow-datasets is not installed | | | |")
+        if not args.tfds_data_dir and tfds is not None:
             with tfds.testing.mock_data(num_examples=args.batch * 4, policy=tfds.testing.MockPolicy.USE_CODE):
                 pipeline_rows(dict(name="imagenet2012", image_size=args.size), "tfds imagenet2012 (mock_data: random "
                               "arrays, no JPEG decode)", args.batch * 4, args.batch * 4, args.batch, cores)
         print()
-        rss_growth(folder, args.size, args.batch)
+        big = linked_folder(os.path.join(tmp, "many"), folder, args.rss_images)
+        rss_growth(big, args.size, args.batch)
     if args.step_batch:
         print()
         step_row(args.step_batch, args.steps, args.precision)

@@ -56,29 +56,31 @@ def synthetic_folder(root: str, n: int, classes: int = 4, seed: int = 0) -> str:
     return root
 
 
-def stream_rate(ds, n: int, batch: int, train: bool) -> float:
-    """images/s of streaming ``n`` images (train: ``train_batches``; eval: the test view's batches)."""
+def stream_rate(ds, n: int, batch: int, train: bool, skip: int = 1) -> float:
+    """Steady images/s of streaming ``n`` images (train: ``train_batches``; eval: the test view's batches), timed
+    after the first ``skip`` batches (a loader's start-up, e.g. grain's worker processes, once per epoch, is left out)."""
     rows = np.arange(n)
     batches = [rows[i:i + batch] for i in range(0, n - batch + 1, batch)]
+    stream = ds.train_batches(batches, 0, 0, 0) if train else (ds.test_images[idx] for idx in batches)
+    skip = min(skip, len(batches) - 1)
+    for _ in range(skip):
+        next(stream)
     t0 = time.perf_counter()
-    if train:
-        for _ in ds.train_batches(batches, 0, 0, 0):
-            pass
-    else:
-        for idx in batches:
-            ds.test_images[idx]
-    return len(batches) * batch / (time.perf_counter() - t0)
+    for _ in stream:
+        pass
+    return (len(batches) - skip) * batch / (time.perf_counter() - t0)
 
 
-def pipeline_rows(cfg_base: dict, label: str, n_train: int, n_test: int, batch: int, cores: int) -> list:
+def pipeline_rows(cfg_base: dict, label: str, n_train: int, n_test: int, batch: int, counts) -> list:
     rows = []
-    for workers in sorted({1, cores}):
-        ds = load_dataset(ml_collections.ConfigDict({**cfg_base, "workers": workers, "prefetch": 4}))
+    for workers in counts:
+        extra = {"processes": workers} if cfg_base.get("processes") else {}  # one decoding thread per process
+        ds = load_dataset(ml_collections.ConfigDict({**cfg_base, "workers": workers, "prefetch": 4, **extra}))
         n_tr, n_te = min(n_train, len(ds.train_labels)), min(n_test, len(ds.test_labels))
-        stream_rate(ds, n_tr, min(batch, n_tr), True)  # warm: threads, the OS file cache (as in a long run)
-        stream_rate(ds, n_te, min(batch, n_te), False)
-        tr = stream_rate(ds, n_tr, min(batch, n_tr), True)
-        te = stream_rate(ds, n_te, min(batch, n_te), False)
+        stream_rate(ds, n_tr, min(batch, n_tr // 4), True)  # warm: threads, the OS file cache (as in a long run)
+        stream_rate(ds, n_te, min(batch, n_te // 4), False)
+        tr = stream_rate(ds, n_tr, min(batch, n_tr // 4), True, skip=max(1, ds.processes))
+        te = stream_rate(ds, n_te, min(batch, n_te // 4), False)
         ds.close()
         rows.append((label, workers, tr, tr / workers, te, te / workers))
         print(f"| {label} | {workers} | {tr:.0f} | {tr / workers:.0f} | {te:.0f} | {te / workers:.0f} |", flush=True)
@@ -174,26 +176,32 @@ def main():
     p.add_argument("--tfds_data_dir", help="where tfds imagenet2012 is built (ArrayRecord); default: mock_data")
     p.add_argument("--rss_images", type=int, default=8192,
                    help="host memory check: stream a folder of this many files (hard links of the synthetic JPEGs)")
+    p.add_argument("--threads", help="comma list of decoding thread / process counts (default: 1 and one per core)")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=64, help="input pipeline batch")
     p.add_argument("--step_batch", type=int, default=16, help="the MAS+KD step's global batch (0: skip the step)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--loader", default="threads", choices=["threads", "grain"], help="config.data.loader")
+    p.add_argument("--loader", default="threads",
+                   help="comma list of threads (the thread pool), grain (grain, threads), processes (grain, one worker "
+                        "process per thread: data.processes)")
     args = p.parse_args()
     cores = os.cpu_count() or 1
+    counts = sorted({int(t) for t in args.threads.split(",")}) if args.threads else sorted({1, cores})
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.folder or synthetic_folder(os.path.join(tmp, "images"), args.images)
         what = args.folder or f"synthetic: {args.images} JPEGs 500x375, q90"
         print(f"## input pipeline at {args.size} ({cores} cores)\n\n| source | threads | train images/s | per thread | "
               f"eval images/s | per thread |\n|---|---|---|---|---|---|", flush=True)
-        pipeline_rows(dict(name="imagenet2012", dir=folder, image_size=args.size, loader=args.loader),
-                      f"folder ({what}), loader {args.loader}",
-                      args.images if not args.folder else 2048, 512, args.batch, cores)
+        for loader in args.loader.split(","):
+            kind = dict(loader="grain", processes=1) if loader == "processes" else dict(loader=loader)
+            pipeline_rows(dict(name="imagenet2012", dir=folder, image_size=args.size, **kind),
+                          f"folder ({what}), {'grain worker processes' if loader == 'processes' else loader}",
+                          args.images if not args.folder else 2048, 512, args.batch, counts)
         if args.tfds_data_dir:
             pipeline_rows(dict(name="imagenet2012", data_dir=args.tfds_data_dir, image_size=args.size),
-                          "tfds imagenet2012", 2048, 512, args.batch, cores)
+                          "tfds imagenet2012", 2048, 512, args.batch, counts)
         else:
             try:
                 import tensorflow_datasets as tfds
@@ -203,7 +211,7 @@ def main():
         if not args.tfds_data_dir and tfds is not None:
             with tfds.testing.mock_data(num_examples=args.batch * 4, policy=tfds.testing.MockPolicy.USE_CODE):
                 pipeline_rows(dict(name="imagenet2012", image_size=args.size), "tfds imagenet2012 (mock_data: random "
-                              "arrays, no JPEG decode)", args.batch * 4, args.batch * 4, args.batch, cores)
+                              "arrays, no JPEG decode)", args.batch * 4, args.batch * 4, args.batch, counts)
         print()
         big = linked_folder(os.path.join(tmp, "many"), folder, args.rss_images)
         rss_growth(big, args.size, args.batch)

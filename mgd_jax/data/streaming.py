@@ -226,6 +226,36 @@ def eval_image(img: Image.Image, size: int, resize_ratio: float = EVAL_RESIZE_RA
     return _resize_box(img, box, (size, size))
 
 
+def decode(source, i: int, transform, skip_unreadable: bool, shape) -> tuple[np.ndarray, tuple | None]:
+    """``transform(source.read(i))`` -> (uint8 image, None); an unreadable file raises ``UnreadableImageError``
+    naming it, or with ``skip_unreadable`` gives (a black image, (the file's name, why))."""
+    try:
+        img = source.read(int(i))
+        with img:
+            return transform(img), None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decode errors
+        where = source.describe(int(i))
+        if not skip_unreadable:
+            raise UnreadableImageError(f"cannot read image {where}: {type(e).__name__}: {e} (set "
+                                       f"--config.data.skip_unreadable=True to skip such files)") from e
+        return np.zeros(shape, np.uint8), (where, f"{type(e).__name__}: {e}")
+
+
+class TrainDecoder:
+    """Training row -> uint8 image as (seed, epoch, pass) augment it: a small picklable callable (what a grain
+    worker process receives), the same arithmetic as ``StreamingDataset.train_example``."""
+
+    def __init__(self, source, size: int, flip: bool, crop_scale, skip_unreadable: bool, seed: int, epoch: int,
+                 pass_id: int):
+        self.source, self.size, self.flip, self.crop_scale = source, int(size), bool(flip), tuple(crop_scale)
+        self.skip_unreadable, self.key = bool(skip_unreadable), (int(seed), int(epoch), int(pass_id))
+
+    def __call__(self, row) -> tuple[np.ndarray, tuple | None]:
+        rng = np.random.default_rng([*self.key, int(row)])
+        return decode(self.source, int(row), lambda im: train_image(im, self.size, rng, self.flip, self.crop_scale),
+                      self.skip_unreadable, (self.size, self.size, 3))
+
+
 # --- the dataset the loop reads ------------------------------------------------------------------------------------
 class StreamingDataset:
     """What the stages read (the same fields as ``ArrayDataset``): ``train_labels`` / ``test_labels`` are arrays,
@@ -237,7 +267,7 @@ class StreamingDataset:
     def __init__(self, name: str, train, test, num_classes: int, image_size: int, *, flip: bool = True,
                  crop_scale=CROP_SCALE, eval_resize_ratio: float = EVAL_RESIZE_RATIO, workers: int | None = None,
                  prefetch: int = 2, skip_unreadable: bool = False, train_limit: int | None = None,
-                 test_limit: int | None = None, loader: str = "threads"):
+                 test_limit: int | None = None, loader: str = "threads", processes: int = 0):
         self.name, self.num_classes, self.image_size = name, int(num_classes), int(image_size)
         self.flip, self.crop_scale, self.eval_resize_ratio = bool(flip), tuple(crop_scale), float(eval_resize_ratio)
         self.workers = int(workers or os.cpu_count() or 1)
@@ -245,6 +275,9 @@ class StreamingDataset:
         if loader not in LOADERS:
             raise ValueError(f"data.loader must be one of {', '.join(LOADERS)}, got {loader!r}")
         self.loader = loader
+        self.processes = int(processes or 0)
+        if self.processes and loader != "grain":
+            raise ValueError("data.processes (decoding worker processes) needs data.loader='grain'")
         self.skip_unreadable = bool(skip_unreadable)
         self._train, self._test = train, test
         self.train_labels = train.labels[:train_limit] if train_limit else train.labels
@@ -274,26 +307,30 @@ class StreamingDataset:
     def _load(self, source, i: int, transform) -> np.ndarray:
         with self._lock:
             self.decoded["train" if source is self._train else "test"] += 1
-        try:
-            img = source.read(int(i))
-            with img:
-                return transform(img)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decode errors
-            where = source.describe(int(i))
-            if not self.skip_unreadable:
-                raise UnreadableImageError(f"cannot read image {where}: {type(e).__name__}: {e} (set "
-                                           f"--config.data.skip_unreadable=True to skip such files)") from e
-            with self._lock:
-                if where not in self.skipped:
-                    print(f"warning: skipping unreadable image {where} ({type(e).__name__}: {e})", flush=True)
-                self.skipped.add(where)
-            return np.zeros(self.image_shape, np.uint8)
+        image, skipped = decode(source, i, transform, self.skip_unreadable, self.image_shape)
+        if skipped:
+            self._record_skip(skipped)
+        return image
+
+    def _record_skip(self, skipped: tuple):
+        where, why = skipped
+        with self._lock:
+            if where not in self.skipped:
+                print(f"warning: skipping unreadable image {where} ({why})", flush=True)
+            self.skipped.add(where)
+
+    def decoder(self, seed: int, epoch: int, pass_id: int) -> TrainDecoder:
+        return TrainDecoder(self._train, self.image_size, self.flip, self.crop_scale, self.skip_unreadable, seed,
+                            epoch, pass_id)
 
     def train_example(self, row: int, seed: int, epoch: int, pass_id: int) -> np.ndarray:
         """Training row ``row`` as (seed, epoch, pass) augment it: uint8 [size, size, 3]."""
-        rng = np.random.default_rng([int(seed), int(epoch), int(pass_id), int(row)])
-        return self._load(self._train, row, lambda im: train_image(im, self.image_size, rng, self.flip,
-                                                                   self.crop_scale))
+        with self._lock:
+            self.decoded["train"] += 1
+        image, skipped = self.decoder(seed, epoch, pass_id)(row)
+        if skipped:
+            self._record_skip(skipped)
+        return image
 
     def eval_example(self, source, row: int) -> np.ndarray:
         return self._load(source, row, lambda im: eval_image(im, self.image_size, self.eval_resize_ratio))
@@ -345,13 +382,59 @@ class StreamingDataset:
             mine.append(np.asarray(idx[process_index * per:(process_index + 1) * per]))
         if not mine:
             return
-        rows = np.concatenate(mine)
-        ds = grain.MapDataset.source(rows).map(lambda r: self.train_example(int(r), seed, epoch, pass_id))
-        it = iter(ds.to_iter_dataset(grain.ReadOptions(
-            num_threads=self.workers, prefetch_buffer_size=self.prefetch * max(len(m) for m in mine))))
-        for m in mine:
-            yield np.stack([next(it) for _ in range(len(m))]) if len(m) else \
-                np.zeros((0, *self.image_shape), np.uint8)
+        decoder = self.decoder(seed, epoch, pass_id)
+        if self.processes:  # worker processes, each decoding whole batches (one IPC transfer per batch)
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (train.py parses them; a library
+                flags.FLAGS.mark_as_parsed()  # caller may not have)
+            ds = grain.MapDataset.source(mine).map(_BatchDecoder(decoder, self.image_shape))
+            ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+            it = iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.processes,
+                                                                  per_worker_buffer_size=self.prefetch)))
+            try:
+                for images, skipped in it:
+                    for sk in skipped:
+                        self._record_skip(sk)
+                    with self._lock:
+                        self.decoded["train"] += len(images)
+                    yield images
+            finally:
+                close = getattr(it, "close", None)  # stops grain's worker processes early (an interrupted epoch)
+                if close is not None:
+                    close()
+            return
+        ds = grain.MapDataset.source(np.concatenate(mine)).map(decoder)
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.workers,
+                                                  prefetch_buffer_size=self.prefetch * max(len(m) for m in mine)))
+        it = iter(ds)
+        try:
+            for m in mine:
+                images = []
+                for _ in range(len(m)):
+                    image, skipped = next(it)
+                    if skipped:
+                        self._record_skip(skipped)
+                    images.append(image)
+                with self._lock:
+                    self.decoded["train"] += len(m)
+                yield np.stack(images) if images else np.zeros((0, *self.image_shape), np.uint8)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+
+class _BatchDecoder:
+    """A batch's rows -> (uint8 images [n, size, size, 3], skipped files): one grain element per batch."""
+
+    def __init__(self, decoder: TrainDecoder, shape):
+        self.decoder, self.shape = decoder, tuple(shape)
+
+    def __call__(self, rows):
+        out = [self.decoder(r) for r in rows]
+        images = np.stack([o[0] for o in out]) if out else np.zeros((0, *self.shape), np.uint8)
+        return images, [o[1] for o in out if o[1]]
 
 
 class _ImageView:
@@ -384,7 +467,7 @@ def _options(cfg) -> dict:
                 eval_resize_ratio=cfg.get("eval_resize_ratio", EVAL_RESIZE_RATIO), workers=cfg.get("workers", None),
                 prefetch=cfg.get("prefetch", 2), skip_unreadable=cfg.get("skip_unreadable", False),
                 train_limit=cfg.get("train_limit", None), test_limit=cfg.get("test_limit", None),
-                loader=cfg.get("loader", "threads"))
+                loader=cfg.get("loader", "threads"), processes=cfg.get("processes", 0))
 
 
 def load_image_folder(cfg) -> StreamingDataset:

@@ -164,6 +164,34 @@ def test_unreadable_file_is_named_or_skipped_and_counted(tmp_path):
     ds.close()
 
 
+@pytest.mark.timeout(120)
+def test_grain_worker_processes_give_the_same_batches_and_report_skipped_files(tmp_path):
+    """data.processes=2 (grain worker processes, one batch per element): the thread pool's batches, per process
+    too; an unreadable file is skipped in a worker and named in the parent; an unreadable file without
+    skip_unreadable stops the run with the one-line error naming it."""
+    root = _write_folder(str(tmp_path / "f"), np.random.default_rng(3), per_class=4, val_per_class=1)
+    bad = os.path.join(root, "train", CLASSES[2], "broken.jpg")
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    threads = load_dataset(_cfg(root, skip_unreadable=True))
+    procs = load_dataset(_cfg(root, skip_unreadable=True, loader="grain", processes=2))
+    batches = mesh_lib.epoch_batches(len(threads.train_labels), 6, 1, 2, 0, 2, False)
+    a = list(threads.train_batches(batches, 1, 2, 0))
+    b = list(procs.train_batches(batches, 1, 2, 0))
+    assert len(b) == len(a) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    half = list(procs.train_batches(batches, 1, 2, 0, process_index=1, process_count=2))
+    assert all(np.array_equal(x, y[len(y) // 2:]) for x, y in zip(half, a))
+    assert procs.skipped == threads.skipped == {bad}
+    assert procs.decoded["train"] == sum(len(i) for i in batches) + sum(len(i) // 2 for i in batches)
+    strict = load_dataset(_cfg(root, loader="grain", processes=2))
+    with pytest.raises(streaming.UnreadableImageError, match="broken.jpg"):  # the worker's error, as it was
+        list(strict.train_batches(batches, 1, 2, 0))
+    with pytest.raises(ValueError, match="needs data.loader='grain'"):
+        load_dataset(_cfg(root, processes=2))
+    for ds in (threads, procs, strict):
+        ds.close()
+
+
 def test_tfds_imagenet2012_through_mock_data():
     import tensorflow_datasets as tfds
 

@@ -76,6 +76,7 @@ def get_config(arg: str = "resnet34,resnet18,kd,mas"):
     c.data = dict(name="imagenet2012", dir=config_dict.placeholder(str), data_dir=config_dict.placeholder(str),
                   image_size=224, flip=True, crop_scale=(0.08, 1.0), eval_resize_ratio=256 / 224,
                   workers=config_dict.placeholder(int), prefetch=4, skip_unreadable=False, loader="threads",
+                  processes=0,
                   num_classes=config_dict.placeholder(int),
                   train_limit=config_dict.placeholder(int), test_limit=config_dict.placeholder(int), on_device=False)
     # the crop and the flip run on the host (streaming.py); the device only normalises

@@ -3,7 +3,8 @@
     python train.py                                   # offline quickstart (digits), workdir runs/quickstart
     python train.py --config=configs/cifar100.py:resnet56,resnet20,kd,mas --workdir=runs/x
 
-Running the same command again resumes where it stopped; finished stages are not redone.
+Running the same command again resumes where it stopped; finished stages are not redone.  On SIGTERM (a
+preemption notice) the run saves its latest checkpoint at the next step and exits with status 75.
 """
 import os
 import sys
@@ -68,9 +69,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)  # orbax logs every save at INFO, tfds warns about empty folders
     from mgd_jax.errors import USER_ERRORS
-    from mgd_jax.train import distributed
-
-    from mgd_jax.train import cpu
+    from mgd_jax.train import cpu, distributed, preemption
 
     try:
         cpu.configure_host_devices(FLAGS.config.get("cpu_devices", None))  # before XLA starts (reads XLA_FLAGS)
@@ -86,7 +85,14 @@ def main(argv):
 
         checkpoint.QUIET_AFTER_DISK_FULL = True  # we exit right after the one-line error
 
-        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        with preemption.watch():  # SIGTERM: checkpoint at the next step boundary, exit EXIT_CODE
+            train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except preemption.Preempted as e:
+        import jax
+
+        who = f"process {jax.process_index()} of {jax.process_count()}: " if jax.process_count() > 1 else ""
+        print(f"preempted: {who}{e}; run the same command to resume from there", file=sys.stderr, flush=True)
+        sys.exit(preemption.EXIT_CODE)  # a normal exit: orbax and jax.distributed shut down in order
     except USER_ERRORS as e:
         from mgd_jax.train import checkpoint
 

@@ -140,13 +140,17 @@ def _tree_mib(tree) -> float:
 
 
 def _abstract(tree):
-    """Restore targets: replicated over all devices of this job, whatever topology wrote the checkpoint."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    """Restore targets: replicated over all devices of this job, whatever topology wrote the checkpoint.  Several
+    processes: on the loop's mesh (all devices, ``mesh.DATA``), so the restored state goes into the steps as it is
+    (arrays on another mesh, even of the same devices, are refused by the jitted steps)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from mgd_jax.train import mesh as mesh_lib
 
     if jax.process_count() == 1:
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     else:
-        sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
+        sharding = NamedSharding(mesh_lib.make_mesh(), PartitionSpec())
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
 
 
@@ -229,6 +233,16 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+class _Manager(ocp.CheckpointManager):
+    """orbax's manager, except that it does not ask jax.distributed's preemption sync point: it would pass its
+    checkpoint step as the call counter (``save`` asks, even with ``force``), and the sync manager keeps one
+    counter per process, which the loop's own calls must advance one by one (``train/preemption.py``).  The loop
+    decides when to save for a preemption; orbax only logged it."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 class StageCheckpoints:
     """``latest`` (the newest ``keep`` steps) and ``best`` (one step) of a stage.
 
@@ -247,8 +261,8 @@ class StageCheckpoints:
         options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True)
         try:
             with _quiet_orbax():
-                self.latest = ocp.CheckpointManager(self.paths["latest"], options=options)
-                self.best = ocp.CheckpointManager(self.paths["best"], options=options)
+                self.latest = _Manager(self.paths["latest"], options=options)
+                self.best = _Manager(self.paths["best"], options=options)
         except Exception as e:  # noqa: BLE001 - only a full disk becomes a user error
             if not _is_disk_full(e):
                 raise

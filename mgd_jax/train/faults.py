@@ -10,11 +10,20 @@ stage ``<stage>`` (e.g. ``teacher``, ``analyzer``, ``student/mas_kd``) reaches `
 
 A real ``kill -9`` at exactly that moment, so a test can place a kill in each window between two saves instead
 of hoping that random timing lands there.  Unset (always, outside tests), it costs one dictionary lookup.
+
+``MGD_JAX_HOLD_AT="<stage>:<step>"`` holds every process at the step boundary after global step ``<step>`` of
+``<stage>``: it prints ``hold: <stage> step <step>`` and waits (at most ``HOLD_SECONDS``) until a preemption notice
+is pending, then goes on.  So a test sends SIGTERM mid-epoch at a known step instead of racing a seconds-long run.
+Pending means: this process got SIGTERM under ``preemption.watch()``; or, with jax.distributed's preemption sync
+manager (whose notices Python does not see), every process has reported its call counter to the coordination
+service, i.e. the sync point is being fixed at the next call (XLA's key name, ``PREEMPTION_CURRENT_COUNTER/``).
 """
 from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 
 ENV = "MGD_JAX_KILL_AT"
 POINTS = ("before_mid", "after_mid", "before_best", "after_best", "before_latest", "after_latest", "before_manifest")
@@ -41,3 +50,28 @@ def point(stage: str | None, name: str) -> None:
     _hits[stage, name] = _hits.get((stage, name), 0) + 1
     if _hits[stage, name] == n:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+HOLD_ENV = "MGD_JAX_HOLD_AT"
+HOLD_SECONDS = 120
+_SYNC_COUNTERS = "PREEMPTION_CURRENT_COUNTER/"  # xla/tsl preemption_sync_manager.cc
+
+
+def hold(stage: str, step: int) -> None:
+    spec = os.environ.get(HOLD_ENV)
+    if not spec or spec.rsplit(":", 1) != [stage, str(step)]:
+        return
+    from jax._src import distributed
+
+    from mgd_jax.train import preemption
+
+    print(f"hold: {stage} step {step}", flush=True)
+    state, deadline = distributed.global_state, time.time() + HOLD_SECONDS
+    while time.time() < deadline:
+        if preemption.notice_pending() or (
+                state.client is not None and state.preemption_sync_manager is not None
+                and len(state.client.key_value_dir_get(_SYNC_COUNTERS)) >= state.num_processes):
+            print(f"hold: {stage} step {step} released by a preemption notice", flush=True)
+            return
+        time.sleep(0.01)
+    print(f"hold: no preemption notice within {HOLD_SECONDS} s, going on", file=sys.stderr, flush=True)

@@ -47,7 +47,7 @@ def smoke_workdir(tmp_path_factory):
 # `pytest -n 2` they do not end up alone at the end of the run.
 _SLOW_FIRST = ("test_reliability.py::test_kill_at_each_save_boundary", "test_multihost.py::",
                "test_reliability.py::test_sigkill_at_random_moments", "test_fused_students.py::test_a_kill",
-               "test_sweep.py::test_sweep_runs", "test_imagenet_multihost.py::")
+               "test_sweep.py::test_sweep_runs", "test_imagenet_multihost.py::", "test_pods.py::test_preempted")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from mgd_jax.errors import ConfigError
 from mgd_jax.train import faults
 from mgd_jax.train import mesh as mesh_lib
 from mgd_jax.train import preemption
@@ -281,8 +282,9 @@ def _resume(m: _Member, state, mesh, step=None):
 
 def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extras, resume_step=None):
     n, ndev = len(dataset.train_labels), mesh.devices.size
-    if lead.batch_size % ndev:
-        raise ValueError(f"batch_size {lead.batch_size} is not divisible by the {ndev} devices of the mesh")
+    if lead.batch_size % ndev:  # every stage's global batch (the pipeline checks the main stages' up front)
+        raise ConfigError(f"{lead.name}: batch_size={lead.batch_size}: the global batch must be divisible by the "
+                          f"{ndev} devices of the mesh")
     steps = mesh_lib.steps_per_epoch(n, lead.batch_size, ndev, lead.drop_remainder)
     npass = len(passes)
 

@@ -1,0 +1,458 @@
+"""Export a teacher's or student's backbone for deployment: ONNX (checked in onnxruntime) and StableHLO (jax.export).
+
+    python -m mgd_jax.export --workdir=runs/quickstart --stage=students/mas_kd [--format=onnx,stablehlo] [--out=DIR]
+
+writes the stage's best checkpoint into DIR (default ``<workdir>/<stage>/export``):
+
+* ``model.onnx``: the ONNX graph (opset 23), converted by jax2onnx;
+* ``model.stablehlo``: a serialized ``jax.export.Exported``; ``jax.export.deserialize(bytes).call(images)`` runs it
+  with jax alone, without this package;
+* ``model.json``: what a caller needs beside the graph: class names, input shape, mean / std, the evaluation
+  resize, the accuracy measured at export.
+
+Each artifact is the eval-mode backbone only (a student without its encoders and method modules): uint8 NHWC
+images ``[batch, H, W, C]``, any batch size, normalised inside the graph with the run's mean / std, -> float32
+logits ``[batch, classes]``.  Before anything is written every artifact runs on the whole test split in its own
+runtime (onnxruntime; the deserialized StableHLO) and is refused, with nothing written, when its logits differ from
+the JAX model's by more than ``ATOL`` anywhere or its top-1 differs on any image.  The graphs compute in float32
+(a bfloat16 run's float32 parameters, computed in float32).
+
+ONNX: jax2onnx replaces ``flax.linen.max_pool`` / ``avg_pool`` during a conversion by its own primitives, which
+take neither a positional window nor explicit padding pairs (our ResNet stems, VGG, ShuffleNet v1 use both), and
+a plain ``lax.reduce_window`` becomes a MaxPool over all four axes that onnxruntime refuses ("Unsupported pooling
+size").  ``_onnx_pooling`` therefore computes those pools, while converting, as the max / mean of strided slices
+of the padded input (exactly the same numbers).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import io
+import json
+import logging
+import os
+import sys
+from typing import Callable
+
+import numpy as np
+
+from mgd_jax.errors import AnalysisError
+
+FORMATS = ("onnx", "stablehlo")
+FILES = {"onnx": "model.onnx", "stablehlo": "model.stablehlo"}
+METADATA = "model.json"
+ATOL = 1e-4  # the largest |runtime logit - JAX logit| (float32) an exported model may have on the test split
+ONNX_OPSET = 23
+CHECK_BATCH = 100  # images per runtime call while checking (the last batch is padded to it)
+# StableHLO lowered for each: the artifact runs on any of them (checked at export on this machine's, the CPU)
+STABLEHLO_PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+class ExportCheckError(AnalysisError):
+    """An exported model whose runtime's logits or top-1 differ from the JAX model's: nothing is written."""
+
+
+# --- the graph: uint8 images -> logits ---------------------------------------------------------------------------
+def logits_fn(model, variables: dict, mean, std) -> Callable:
+    """uint8 NHWC images -> float32 logits of ``model`` in eval mode, the normalisation inside (``variables`` are
+    closed over: they become the graph's constants)."""
+    import jax.numpy as jnp
+
+    from mgd_jax.data.augment import normalize
+
+    def logits(images):
+        out, _ = model.apply(variables, normalize(images, mean, std), train=False)
+        return out.astype(jnp.float32)
+
+    return logits
+
+
+def _window_reduce(x, window, strides, padding, reduce, pad_value):
+    """``reduce`` over the strided slices of the padded NHWC ``x``: a pooling window as elementwise ops."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    window = tuple(window)
+    strides = tuple(strides) if strides is not None else (1,) * len(window)
+    if isinstance(padding, str):
+        pads = lax.padtype_to_pads(x.shape[1:-1], window, strides, padding)
+    else:
+        pads = [tuple(p) for p in padding]
+    x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=pad_value)
+    h, w = x.shape[1:3]
+    oh, ow = (h - window[0]) // strides[0] + 1, (w - window[1]) // strides[1] + 1
+    parts = [x[:, dy:dy + strides[0] * (oh - 1) + 1:strides[0], dx:dx + strides[1] * (ow - 1) + 1:strides[1], :]
+             for dy in range(window[0]) for dx in range(window[1])]
+    return functools.reduce(reduce, parts)
+
+
+def _max_pool(inputs, window_shape, strides=None, padding="VALID"):
+    import jax.numpy as jnp
+
+    return _window_reduce(inputs, window_shape, strides, padding, jnp.maximum, -jnp.inf)
+
+
+def _avg_pool(inputs, window_shape, strides=None, padding="VALID", count_include_pad=True):
+    import jax.numpy as jnp
+
+    total = _window_reduce(inputs, window_shape, strides, padding, jnp.add, 0.0)
+    if count_include_pad:
+        return total / float(np.prod(window_shape))
+    ones = jnp.ones((1, *inputs.shape[1:3], 1), inputs.dtype)
+    return total / _window_reduce(ones, window_shape, strides, padding, jnp.add, 0.0)
+
+
+@contextlib.contextmanager
+def _onnx_pooling():
+    """``flax.linen.max_pool`` / ``avg_pool`` as slices while converting (see the module docstring)."""
+    from flax import linen
+
+    saved = linen.max_pool, linen.avg_pool
+    linen.max_pool, linen.avg_pool = _max_pool, _avg_pool
+    try:
+        yield
+    finally:
+        linen.max_pool, linen.avg_pool = saved
+
+
+@contextlib.contextmanager
+def _quiet_converter():
+    """jax2onnx prints debug lines and logs every plugin that does not import with this jax (none that we use)."""
+    loggers = [logging.getLogger(n) for n in ("jax2onnx", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def to_onnx(fn: Callable, image_shape: tuple[int, int, int], name: str = "backbone") -> bytes:
+    """``fn`` (uint8 [batch, H, W, C] -> logits) as a serialized ONNX model with a dynamic batch dimension."""
+    import jax
+    import jax.numpy as jnp
+
+    try:
+        from jax2onnx import to_onnx as convert
+    except ImportError:
+        raise AnalysisError("ONNX export needs jax2onnx and onnxruntime: pip install -e '.[export]'") from None
+    def with_onnx_pooling(images):  # entered while jax2onnx traces, after it has patched flax's pools
+        with _onnx_pooling():
+            return fn(images)
+
+    spec = jax.ShapeDtypeStruct(("batch", *image_shape), jnp.uint8)
+    with _quiet_converter():
+        proto = convert(with_onnx_pooling, [spec], model_name=name, opset=ONNX_OPSET, input_names=["images"],
+                        output_names=["logits"])
+    return proto.SerializeToString()
+
+
+def to_stablehlo(fn: Callable, image_shape: tuple[int, int, int]) -> bytes:
+    """``fn`` as a serialized ``jax.export.Exported`` (StableHLO) with a symbolic batch dimension, lowered for
+    ``STABLEHLO_PLATFORMS``."""
+    import jax
+    import jax.numpy as jnp
+
+    h, w, c = image_shape
+    spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"batch, {h}, {w}, {c}"), jnp.uint8)
+    return bytes(jax.export.export(jax.jit(fn), platforms=STABLEHLO_PLATFORMS)(spec).serialize())
+
+
+# --- runtimes: the artifact's own, no model code ----------------------------------------------------------------
+class OnnxRuntime:
+    """An ONNX model in onnxruntime (CPU): ``runtime(uint8 images) -> float32 logits``."""
+
+    name = "onnx"
+
+    def __init__(self, model: bytes | str):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise AnalysisError("running an ONNX model needs onnxruntime: pip install -e '.[export]'") from None
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {self.input: np.ascontiguousarray(images, np.uint8)})[0], np.float32)
+
+
+class StableHLORuntime:
+    """A serialized ``jax.export.Exported``, deserialized and called: ``runtime(uint8 images) -> logits``."""
+
+    name = "stablehlo"
+
+    def __init__(self, serialized: bytes):
+        import jax
+
+        self.exported = jax.export.deserialize(bytearray(serialized))
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:  # compiled once per batch size
+        return np.asarray(self.exported.call(np.asarray(images, np.uint8)), np.float32)
+
+
+RUNTIMES = {"onnx": OnnxRuntime, "stablehlo": StableHLORuntime}
+
+
+def open_runtime(fmt: str, artifact: bytes):
+    return RUNTIMES[fmt](artifact)
+
+
+# --- the check ---------------------------------------------------------------------------------------------------
+def batched_logits(run: Callable, images, batch_size: int = CHECK_BATCH) -> np.ndarray:
+    """``run`` over ``images`` (an array, or a streaming dataset's view) in batches of ``batch_size`` (the last one
+    zero-padded, so that a compiled runtime sees one shape)."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = np.asarray(images[start:start + batch_size], np.uint8)
+        n = len(batch)
+        if n < batch_size:
+            batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), np.uint8)])
+        out.append(np.asarray(run(batch), np.float32)[:n])
+    return np.concatenate(out)
+
+
+def compare(name: str, reference: np.ndarray, logits: np.ndarray, atol: float = ATOL) -> dict:
+    """-> {max_abs_diff, top1_disagreements}; raises ExportCheckError when ``logits`` are not ``reference``'s
+    within ``atol`` or any image's top-1 differs."""
+    if logits.shape != reference.shape:
+        raise ExportCheckError(f"{name}: logits of shape {logits.shape}, the JAX model's are {reference.shape}")
+    diff = float(np.max(np.abs(logits - reference))) if reference.size else 0.0
+    flips = int(np.sum(np.argmax(logits, -1) != np.argmax(reference, -1)))
+    if not np.isfinite(diff) or diff > atol or flips:
+        raise ExportCheckError(f"{name}: the runtime's logits differ from the JAX model's by up to {diff:.3g} "
+                               f"(allowed {atol:g}) and its top-1 differs on {flips} of {len(reference)} images: "
+                               f"refusing to write it")
+    return {"max_abs_diff": diff, "top1_disagreements": flips}
+
+
+def check(runtimes: dict, reference: np.ndarray, images, labels: np.ndarray | None = None,
+          batch_size: int = CHECK_BATCH, atol: float = ATOL) -> dict:
+    """Runs each of ``runtimes`` ({format: callable}) on ``images`` and compares its logits with ``reference``
+    (the JAX model's on the same images): -> {format: {max_abs_diff, top1_disagreements[, top1]}}; raises
+    ExportCheckError on the first that differs."""
+    report = {}
+    for fmt, run in runtimes.items():
+        logits = batched_logits(run, images, batch_size)
+        report[fmt] = compare(fmt, reference, logits, atol)
+        if labels is not None:
+            report[fmt]["top1"] = top1(logits, labels)
+    return report
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(logits, -1) == np.asarray(labels))) if len(labels) else float("nan")
+
+
+# --- the run's metadata: class names, input, evaluation transform -------------------------------------------------
+def class_names(data_cfg, num_classes: int) -> list[str]:
+    """The dataset's class names, index by index: the digits' '0'..'9', tfds' label names (CIFAR-10 / -100, STL-10,
+    ImageNet's WordNet ids, from the prepared dataset's info), an image folder's sorted class folder names; an index
+    without a name is its number."""
+    names: list[str] = []
+    if data_cfg.get("dir", None):
+        from mgd_jax.data.streaming import FOLDER_SPLITS
+
+        root = os.path.join(os.path.expanduser(data_cfg.dir), FOLDER_SPLITS["train"])
+        if os.path.isdir(root):
+            names = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    elif data_cfg.name == "digits":
+        names = [str(i) for i in range(10)]
+    else:
+        import tensorflow_datasets as tfds
+
+        data_dir = os.path.expanduser(data_cfg.data_dir) if data_cfg.get("data_dir", None) else None
+        try:
+            names = list(tfds.builder(data_cfg.name, data_dir=data_dir).info.features["label"].names)
+        except Exception:  # noqa: BLE001 - an unprepared or unknown dataset has no names: indices stand in
+            names = []
+    return (names + [str(i) for i in range(len(names), num_classes)])[:num_classes]
+
+
+def eval_resize(data_cfg) -> dict:
+    """How an image file of any size becomes the model's input, as the run's evaluation transform does: resize the
+    short side to ``round(size * resize_ratio)``, centre crop (bilinear, antialiased).  An in-memory dataset is
+    stored at its input size (``resize_ratio`` 1: the centre square, resized); a streamed one uses its ratio."""
+    from mgd_jax.data.sources import STREAMING
+    from mgd_jax.data.streaming import EVAL_RESIZE_RATIO
+
+    streamed = bool(data_cfg.get("dir", None)) or data_cfg.name in STREAMING
+    ratio = float(data_cfg.get("eval_resize_ratio", EVAL_RESIZE_RATIO)) if streamed else 1.0
+    return {"resize_ratio": ratio, "crop": "center", "interpolation": "bilinear, antialiased"}
+
+
+def load_image(path: str, image_shape, resize_ratio: float) -> np.ndarray:
+    """An image file (PNG, JPEG, ...) -> uint8 [H, W, C]: RGB (or grayscale for C = 1), resized and centre-cropped."""
+    from PIL import Image, UnidentifiedImageError
+
+    from mgd_jax.data.streaming import eval_image
+
+    h, w, c = image_shape
+    if h != w:
+        raise AnalysisError(f"input {h}x{w} is not square: no evaluation transform for it")
+    try:
+        with Image.open(path) as img:
+            rgb = eval_image(img, int(h), resize_ratio)
+    except (OSError, UnidentifiedImageError) as e:
+        raise AnalysisError(f"{path}: cannot read it as an image ({type(e).__name__}: {e})") from None
+    if c == 1:
+        return np.asarray(Image.fromarray(rgb).convert("L"), np.uint8)[..., None]
+    return rgb
+
+
+# --- the stage ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(eq=False)
+class Deployable:
+    """A stage's backbone as it deploys: the float32 model, its variables and the run's normalisation."""
+
+    stage: str
+    arch: str
+    model: object
+    variables: dict
+    mean: tuple
+    std: tuple
+    image_shape: tuple
+    meta: dict
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.num_classes)
+
+    def logits_fn(self) -> Callable:
+        return logits_fn(self.model, self.variables, self.mean, self.std)
+
+    def jax_logits(self, images, batch_size: int = CHECK_BATCH) -> np.ndarray:
+        """The reference: the JAX model (jitted, the variables an argument) on ``images``."""
+        import jax
+
+        fn = jax.jit(lambda variables, x: logits_fn(self.model, variables, self.mean, self.std)(x))
+        return batched_logits(lambda x: fn(self.variables, x), images, batch_size)
+
+
+def read_stage(run, stage: str) -> Deployable:
+    """``stage`` (teacher | students/<name>) of ``run`` (an ``analysis.common.Run``) -> its Deployable."""
+    from mgd_jax.export_torch import read_backbone
+    from mgd_jax.models import classifier_name, get_model
+
+    arch, variables = read_backbone(run.workdir, stage)  # refuses what has no backbone, names the architecture
+    _, meta = run.restore_best(stage)  # its metadata (the epoch)
+    params = variables["params"]
+    model = get_model(arch, int(params[classifier_name(params)]["kernel"].shape[1]))
+    return Deployable(stage, arch, model, variables, tuple(run.config.augment.mean), tuple(run.config.augment.std),
+                      tuple(int(d) for d in run.dataset.image_shape), meta)
+
+
+def export_stage(workdir: str, stage: str, formats=FORMATS, out: str | None = None, batch_size: int = CHECK_BATCH,
+                 log=print) -> dict:
+    """Exports ``stage``'s best backbone in ``formats``, checks each in its runtime on the whole test split, and
+    only then writes them and ``model.json`` into ``out`` (default ``<workdir>/<stage>/export``).  -> the
+    metadata written."""
+    from mgd_jax.analysis.common import Run
+
+    formats = tuple(dict.fromkeys(formats))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise AnalysisError(f"--format={','.join(formats)}: use one or more of {', '.join(FORMATS)}")
+    run = Run(workdir)
+    model = read_stage(run, stage)
+    out = out or os.path.join(run.stage_dir(stage), "export")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise AnalysisError(f"--out={out} is a file, not a folder")
+    images, labels = run.split("test")
+    log(f"{stage}: {model.arch}, {model.num_classes} classes, input {'x'.join(map(str, model.image_shape))} uint8; "
+        f"{len(labels)} test images")
+    reference = model.jax_logits(images, batch_size)
+    fn = model.logits_fn()
+    artifacts = {}
+    for fmt in formats:
+        artifacts[fmt] = (to_onnx(fn, model.image_shape, model.arch) if fmt == "onnx"
+                          else to_stablehlo(fn, model.image_shape))
+    report = check({fmt: open_runtime(fmt, blob) for fmt, blob in artifacts.items()}, reference, images, labels,
+                   batch_size)
+    accuracy = {"jax": top1(reference, labels), **{fmt: r["top1"] for fmt, r in report.items()}}
+    log("top-1 on the test split: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in accuracy.items()))
+    for fmt, r in report.items():
+        log(f"{fmt}: largest |logit - JAX logit| {r['max_abs_diff']:.2e} (allowed {ATOL:g}), top-1 identical")
+
+    metadata = {
+        "arch": model.arch, "stage": stage, "workdir": os.path.abspath(workdir),
+        "checkpoint_epoch": model.meta.get("epoch"), "dataset": run.config.data.name,
+        "num_classes": model.num_classes, "class_names": class_names(run.config.data, model.num_classes),
+        "input": {"shape": ["batch", *model.image_shape], "dtype": "uint8", "layout": "NHWC", "name": "images"},
+        "output": {"shape": ["batch", model.num_classes], "dtype": "float32", "name": "logits"},
+        "normalization": {"mean": list(model.mean), "std": list(model.std),
+                          "formula": "(image / 255 - mean) / std, inside the graph"},
+        "eval_transform": eval_resize(run.config.data),
+        "precision": "float32",
+        "files": {fmt: FILES[fmt] for fmt in formats},
+        "check": {"split": "test", "examples": int(len(labels)), "atol": ATOL,
+                  **{fmt: {"max_abs_diff": r["max_abs_diff"]} for fmt, r in report.items()}},
+        "accuracy": {"top1": accuracy},
+        "versions": _versions(formats),
+    }
+    if "onnx" in formats:
+        metadata["onnx_opset"] = ONNX_OPSET
+    if "stablehlo" in formats:
+        metadata["stablehlo_platforms"] = list(STABLEHLO_PLATFORMS)
+    os.makedirs(out, exist_ok=True)
+    blobs = {FILES[fmt]: blob for fmt, blob in artifacts.items()}
+    blobs[METADATA] = (json.dumps(metadata, indent=1) + "\n").encode()
+    _write_all(out, blobs)
+    for name in blobs:
+        log(f"wrote {os.path.join(out, name)}")
+    return metadata
+
+
+def _versions(formats) -> dict:
+    from importlib import metadata as md
+
+    wanted = ["jax", "jaxlib"] + (["jax2onnx", "onnx", "onnxruntime"] if "onnx" in formats else [])
+    out = {}
+    for name in wanted:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _write_all(folder: str, blobs: dict[str, bytes]) -> None:
+    """Each file first as ``.<name>.tmp``, then all renamed into place: no half-written file under a real name."""
+    tmps = {name: os.path.join(folder, f".{name}.tmp") for name in blobs}
+    try:
+        for name, blob in blobs.items():
+            with open(tmps[name], "wb") as f:
+                f.write(blob)
+        for name in blobs:
+            os.replace(tmps[name], os.path.join(folder, name))
+    except OSError as e:
+        raise AnalysisError(f"{folder}: cannot write the export ({type(e).__name__}: {e})") from e
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def main(argv=None) -> int:
+    from mgd_jax.analysis.common import BACKBONE_STAGES, cli, tool_parser
+
+    p = tool_parser(__doc__, stage=BACKBONE_STAGES)
+    p.add_argument("--format", default=",".join(FORMATS), help="comma-separated: " + ", ".join(FORMATS))
+    p.add_argument("--out", default=None, help="the folder to write (default <workdir>/<stage>/export)")
+
+    @cli
+    def run(argv):
+        a = p.parse_args(argv)
+        export_stage(a.workdir, a.stage, [f.strip() for f in a.format.split(",") if f.strip()], a.out)
+        return 0
+
+    return run(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Export (issue #17): a stage's backbone as ONNX (run in onnxruntime) and StableHLO (jax.export, deserialized),
+checked against the JAX model at export; predicting image files from either, or from the workdir."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("jax2onnx")
+ort = pytest.importorskip("onnxruntime")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from mgd_jax import export as ex  # noqa: E402
+from mgd_jax import predict  # noqa: E402
+from mgd_jax.models import ARCHITECTURES, get_model  # noqa: E402
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+SIZE = 32  # the smallest input every architecture takes (the ImageNet models downsample 32x)
+MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.25, 0.3)
+# jax.export is one code path for every architecture (and the quickstart's ResNets export through it below): its
+# artifact is checked here on the channel shuffle and pooled shortcut, depthwise convs, max pools (each compile of
+# a deserialized artifact costs as much as the JAX reference's, ~1-3 s)
+STABLEHLO_ARCHS = ("ShuffleV1", "mobilenetv1_imagenet", "vgg8")
+
+
+def _random_variables(model, rng):
+    """Random weights of every kind (He-scaled kernels, BN scale / running var around 1, small biases and running
+    means), without compiling ``model.init``."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False))
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            return rng.normal(0, np.sqrt(2.0 / np.prod(leaf.shape[:-1])), leaf.shape).astype(np.float32)
+        if name in ("scale", "var"):
+            return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+        return rng.normal(0, 0.1, leaf.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_exports(arch):
+    """The ONNX graph of every architecture (ShuffleNet's channel shuffle and pooled shortcut, MobileNet's depthwise
+    convs, VGG's and the ImageNet stems' max pools) gives the flax model's logits in onnxruntime, for batch 3 and
+    batch 1 of one artifact taking uint8 NHWC images; the StableHLO artifact likewise, deserialized."""
+    rng = np.random.default_rng(0)
+    model = get_model(arch, 10)
+    variables = _random_variables(model, rng)
+    images = rng.integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    fn = ex.logits_fn(model, variables, MEAN, STD)
+    x = (images.astype(np.float32) / 255 - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
+    # the reference compiled without XLA's backend optimisations: ~20% less compile time over the zoo
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False)[0], compiler_options=FAST_COMPILE)
+    reference = np.asarray(apply(variables, x))
+    scale = float(np.abs(reference).max())
+    # Random weights without trained BN statistics let residual sums grow with depth (logits up to 1e11 for
+    # resnet110): the tolerance is 1e-4 of the logits' magnitude (float32 agrees to ~1e-6 of it), and the logits
+    # must differ between images (a graph that ignored its input would pass otherwise).
+    tol = ex.ATOL * max(1.0, scale)
+    assert float(np.mean(np.std(reference, 0))) > 1e-3 * scale, "degenerate test weights"
+
+    blob = ex.to_onnx(fn, (SIZE, SIZE, 3), arch)
+    session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    assert (inp.type, inp.shape[1:], out.shape[1:]) == ("tensor(uint8)", [SIZE, SIZE, 3], [10])
+    assert isinstance(inp.shape[0], str)  # a symbolic batch dimension
+    for batch in (images, images[:1]):
+        got = session.run(None, {inp.name: batch})[0]
+        np.testing.assert_allclose(got, reference[:len(batch)], rtol=0, atol=tol)
+        assert (got.argmax(-1) == reference[:len(batch)].argmax(-1)).all()
+    report = ex.check({"onnx": lambda x: session.run(None, {inp.name: x})[0]}, reference, images, batch_size=3,
+                      atol=tol)
+    assert report["onnx"]["top1_disagreements"] == 0
+
+    if arch in STABLEHLO_ARCHS:
+        exported = jax.export.deserialize(bytearray(ex.to_stablehlo(fn, (SIZE, SIZE, 3))))
+        assert exported.in_avals[0].dtype == jnp.uint8 and exported.in_avals[0].shape[1:] == (SIZE, SIZE, 3)
+        assert not isinstance(exported.in_avals[0].shape[0], int)  # symbolic
+        for batch in (images, images[:1]):
+            got = np.asarray(exported.call(batch))
+            np.testing.assert_allclose(got, reference[:len(batch)], rtol=0, atol=tol)
+            assert (got.argmax(-1) == reference[:len(batch)].argmax(-1)).all()
+        ex.check({"stablehlo": exported.call}, reference, images, batch_size=3, atol=tol)
+
+
+@pytest.mark.parametrize("window,strides,padding,include", [
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), True), ((2, 2), (2, 2), "VALID", True), ((3, 3), (1, 1), "SAME", False)])
+def test_onnx_pooling_equals_flax(window, strides, padding, include):
+    """The pools the ONNX conversion computes from slices are flax's (the ResNet stems' and ShuffleNet's, VGG's,
+    and the other cases flax's signature allows)."""
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 9, 8, 3)), jnp.float32)
+
+    @jax.jit
+    def pools(x):
+        return (ex._max_pool(x, window, strides=strides, padding=padding),
+                nn.max_pool(x, window, strides=strides, padding=padding),
+                ex._avg_pool(x, window, strides=strides, padding=padding, count_include_pad=include),
+                nn.avg_pool(x, window, strides=strides, padding=padding, count_include_pad=include))
+
+    ours_max, flax_max, ours_avg, flax_avg = pools(x)
+    np.testing.assert_array_equal(ours_max, flax_max)
+    np.testing.assert_allclose(ours_avg, flax_avg, rtol=1e-6, atol=1e-6)
+
+
+def _softmax(logits):
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+def _parse(out):
+    """predict's output -> {image path: [(name, probability), ...]}."""
+    result, current = {}, None
+    for line in out.splitlines():
+        if line.startswith("  "):
+            prob, name = line.split()
+            result[current].append((name, float(prob)))
+        elif line:
+            current = line
+            result[current] = []
+    return result
+
+
+@pytest.mark.timeout(300)
+def test_teacher_and_student_export_check_and_predict(smoke_workdir, tmp_path, capsys):
+    """The smoke run's teacher and student export in both formats; each artifact, run here independently of the
+    exporter's runtimes, gives the run's own JAX backbone's logits on the whole test split; predict on PNG files
+    written here names the classes with the model's probabilities, the same through ONNX, StableHLO and the
+    workdir."""
+    from PIL import Image
+
+    from mgd_jax.analysis.common import Run
+    from mgd_jax.data.augment import eval_transform
+
+    work, _ = smoke_workdir
+    run = Run(work)
+    images, labels = run.split("test")
+    pngs = []
+    for i in range(4):
+        pngs.append(str(tmp_path / f"test_{i}.png"))
+        Image.fromarray(images[i][..., 0]).save(pngs[-1])  # one channel, the input size
+    big = str(tmp_path / "large.png")  # another size and RGB: resized as the evaluation transform does
+    Image.fromarray(images[0][..., 0]).resize((40, 30), Image.NEAREST).convert("RGB").save(big)
+
+    for stage in ("teacher", "students/mas_kd"):
+        out = tmp_path / stage.replace("/", "_")
+        assert ex.main([f"--workdir={work}", f"--stage={stage}", f"--out={out}"]) == 0
+        printed = capsys.readouterr().out
+        assert sorted(os.listdir(out)) == ["model.json", "model.onnx", "model.stablehlo"]
+        meta = json.loads((out / "model.json").read_text())
+        backbone = run.backbone(stage)
+        reference = np.asarray(jax.jit(lambda v, x: backbone.apply(v, eval_transform(x, run.config.augment))[0])(
+            backbone.variables, images))
+        acc = float(np.mean(reference.argmax(-1) == labels))
+        assert meta["arch"] == backbone.arch and meta["num_classes"] == 10 and meta["stage"] == stage
+        assert meta["class_names"] == [str(i) for i in range(10)]
+        assert meta["input"] == {"shape": ["batch", 8, 8, 1], "dtype": "uint8", "layout": "NHWC", "name": "images"}
+        assert meta["normalization"]["mean"] == list(run.config.augment.mean)
+        assert meta["normalization"]["std"] == list(run.config.augment.std)
+        assert meta["check"]["examples"] == len(labels) == 100
+        assert meta["accuracy"]["top1"] == {"jax": acc, "onnx": acc, "stablehlo": acc}
+        assert f"jax {100 * acc:.2f}%, onnx {100 * acc:.2f}%, stablehlo {100 * acc:.2f}%" in printed
+
+        session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        exported = jax.export.deserialize(bytearray((out / "model.stablehlo").read_bytes()))
+        for got in (session.run(None, {"images": images})[0], np.asarray(exported.call(images)),
+                    session.run(None, {"images": images[:1]})[0]):
+            np.testing.assert_allclose(got, reference[:len(got)], rtol=0, atol=1e-4)
+            assert (got.argmax(-1) == reference[:len(got)].argmax(-1)).all()
+
+        results = []
+        for source in ([f"--model={out / 'model.onnx'}"], [f"--model={out / 'model.stablehlo'}"],
+                       [f"--workdir={work}", f"--stage={stage}"]):
+            assert predict.main([*source, *pngs, big]) == 0
+            results.append(_parse(capsys.readouterr().out))
+        for i, path in enumerate(pngs):
+            top = results[0][path]
+            p = _softmax(reference[i].astype(np.float64))
+            assert [name for name, _ in top] == [str(c) for c in np.argsort(-p, kind="stable")[:5]]
+            np.testing.assert_allclose([prob for _, prob in top], np.sort(p)[::-1][:5], atol=1e-4)
+        for other in results[1:]:
+            assert other.keys() == results[0].keys()
+            for path in other:
+                assert [n for n, _ in other[path]] == [n for n, _ in results[0][path]]
+                np.testing.assert_allclose([q for _, q in other[path]], [q for _, q in results[0][path]], atol=1e-4)
+
+
+class _Off:
+    """A runtime whose logits are ``off`` away from the artifact's on one image."""
+
+    def __init__(self, run, off):
+        self.run, self.off = run, off
+
+    def __call__(self, images):
+        logits = self.run(images).copy()
+        logits[0, 0] += self.off
+        return logits
+
+
+@pytest.mark.timeout(240)
+def test_a_runtime_that_differs_is_refused_and_nothing_is_written(smoke_workdir, tmp_path, monkeypatch, capsys):
+    work, _ = smoke_workdir
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"an earlier export")
+    onnx_runtime = ex.RUNTIMES["onnx"]
+    monkeypatch.setitem(ex.RUNTIMES, "onnx", lambda blob: _Off(onnx_runtime(blob), 3e-4))
+    assert ex.main([f"--workdir={work}", "--stage=students/mas_kd", f"--out={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: onnx: the runtime's logits differ from the JAX model's by up to 0.0003")
+    assert err.endswith("refusing to write it") and "\n" not in err
+    assert sorted(os.listdir(out)) == ["model.onnx"] and (out / "model.onnx").read_bytes() == b"an earlier export"
+
+    # just within the tolerance it is written (StableHLO only: the ONNX conversion is tested above)
+    monkeypatch.setitem(ex.RUNTIMES, "stablehlo", lambda blob, run=ex.RUNTIMES["stablehlo"]: _Off(run(blob), 5e-5))
+    meta = ex.export_stage(work, "students/mas_kd", ["stablehlo"], str(out), log=lambda *_: None)
+    assert 4e-5 < meta["check"]["stablehlo"]["max_abs_diff"] <= 1e-4 and meta["files"] == {"stablehlo": "model.stablehlo"}
+    assert sorted(os.listdir(out)) == ["model.json", "model.onnx", "model.stablehlo"]
+
+
+def test_a_top1_flip_within_the_tolerance_is_refused():
+    reference = np.array([[1.0, 1.00001, 0.0], [0.0, 2.0, 1.0]], np.float32)
+    flipped = reference.copy()
+    flipped[0, 0] += 2e-5  # 2e-5 < 1e-4, but image 0's top-1 is now class 0
+    assert ex.compare("x", reference, reference.copy())["max_abs_diff"] == 0
+    with pytest.raises(ex.ExportCheckError, match=r"top-1 differs on 1 of 2 images"):
+        ex.compare("x", reference, flipped)
+    with pytest.raises(ex.ExportCheckError, match="by up to nan"):
+        ex.compare("x", reference, reference * np.nan)
+
+
+def test_one_line_errors(smoke_workdir, tmp_path, capsys):
+    work, _ = smoke_workdir
+    for argv, message in (
+            ([f"--workdir={work}", "--stage=analyzer"], "stage 'analyzer' has no backbone to export"),
+            ([f"--workdir={work}", "--stage=teacher", "--format=tflite"], "--format=tflite: use one or more of"),
+            ([f"--workdir={tmp_path}", "--stage=teacher"], "config.json is missing")):
+        assert ex.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    (tmp_path / "model.onnx").write_bytes(b"")
+    (tmp_path / "photo.png").write_bytes(b"not a png")
+    for argv, message in (([f"--model={tmp_path / 'model.onnx'}", "x.png"], "model.json is missing"),
+                          ([f"--workdir={work}", "--stage=teacher", str(tmp_path / "photo.png")],
+                           "photo.png: cannot read it as an image"),
+                          ([str(tmp_path / "photo.png")], "give either --model=FILE or --workdir=DIR --stage=STAGE")):
+        assert predict.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_class_names_from_the_dataset(tmp_path):
+    import ml_collections
+
+    for name in ("dogs", "cats", "birds"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    folder = ml_collections.ConfigDict({"name": "image_folder", "dir": str(tmp_path)})
+    assert ex.class_names(folder, 4) == ["birds", "cats", "dogs", "3"]  # sorted folder names, as the data reads them
+    assert ex.class_names(ml_collections.ConfigDict({"name": "digits"}), 10) == [str(i) for i in range(10)]
+    assert ex.eval_resize(folder)["resize_ratio"] == pytest.approx(256 / 224)

@@ -190,14 +190,14 @@ def test_teacher_and_student_export_check_and_predict(smoke_workdir, tmp_path, c
 
 
 class _Off:
-    """A runtime whose logits are ``off`` away from the artifact's on one image."""
+    """A runtime whose first logit is ``off * (1 + |logit|)`` away from the artifact's."""
 
     def __init__(self, run, off):
         self.run, self.off = run, off
 
     def __call__(self, images):
         logits = self.run(images).copy()
-        logits[0, 0] += self.off
+        logits[0, 0] += self.off * (1 + abs(logits[0, 0]))
         return logits
 
 
@@ -211,22 +211,28 @@ def test_a_runtime_that_differs_is_refused_and_nothing_is_written(smoke_workdir,
     monkeypatch.setitem(ex.RUNTIMES, "onnx", lambda blob: _Off(onnx_runtime(blob), 3e-4))
     assert ex.main([f"--workdir={work}", "--stage=students/mas_kd", f"--out={out}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: onnx: the runtime's logits differ from the JAX model's by up to 0.0003")
+    assert err.startswith("error: onnx: the runtime's logits differ from the JAX model's by up to ")
+    assert "allowed 0.0001 * (1 + |logit|)) and its top-1 differs on 0 of 100 images" in err
     assert err.endswith("refusing to write it") and "\n" not in err
     assert sorted(os.listdir(out)) == ["model.onnx"] and (out / "model.onnx").read_bytes() == b"an earlier export"
 
     # just within the tolerance it is written (StableHLO only: the ONNX conversion is tested above)
     monkeypatch.setitem(ex.RUNTIMES, "stablehlo", lambda blob, run=ex.RUNTIMES["stablehlo"]: _Off(run(blob), 5e-5))
     meta = ex.export_stage(work, "students/mas_kd", ["stablehlo"], str(out), log=lambda *_: None)
-    assert 4e-5 < meta["check"]["stablehlo"]["max_abs_diff"] <= 1e-4 and meta["files"] == {"stablehlo": "model.stablehlo"}
+    assert 4e-5 < meta["check"]["stablehlo"]["max_scaled_diff"] <= 1e-4
+    assert meta["files"] == {"stablehlo": "model.stablehlo"}
     assert sorted(os.listdir(out)) == ["model.json", "model.onnx", "model.stablehlo"]
 
 
 def test_a_top1_flip_within_the_tolerance_is_refused():
     reference = np.array([[1.0, 1.00001, 0.0], [0.0, 2.0, 1.0]], np.float32)
     flipped = reference.copy()
-    flipped[0, 0] += 2e-5  # 2e-5 < 1e-4, but image 0's top-1 is now class 0
+    flipped[0, 0] += 2e-5  # 2e-5 < 1e-4 (1 + 1), but image 0's top-1 is now class 0
     assert ex.compare("x", reference, reference.copy())["max_abs_diff"] == 0
+    big = reference * 3000  # 0.2 on logits of 3000 is within (6.7e-5 of them), 0.2 on a logit of 0 is not
+    assert ex.compare("x", big, big + 0.2 * np.sign(big))["max_abs_diff"] == pytest.approx(0.2, rel=1e-3)
+    with pytest.raises(ex.ExportCheckError, match="by up to 0.2 "):
+        ex.compare("x", big, big + 0.2)
     with pytest.raises(ex.ExportCheckError, match=r"top-1 differs on 1 of 2 images"):
         ex.compare("x", reference, flipped)
     with pytest.raises(ex.ExportCheckError, match="by up to nan"):
@@ -253,12 +259,27 @@ def test_one_line_errors(smoke_workdir, tmp_path, capsys):
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-def test_class_names_from_the_dataset(tmp_path):
+def test_an_image_folders_names_and_evaluation_transform(tmp_path):
+    """An image folder's class names are its sorted folder names, and an image file becomes exactly the input the
+    run's evaluation read of it gave (short side resized to 256/224 of the input size, centre crop)."""
     import ml_collections
+    from PIL import Image
 
-    for name in ("dogs", "cats", "birds"):
-        (tmp_path / "train" / name).mkdir(parents=True)
-    folder = ml_collections.ConfigDict({"name": "image_folder", "dir": str(tmp_path)})
-    assert ex.class_names(folder, 4) == ["birds", "cats", "dogs", "3"]  # sorted folder names, as the data reads them
+    from mgd_jax.data.streaming import load_image_folder
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for i, name in enumerate(("dogs", "cats", "birds")):
+            (tmp_path / split / name).mkdir(parents=True)
+            pixels = rng.integers(0, 256, (30 + 7 * i, 41, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / split / name / "a.jpg", quality=90)
+    folder = ml_collections.ConfigDict({"name": "image_folder", "dir": str(tmp_path), "image_size": 16})
+    assert ex.class_names(folder, 4) == ["birds", "cats", "dogs", "3"]
     assert ex.class_names(ml_collections.ConfigDict({"name": "digits"}), 10) == [str(i) for i in range(10)]
-    assert ex.eval_resize(folder)["resize_ratio"] == pytest.approx(256 / 224)
+    ratio = ex.eval_resize(folder)["resize_ratio"]
+    assert ratio == pytest.approx(256 / 224)
+    data = load_image_folder(folder)
+    for row, name in enumerate(("birds", "cats", "dogs")):
+        np.testing.assert_array_equal(ex.load_image(str(tmp_path / "val" / name / "a.jpg"), (16, 16, 3), ratio),
+                                      data.test_images[row])
+    data.close()

@@ -14,10 +14,10 @@ Each artifact is the eval-mode backbone only (a student without its encoders and
 images ``[batch, H, W, C]``, any batch size, normalised inside the graph with the run's mean / std, -> float32
 logits ``[batch, classes]``.  Before anything is written every artifact runs on the whole test split in its own
 runtime (onnxruntime; the deserialized StableHLO) and is refused, with nothing written, when its logits differ from
-the JAX model's by more than ``ATOL * (1 + |JAX logit|)`` anywhere (1e-4 for logits up to 1, relative beyond:
-float32 rounding grows with the magnitude, and even the StableHLO of the very program the JAX model runs differs
-from it by ~1e-3 on logits of ~3000, a float32 spacing of 2.4e-4) or its top-1 differs on any image.  The graphs compute in float32
-(a bfloat16 run's float32 parameters, computed in float32).
+the JAX model's by more than ``ATOL * (1 + |JAX logit|)`` anywhere or its top-1 differs on any image.  ``ATOL`` is
+1e-4: an absolute 1e-4 near 0, a relative one on large logits (float32 rounding grows with the magnitude: even the
+StableHLO of the very program the JAX model runs differs from it by ~1e-3 on logits of ~3000, where float32's
+spacing is 2.4e-4).  The graphs compute in float32 (a bfloat16 run's float32 parameters, computed in float32).
 
 ONNX: jax2onnx replaces ``flax.linen.max_pool`` / ``avg_pool`` during a conversion by its own primitives, which
 take neither a positional window nor explicit padding pairs (our ResNet stems, VGG, ShuffleNet v1 use both), and

@@ -2,6 +2,8 @@
 checked against the JAX model at export; predicting image files from either, or from the workdir."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -171,6 +173,19 @@ def test_teacher_and_student_export_check_and_predict(smoke_workdir, tmp_path, c
                     session.run(None, {"images": images[:1]})[0]):
             np.testing.assert_allclose(got, reference[:len(got)], rtol=0, atol=1e-4)
             assert (got.argmax(-1) == reference[:len(got)].argmax(-1)).all()
+
+        if stage == "teacher":  # the files alone: a process where this package and flax cannot be imported
+            np.save(tmp_path / "images.npy", images)
+            code = ("import sys; sys.modules.update(mgd_jax=None, flax=None)\n"
+                    "import numpy as np, onnxruntime, jax\n"
+                    f"x = np.load({str(tmp_path / 'images.npy')!r})\n"
+                    f"s = onnxruntime.InferenceSession({str(out / 'model.onnx')!r}, providers=['CPUExecutionProvider'])\n"
+                    f"e = jax.export.deserialize(bytearray(open({str(out / 'model.stablehlo')!r}, 'rb').read()))\n"
+                    f"np.save({str(tmp_path / 'alone.npy')!r}, np.stack([s.run(None, {{'images': x}})[0], e.call(x)]))")
+            subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": ""})
+            for got in np.load(tmp_path / "alone.npy"):
+                np.testing.assert_allclose(got, reference, rtol=0, atol=1e-4)
 
         results = []
         for source in ([f"--model={out / 'model.onnx'}"], [f"--model={out / 'model.stablehlo'}"],

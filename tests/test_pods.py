@@ -246,9 +246,10 @@ def _preempt(run, at, signalled):
 
 @pytest.mark.timeout(600)
 def test_preempted_on_one_then_on_two_slurm_processes_resumes_bitwise(reference_run, tmp_path):
-    """One workdir, preempted three times mid-epoch and resumed each time: 1 process (teacher), 2 processes started
-    by SLURM's environment only with SIGTERM to both (analyzer) and to one (student; the notice reaches the other
-    through JAX's preemption sync), then 1 process finishes.  Every stage ends bitwise the uninterrupted run's."""
+    """One workdir preempted mid-epoch on 1 process, then on 2 processes that SLURM's variables alone started, resumed
+    each time; every stage ends bitwise the uninterrupted run's.  The 2 processes: SIGTERM to one of them, the notice
+    reaches the other through JAX's preemption sync (the harder case; SIGTERM to both takes the same path and was
+    tried by hand: a 2-process launch more costs ~50 s of CI's time)."""
     if cpu.num_cores() % 2:
         pytest.skip("the reference has one device per core: two processes need an even count")
     work, logs = str(tmp_path / "w"), str(tmp_path / "logs")
@@ -257,17 +258,13 @@ def test_preempted_on_one_then_on_two_slurm_processes_resumes_bitwise(reference_
     saved, _ = _preempt(_Run(work, logs, 1, hold="teacher:4"), "teacher step 4", [0])
     assert saved == "4 (epoch 2, batch 1 of 3)"  # held after step 4: saved there
 
-    run = _Run(work, logs, 2, hold="analyzer:7")
+    run = _Run(work, logs, 2, hold="teacher:5")
     run.wait_for("[teacher] resuming at epoch 2, pass 1, batch 1")
     for i in range(2):
         assert f"distributed (SLURM): process {i} of 2, coordinator 127.0.0.1:" in run.text(i)
-    saved, outs = _preempt(run, "analyzer step 7", [0, 1])
-    assert saved == "7 (epoch 2, pass 1, batch 1 of 3)", outs  # JAX's sync point: the first check after the notice
-
-    run = _Run(work, logs, 2, hold="student/mas_kd:1")
-    saved, outs = _preempt(run, "student/mas_kd step 1", [1])
-    assert "released by a preemption notice" in outs[0]  # process 0 had no SIGTERM of its own
-    assert saved == "1 (epoch 1, batch 1 of 3)", outs
+    saved, outs = _preempt(run, "teacher step 5", [1])
+    assert "SIGTERM caught" not in outs[0] and "released by a preemption notice" in outs[0], outs[0]
+    assert saved == "5 (epoch 2, batch 2 of 3)", outs  # JAX's sync point: the first check after the notice
 
     run = _Run(work, logs, 1)
     assert run.finish() == [0], run.text(0)[-3000:]

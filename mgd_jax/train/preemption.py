@@ -11,10 +11,12 @@ Several processes must stop at the same step (the save is collective):
 * with ``jax.distributed`` (any multi-process run) JAX's preemption sync manager catches SIGTERM itself (a C
   handler, installed by ``jax.distributed.initialize``); a notice to any one process reaches all of them, and
   ``multihost_utils.reached_preemption_sync_point`` answers yes on every process at the same call: the one after
-  the furthest process's.  It costs microseconds a call; every process makes the same calls in the same order.
+  the furthest process's.  It costs microseconds a call; every process makes the same calls in the same order,
+  and nothing else may call it (orbax's CheckpointManager would, with its checkpoint steps: ``checkpoint._Manager``).
 * otherwise ``watch()`` (train.py, for the whole run; main thread only, the previous handler restored after)
   turns SIGTERM into a flag.  One process reads the flag; several processes without the sync manager
-  (``jax_enable_preemption_service`` turned off) all-gather their flags at every call.
+  (``jax_enable_preemption_service`` turned off) all-gather their flags at every call (3.5 ms a call measured on 2
+  CPU processes with gloo, and a wait for the step before it: only for that case).
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from mgd_jax.data import load_dataset
+from mgd_jax.errors import ConfigError, DatasetNotFoundError
 from mgd_jax.data import streaming
 from mgd_jax.train import mesh as mesh_lib
 
@@ -162,6 +163,9 @@ def test_unreadable_file_is_named_or_skipped_and_counted(tmp_path):
     assert np.all(x[1] == 0) and x[0].any() and x[2].any()
     assert ds.skipped == {bad}
     ds.close()
+    os.makedirs(os.path.join(root, "train", "dog"))  # an empty class folder: refused, as torchvision does
+    with pytest.raises(DatasetNotFoundError, match="class folder 'dog' holds no image files"):
+        load_dataset(_cfg(root))
 
 
 @pytest.mark.timeout(120)
@@ -186,7 +190,7 @@ def test_grain_worker_processes_give_the_same_batches_and_report_skipped_files(t
     strict = load_dataset(_cfg(root, loader="grain", processes=2))
     with pytest.raises(streaming.UnreadableImageError, match="broken.jpg"):  # the worker's error, as it was
         list(strict.train_batches(batches, 1, 2, 0))
-    with pytest.raises(ValueError, match="needs data.loader='grain'"):
+    with pytest.raises(ConfigError, match="needs data.loader='grain'"):
         load_dataset(_cfg(root, processes=2))
     for ds in (threads, procs, strict):
         ds.close()

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from mgd_jax.errors import DatasetNotFoundError
+from mgd_jax.errors import ConfigError, DatasetNotFoundError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 EVAL_RESIZE_RATIO = 256 / 224  # the short side before the centre crop (torchvision's Resize(256), CenterCrop(224))
@@ -71,6 +71,9 @@ class FolderSource:
             if not os.path.isdir(d):
                 continue
             files = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not files and cls in found:  # torchvision's ImageFolder refuses it too: a class no image can teach
+                raise DatasetNotFoundError(f"image folder {root!r}: class folder {cls!r} holds no image files "
+                                           f"({', '.join(IMAGE_EXTENSIONS)})")
             names.extend(os.path.join(cls, f) for f in files)
             labels.extend([label] * len(files))
         if not names:
@@ -273,11 +276,12 @@ class StreamingDataset:
         self.workers = int(workers or os.cpu_count() or 1)
         self.prefetch = max(1, int(prefetch))
         if loader not in LOADERS:
-            raise ValueError(f"data.loader must be one of {', '.join(LOADERS)}, got {loader!r}")
+            raise ConfigError(f"data.loader must be one of {', '.join(LOADERS)}, got {loader!r}")
         self.loader = loader
         self.processes = int(processes or 0)
         if self.processes and loader != "grain":
-            raise ValueError("data.processes (decoding worker processes) needs data.loader='grain'")
+            raise ConfigError(f"data.processes={self.processes} (decoding worker processes) needs "
+                              f"data.loader='grain'")
         self.skip_unreadable = bool(skip_unreadable)
         self._train, self._test = train, test
         self.train_labels = train.labels[:train_limit] if train_limit else train.labels

@@ -349,6 +349,7 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
         m.ckpt.save_latest(gstep, state, meta)
         faults.point(m.spec.name, f"after_{point}")
 
+    streamed = None
     try:
         for epoch in range(start_epoch, lead.num_epochs):
             t0 = time.time()
@@ -437,6 +438,8 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
                 raise preemption.Preempted(f"[{label}] saved the latest checkpoint at step "
                                            f"{(epoch + 1) * npass * steps} (the end of epoch {epoch + 1})")
     finally:
+        if streamed is not None:  # a pass left by an error: stop its decoding threads / grain worker processes
+            streamed.close()
         bar.close()
     return states, {k: m.export for k, m in members.items()}, {k: {"best": m.best, "last": m.last}
                                                                for k, m in members.items()}

@@ -46,6 +46,8 @@ def replicate(tree, mesh: Mesh):
 
 def process_slice(global_size: int) -> slice:
     """This process's contiguous slice of a global batch of ``global_size`` rows (all of it on one process)."""
+    if global_size % jax.process_count():
+        raise ValueError(f"a global batch of {global_size} rows does not split over {jax.process_count()} processes")
     per = global_size // jax.process_count()
     return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
 

@@ -14,10 +14,11 @@ Each artifact is the eval-mode backbone only (a student without its encoders and
 images ``[batch, H, W, C]``, any batch size, normalised inside the graph with the run's mean / std, -> float32
 logits ``[batch, classes]``.  Before anything is written every artifact runs on the whole test split in its own
 runtime (onnxruntime; the deserialized StableHLO) and is refused, with nothing written, when its logits differ from
-the JAX model's by more than ``ATOL * (1 + |JAX logit|)`` anywhere or its top-1 differs on any image.  ``ATOL`` is
-1e-4: an absolute 1e-4 near 0, a relative one on large logits (float32 rounding grows with the magnitude: even the
-StableHLO of the very program the JAX model runs differs from it by ~1e-3 on logits of ~3000, where float32's
-spacing is 2.4e-4).  The graphs compute in float32 (a bfloat16 run's float32 parameters, computed in float32).
+the JAX model's by more than ``atol + rtol * |JAX logit|`` anywhere or its top-1 differs on any image.  By default
+``atol = 1e-4`` and ``rtol = 0`` (the issue's rule: 1e-4 in float32).  ``--rtol`` allows a relative part for models
+with large logits, where float32 rounding grows with the magnitude: even the StableHLO of the very program the JAX
+model runs differs from it by ~1e-3 on logits of ~3000 (a 1-epoch ResNet-18), where float32's spacing is 2.4e-4;
+``--rtol=1e-6`` admits that.  The graphs compute in float32 (a bfloat16 run's float32 parameters, computed in float32).
 
 ONNX: jax2onnx replaces ``flax.linen.max_pool`` / ``avg_pool`` during a conversion by its own primitives, which
 take neither a positional window nor explicit padding pairs (our ResNet stems, VGG, ShuffleNet v1 use both), and
@@ -44,7 +45,8 @@ from mgd_jax.errors import AnalysisError
 FORMATS = ("onnx", "stablehlo")
 FILES = {"onnx": "model.onnx", "stablehlo": "model.stablehlo"}
 METADATA = "model.json"
-ATOL = 1e-4  # |runtime logit - JAX logit| <= ATOL * (1 + |JAX logit|) on every logit of the test split
+ATOL = 1e-4  # |runtime logit - JAX logit| <= ATOL + RTOL * |JAX logit| on every logit of the test split
+RTOL = 0.0
 ONNX_OPSET = 23
 CHECK_BATCH = 100  # images per runtime call while checking (the last batch is padded to it)
 # StableHLO lowered for each: the artifact runs on any of them (checked at export on this machine's, the CPU)
@@ -219,33 +221,39 @@ def batched_logits(run: Callable, images, batch_size: int = CHECK_BATCH) -> np.n
     return np.concatenate(out)
 
 
-def compare(name: str, reference: np.ndarray, logits: np.ndarray, atol: float = ATOL) -> dict:
-    """-> {max_abs_diff, max_scaled_diff (max |logits - reference| / (1 + |reference|)), top1_disagreements};
-    raises ExportCheckError unless |logits - reference| <= atol * (1 + |reference|) everywhere and every image's
-    top-1 is the same."""
+def compare(name: str, reference: np.ndarray, logits: np.ndarray, atol: float = ATOL, rtol: float = RTOL) -> dict:
+    """-> {max_abs_diff, max_rel_diff (max |logits - reference| / |reference|), top1_disagreements}; raises
+    ExportCheckError unless |logits - reference| <= atol + rtol * |reference| everywhere and every image's top-1 is
+    the same."""
     if logits.shape != reference.shape:
         raise ExportCheckError(f"{name}: logits of shape {logits.shape}, the JAX model's are {reference.shape}")
     err = np.abs(logits.astype(np.float64) - reference)
+    magnitude = np.abs(reference.astype(np.float64))
     diff = float(np.max(err)) if err.size else 0.0
-    scaled = float(np.max(err / (1 + np.abs(reference)))) if err.size else 0.0
+    rel = float(np.max(err / np.maximum(magnitude, np.finfo(np.float32).tiny))) if err.size else 0.0
     flips = int(np.sum(np.argmax(logits, -1) != np.argmax(reference, -1)))
-    if not np.isfinite(scaled) or scaled > atol or flips:
+    within = bool(np.all(err <= atol + rtol * magnitude))  # False on NaN
+    if not within or flips:
+        big = float(np.max(magnitude, initial=0))
+        hint = ""
+        if not within and big >= 100:  # float32 rounding alone: ~6e-8 of the magnitude per operation
+            hint = (f"; logits this large round by ~{big * 6e-8:.1g} in float32 alone: --rtol=1e-6 allows a relative "
+                    f"difference")
         raise ExportCheckError(f"{name}: the runtime's logits differ from the JAX model's by up to {diff:.3g} "
-                               f"(|logit| up to {float(np.max(np.abs(reference), initial=0)):.3g}; allowed "
-                               f"{atol:g} * (1 + |logit|)) and its top-1 differs on {flips} of {len(reference)} "
-                               f"images: refusing to write it")
-    return {"max_abs_diff": diff, "max_scaled_diff": scaled, "top1_disagreements": flips}
+                               f"(|logit| up to {big:.3g}; allowed {atol:g} + {rtol:g} * |logit|) and its top-1 "
+                               f"differs on {flips} of {len(reference)} images: refusing to write it{hint}")
+    return {"max_abs_diff": diff, "max_rel_diff": rel, "top1_disagreements": flips}
 
 
 def check(runtimes: dict, reference: np.ndarray, images, labels: np.ndarray | None = None,
-          batch_size: int = CHECK_BATCH, atol: float = ATOL) -> dict:
+          batch_size: int = CHECK_BATCH, atol: float = ATOL, rtol: float = RTOL) -> dict:
     """Runs each of ``runtimes`` ({format: callable}) on ``images`` and compares its logits with ``reference``
     (the JAX model's on the same images): -> {format: {max_abs_diff, top1_disagreements[, top1]}}; raises
     ExportCheckError on the first that differs."""
     report = {}
     for fmt, run in runtimes.items():
         logits = batched_logits(run, images, batch_size)
-        report[fmt] = compare(fmt, reference, logits, atol)
+        report[fmt] = compare(fmt, reference, logits, atol, rtol)
         if labels is not None:
             report[fmt]["top1"] = top1(logits, labels)
     return report
@@ -354,7 +362,7 @@ def read_stage(run, stage: str) -> Deployable:
 
 
 def export_stage(workdir: str, stage: str, formats=FORMATS, out: str | None = None, batch_size: int = CHECK_BATCH,
-                 log=print) -> dict:
+                 log=print, atol: float = ATOL, rtol: float = RTOL) -> dict:
     """Exports ``stage``'s best backbone in ``formats``, checks each in its runtime on the whole test split, and
     only then writes them and ``model.json`` into ``out`` (default ``<workdir>/<stage>/export``).  -> the
     metadata written."""
@@ -379,12 +387,12 @@ def export_stage(workdir: str, stage: str, formats=FORMATS, out: str | None = No
         artifacts[fmt] = (to_onnx(fn, model.image_shape, model.arch) if fmt == "onnx"
                           else to_stablehlo(fn, model.image_shape))
     report = check({fmt: open_runtime(fmt, blob) for fmt, blob in artifacts.items()}, reference, images, labels,
-                   batch_size)
+                   batch_size, atol, rtol)
     accuracy = {"jax": top1(reference, labels), **{fmt: r["top1"] for fmt, r in report.items()}}
     log("top-1 on the test split: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in accuracy.items()))
     for fmt, r in report.items():
-        log(f"{fmt}: largest |logit - JAX logit| {r['max_abs_diff']:.2e}, / (1 + |JAX logit|) "
-            f"{r['max_scaled_diff']:.2e} (allowed {ATOL:g}); top-1 identical")
+        log(f"{fmt}: largest |logit - JAX logit| {r['max_abs_diff']:.2e}, relative {r['max_rel_diff']:.2e} "
+            f"(allowed {atol:g} + {rtol:g} * |logit|); top-1 identical")
 
     metadata = {
         "arch": model.arch, "stage": stage, "workdir": os.path.abspath(workdir),
@@ -397,9 +405,9 @@ def export_stage(workdir: str, stage: str, formats=FORMATS, out: str | None = No
         "eval_transform": eval_resize(run.config.data),
         "precision": "float32",
         "files": {fmt: FILES[fmt] for fmt in formats},
-        "check": {"split": "test", "examples": int(len(labels)), "rule": f"|logit - JAX logit| <= {ATOL:g} * "
-                  f"(1 + |JAX logit|), same top-1", **{fmt: {k: r[k] for k in ("max_abs_diff", "max_scaled_diff")}
-                                                     for fmt, r in report.items()}},
+        "check": {"split": "test", "examples": int(len(labels)), "rule": f"|logit - JAX logit| <= {atol:g} + "
+                  f"{rtol:g} * |JAX logit|, same top-1", "atol": atol, "rtol": rtol,
+                  **{fmt: {k: r[k] for k in ("max_abs_diff", "max_rel_diff")} for fmt, r in report.items()}},
         "accuracy": {"top1": accuracy},
         "versions": _versions(formats),
     }
@@ -452,11 +460,15 @@ def main(argv=None) -> int:
     p = tool_parser(__doc__, stage=BACKBONE_STAGES)
     p.add_argument("--format", default=",".join(FORMATS), help="comma-separated: " + ", ".join(FORMATS))
     p.add_argument("--out", default=None, help="the folder to write (default <workdir>/<stage>/export)")
+    p.add_argument("--atol", type=float, default=ATOL, help="allowed |logit - JAX logit| (default %(default)g)")
+    p.add_argument("--rtol", type=float, default=RTOL,
+                   help="plus this times |JAX logit| (default %(default)g; e.g. 1e-6 for logits in the thousands)")
 
     @cli
     def run(argv):
         a = p.parse_args(argv)
-        export_stage(a.workdir, a.stage, [f.strip() for f in a.format.split(",") if f.strip()], a.out)
+        export_stage(a.workdir, a.stage, [f.strip() for f in a.format.split(",") if f.strip()], a.out,
+                     atol=a.atol, rtol=a.rtol)
         return 0
 
     return run(argv)

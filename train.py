@@ -7,10 +7,16 @@ Running the same command again resumes where it stopped; finished stages are not
 preemption notice) the run saves its latest checkpoint at the next step and exits with status 75.
 """
 import os
+import signal
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# A preemption notice during the imports and start-up, before the run's own handler is in place: kept and handed
+# on (preemption.watch() for one process; re-raised for jax.distributed's handler on several), not a dead process.
+_EARLY_SIGTERM = []
+signal.signal(signal.SIGTERM, lambda signum, frame: _EARLY_SIGTERM.append(signum))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 
 
@@ -73,7 +79,8 @@ def main(argv):
 
     try:
         cpu.configure_host_devices(FLAGS.config.get("cpu_devices", None))  # before XLA starts (reads XLA_FLAGS)
-        distributed.maybe_initialize(FLAGS.config.get("distributed", None))  # before any device is touched
+        if distributed.maybe_initialize(FLAGS.config.get("distributed", None)) and _EARLY_SIGTERM:
+            os.kill(os.getpid(), signal.SIGTERM)  # jax.distributed's handler is in place now: it tells every process
         import jax
         if not FLAGS.config.get("compilation_cache", True):
             jax.config.update("jax_compilation_cache_dir", None)
@@ -86,6 +93,8 @@ def main(argv):
         checkpoint.QUIET_AFTER_DISK_FULL = True  # we exit right after the one-line error
 
         with preemption.watch():  # SIGTERM: checkpoint at the next step boundary, exit EXIT_CODE
+            if _EARLY_SIGTERM:
+                preemption.notify()
             train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except preemption.Preempted as e:
         import jax

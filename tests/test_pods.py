@@ -71,7 +71,10 @@ def test_a_launchers_environment_starts_the_processes_it_names(no_launcher):
     assert (p.source, p.num_processes, p.process_id, p.kwargs["cluster_detection_method"]) == ("Open MPI", 4, 3, "ompi")
     p = distributed.plan({"coordinator_address": "10.0.0.1:1234"}, ompi)
     assert p.kwargs == dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3,
-                            initialization_timeout=300)
+                            local_device_ids=[1], initialization_timeout=300)  # one accelerator per rank, as JAX's
+    with pytest.raises(ConfigError, match=r"^distributed: JAX_NUM_PROCESSES \(config.distributed.num_processes\)="
+                                          r"'two' is not an integer$"):
+        distributed.plan({}, {"JAX_NUM_PROCESSES": "two"})
 
 
 def test_a_cloud_tpu_pod_slice_on_gke_starts_the_processes_it_names(no_launcher):
@@ -269,3 +272,16 @@ def test_preempted_on_one_then_on_two_slurm_processes_resumes_bitwise(reference_
     run = _Run(work, logs, 1)
     assert run.finish() == [0], run.text(0)[-3000:]
     _assert_same_run(reference_run, work)
+
+
+@pytest.mark.timeout(200)
+def test_a_notice_during_start_up_is_kept_and_saves_at_the_first_step(tmp_path):
+    """SIGTERM while train.py is still importing (before the run's handler is in place) is not a dead process:
+    the notice is kept, the teacher saves at its first step and the run exits 75 (a requeueing script requeues)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    run = _Run(str(tmp_path / "w"), str(logs), 1)
+    time.sleep(0.8)  # the interpreter is up (the handler is train.py's first statement), the imports are not done
+    run.procs[0].send_signal(signal.SIGTERM)
+    assert run.finish(timeout=180) == [preemption.EXIT_CODE], run.text(0)[-3000:]
+    assert "preempted: [teacher] saved the latest checkpoint at step 1" in run.text(0), run.text(0)[-3000:]

@@ -75,7 +75,10 @@ def _ompi(env, coordinator) -> Plan | None:
         raise ConfigError(f"{where}: {why} but OMPI_MCA_orte_hnp_uri (the launcher's address, not set by Open MPI "
                           f"5) is not set; give the coordinator: JAX_COORDINATOR_ADDRESS=<rank 0's host>:<port> "
                           f"(or --config.distributed.coordinator_address)")
-    return Plan(where, dict(coordinator_address=coordinator, num_processes=n, process_id=pid), n, pid)
+    # as JAX's OmpiCluster: one accelerator per rank of a node (its local rank), or every rank sees all of them
+    local = _int("OMPI_COMM_WORLD_LOCAL_RANK", env["OMPI_COMM_WORLD_LOCAL_RANK"], where)
+    return Plan(where, dict(coordinator_address=coordinator, num_processes=n, process_id=pid,
+                            local_device_ids=[local]), n, pid)
 
 
 _SLURM_TASK = ("SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")  # srun sets them per task (SlurmCluster)
@@ -127,7 +130,7 @@ def _kubernetes(env, coordinator) -> Plan | None:
     if importlib.util.find_spec("kubernetes") is None:
         raise ConfigError(f"{where}: an indexed Job (JOB_COMPLETION_INDEX={pid}) needs the kubernetes package to "
                           f"find its processes: pip install 'jax[k8s]', or set JAX_COORDINATOR_ADDRESS / "
-                          f"JAX_NUM_PROCESSES / JAX_PROCESS_ID")
+                          f"JAX_NUM_PROCESSES / JAX_PROCESS_ID; an indexed Job of independent runs: {_ONE_PROCESS}")
     return Plan(where, dict(coordinator_address=coordinator), None, pid)  # JAX's K8sCluster: detected, not named
 
 
@@ -143,7 +146,9 @@ def plan(cfg, env: Mapping[str, str] | None = None) -> Plan | None:
         v = cfg.get(key, None)
         if v is None or v == "":
             v = env.get(var)
-        return None if v is None or v == "" else cast(v)
+        if v is None or v == "":
+            return None
+        return _int(f"{var} (config.distributed.{key})", v, "distributed") if cast is int else cast(v)
 
     timeout = int(cfg.get("timeout_seconds", None) or 300)
     n = pick("num_processes", "JAX_NUM_PROCESSES", int)

@@ -434,9 +434,11 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
                 if bar.disable and jax.process_index() == 0:
                     print(f"[{spec.name}] epoch {epoch + 1}/{spec.num_epochs} " +
                           " ".join(f"{k}={v:.4f}" for k, v in epoch_metrics.items()), flush=True)
-            if epoch + 1 < lead.num_epochs and preemption.requested():
+            if preemption.requested():  # after the epoch's checkpoints; after a stage's last one too (the
+                # restart finds the stage finished): a notice is not carried into the next stage's start-up
+                done = "the stage finished" if epoch + 1 == lead.num_epochs else f"the end of epoch {epoch + 1}"
                 raise preemption.Preempted(f"[{label}] saved the latest checkpoint at step "
-                                           f"{(epoch + 1) * npass * steps} (the end of epoch {epoch + 1})")
+                                           f"{(epoch + 1) * npass * steps} ({done})")
     finally:
         if streamed is not None:  # a pass left by an error: stop its decoding threads / grain worker processes
             streamed.close()

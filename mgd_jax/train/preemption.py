@@ -63,6 +63,11 @@ def watch():
         signal.signal(signal.SIGTERM, previous)
 
 
+def notify() -> None:
+    """A notice that arrived before ``watch()`` (train.py keeps one from its start-up)."""
+    _notice.set()
+
+
 def notice_pending() -> bool:
     """This process received SIGTERM under ``watch()`` (the sync manager's notices are not visible here)."""
     return _notice.is_set()

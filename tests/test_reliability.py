@@ -147,7 +147,10 @@ def test_a_real_full_disk_is_one_line_and_the_rerun_resumes_exactly(reference_ru
                     f"tested by injection in tests/test_trust.py")
     try:
         work = str(disk / "w")
-        cmd, env = _cmd(work, cache=False)  # the compilation cache would fill the disk first
+        cmd, env = _cmd(work)  # the suite's compilation cache, outside the small disk (a cache in the workdir would
+        # fill it first)
+        assert os.environ.get("JAX_COMPILATION_CACHE_DIR") and not os.environ["JAX_COMPILATION_CACHE_DIR"].startswith(
+            str(disk))
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("WARNING")]
         assert r.returncode == 2, r.stderr[-3000:]

@@ -8,7 +8,11 @@ writes the stage's best checkpoint into DIR (default ``<workdir>/<stage>/export`
 * ``model.stablehlo``: a serialized ``jax.export.Exported``; ``jax.export.deserialize(bytes).call(images)`` runs it
   with jax alone, without this package;
 * ``model.json``: what a caller needs beside the graph: class names, input shape, mean / std, the evaluation
-  resize, the accuracy measured at export.
+  resize, the accuracy measured at export, and the files with their sha256 (``predict`` refuses a model file that
+  is not listed there or whose sha256 differs).
+
+A successful export removes the files of the formats it did not export from DIR, so the folder holds exactly one
+export; a refused export leaves the folder as it was.
 
 Each artifact is the eval-mode backbone only (a student without its encoders and method modules): uint8 NHWC
 images ``[batch, H, W, C]``, any batch size, normalised inside the graph with the run's mean / std, -> float32
@@ -16,9 +20,10 @@ logits ``[batch, classes]``.  Before anything is written every artifact runs on 
 runtime (onnxruntime; the deserialized StableHLO) and is refused, with nothing written, when its logits differ from
 the JAX model's by more than ``atol + rtol * |JAX logit|`` anywhere or its top-1 differs on any image.  By default
 ``atol = 1e-4`` and ``rtol = 0`` (the issue's rule: 1e-4 in float32).  ``--rtol`` allows a relative part for models
-with large logits, where float32 rounding grows with the magnitude: even the StableHLO of the very program the JAX
-model runs differs from it by ~1e-3 on logits of ~3000 (a 1-epoch ResNet-18), where float32's spacing is 2.4e-4;
-``--rtol=1e-6`` admits that.  The graphs compute in float32 (a bfloat16 run's float32 parameters, computed in float32).
+with large logits, where float32 rounding grows with the magnitude: the exported graph bakes the weights in as
+constants, which XLA compiles differently from the reference that passes them as arguments (the StableHLO's logits
+are bitwise those of ``jit`` of the same function with the weights baked in); on logits of ~3000 (a 1-epoch
+ResNet-18), where float32's spacing is 2.4e-4, that reorders float32 sums by ~1e-3.  ``--rtol=1e-6`` admits that.  The graphs compute in float32 (a bfloat16 run's float32 parameters, computed in float32).
 
 ONNX: jax2onnx replaces ``flax.linen.max_pool`` / ``avg_pool`` during a conversion by its own primitives, which
 take neither a positional window nor explicit padding pairs (our ResNet stems, VGG, ShuffleNet v1 use both), and
@@ -31,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -179,7 +185,12 @@ class OnnxRuntime:
             raise AnalysisError("running an ONNX model needs onnxruntime: pip install -e '.[export]'") from None
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
-        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime's InvalidArgument / Fail / ... on a corrupt model
+            what = f"{model}: onnxruntime cannot load it" if isinstance(model, str) else \
+                "onnxruntime cannot load the ONNX model"
+            raise AnalysisError(f"{what} ({type(e).__name__}: {_first_line(e)})") from e
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -194,13 +205,25 @@ class StableHLORuntime:
     def __init__(self, serialized: bytes):
         import jax
 
-        self.exported = jax.export.deserialize(bytearray(serialized))
+        try:
+            self.exported = jax.export.deserialize(bytearray(serialized))
+        except Exception as e:  # noqa: BLE001 - struct.error, flatbuffers' errors, ... on a corrupt file
+            raise AnalysisError(f"not a serialized jax.export.Exported ({type(e).__name__}: {_first_line(e)})") from e
 
     def __call__(self, images: np.ndarray) -> np.ndarray:  # compiled once per batch size
         return np.asarray(self.exported.call(np.asarray(images, np.uint8)), np.float32)
 
 
 RUNTIMES = {"onnx": OnnxRuntime, "stablehlo": StableHLORuntime}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
+def sha256(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
 
 
 def open_runtime(fmt: str, artifact: bytes):
@@ -288,35 +311,68 @@ def class_names(data_cfg, num_classes: int) -> list[str]:
     return (names + [str(i) for i in range(len(names), num_classes)])[:num_classes]
 
 
+# eval_transform["interpolation"] in model.json: how the run's own pipeline resized its evaluation images
+STREAMED = "bilinear, antialiased"  # a streamed dataset: streaming.eval_image (PIL), also an older model.json's
+NEAREST = "nearest"  # the digits: 8x8 images repeated to the input size at load (sources.load_digits)
+IN_MEMORY = "bilinear, antialiased, jax.image.resize"  # a tfds dataset held in memory (sources.resize_images)
+
+
 def eval_resize(data_cfg) -> dict:
-    """How an image file of any size becomes the model's input, as the run's evaluation transform does: resize the
-    short side to ``round(size * resize_ratio)``, centre crop (bilinear, antialiased).  An in-memory dataset is
-    stored at its input size (``resize_ratio`` 1: the centre square, resized); a streamed one uses its ratio."""
+    """How an image file of any size becomes the model's input, as the run's own pipeline made its evaluation
+    images.  A streamed dataset: resize the short side to ``round(size * resize_ratio)``, centre crop (PIL,
+    bilinear, antialiased: ``streaming.eval_image``).  An in-memory dataset is stored at its input size
+    (``resize_ratio`` 1): the centre square, resized as ``sources`` resized it at load: the digits
+    nearest-neighbour (``load_digits`` repeats each pixel), the others by ``sources.resize_images``."""
     from mgd_jax.data.sources import STREAMING
     from mgd_jax.data.streaming import EVAL_RESIZE_RATIO
 
-    streamed = bool(data_cfg.get("dir", None)) or data_cfg.name in STREAMING
-    ratio = float(data_cfg.get("eval_resize_ratio", EVAL_RESIZE_RATIO)) if streamed else 1.0
-    return {"resize_ratio": ratio, "crop": "center", "interpolation": "bilinear, antialiased"}
+    if bool(data_cfg.get("dir", None)) or data_cfg.name in STREAMING:
+        ratio, interpolation = float(data_cfg.get("eval_resize_ratio", EVAL_RESIZE_RATIO)), STREAMED
+    else:
+        ratio, interpolation = 1.0, NEAREST if data_cfg.name == "digits" else IN_MEMORY
+    return {"resize_ratio": ratio, "crop": "center", "interpolation": interpolation}
 
 
-def load_image(path: str, image_shape, resize_ratio: float) -> np.ndarray:
-    """An image file (PNG, JPEG, ...) -> uint8 [H, W, C]: RGB (or grayscale for C = 1), resized and centre-cropped."""
-    from PIL import Image, UnidentifiedImageError
+def _center_square(pixels: np.ndarray, size: int, interpolation: str) -> np.ndarray:
+    """uint8 [H, W, C] -> its centre square resized to ``size`` x ``size`` as ``sources`` resizes at load."""
+    from mgd_jax.data.sources import resize_images
+
+    h, w = pixels.shape[:2]
+    side = min(h, w)
+    top, left = int(round((h - side) / 2.0)), int(round((w - side) / 2.0))
+    square = pixels[top:top + side, left:left + side]
+    if interpolation == IN_MEMORY:
+        return resize_images(square[None], size)[0]
+    if size % side == 0:  # load_digits' own upsampling
+        return square.repeat(size // side, axis=0).repeat(size // side, axis=1)
+    idx = np.minimum((np.arange(size) + 0.5) * side / size, side - 1).astype(int)  # nearest, for other sizes
+    return square[idx][:, idx]
+
+
+def load_image(path: str, image_shape, resize_ratio: float = 1.0, interpolation: str = STREAMED) -> np.ndarray:
+    """An image file (PNG, JPEG, ...) -> uint8 [H, W, C]: RGB (or grayscale for C = 1), resized and centre-cropped
+    as ``eval_resize``'s ``resize_ratio`` and ``interpolation`` say."""
+    from PIL import Image
 
     from mgd_jax.data.streaming import eval_image
 
-    h, w, c = image_shape
+    h, w, c = (int(d) for d in image_shape)
     if h != w:
         raise AnalysisError(f"input {h}x{w} is not square: no evaluation transform for it")
-    try:
+    if interpolation not in (STREAMED, NEAREST, IN_MEMORY):
+        raise AnalysisError(f"evaluation interpolation {interpolation!r}: use one of {STREAMED!r}, {NEAREST!r}, "
+                            f"{IN_MEMORY!r}")
+    try:  # PIL's decode errors, as streaming.decode catches them
         with Image.open(path) as img:
-            rgb = eval_image(img, int(h), resize_ratio)
-    except (OSError, UnidentifiedImageError) as e:
+            if interpolation == STREAMED:
+                rgb = eval_image(img, h, resize_ratio)
+                if c == 1:
+                    return np.asarray(Image.fromarray(rgb).convert("L"), np.uint8)[..., None]
+                return rgb
+            pixels = np.asarray(img.convert("L" if c == 1 else "RGB"), np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise AnalysisError(f"{path}: cannot read it as an image ({type(e).__name__}: {e})") from None
-    if c == 1:
-        return np.asarray(Image.fromarray(rgb).convert("L"), np.uint8)[..., None]
-    return rgb
+    return _center_square(pixels.reshape(*pixels.shape[:2], c), h, interpolation)
 
 
 # --- the stage ---------------------------------------------------------------------------------------------------
@@ -353,12 +409,32 @@ def read_stage(run, stage: str) -> Deployable:
     from mgd_jax.export_torch import read_backbone
     from mgd_jax.models import classifier_name, get_model
 
+    if stage.strip("/").split("/")[0] == "mutual":
+        raise AnalysisError(f"stage {stage!r}: mutual-learning peers are not exportable (export teacher or "
+                            f"students/<name>)")
     arch, variables = read_backbone(run.workdir, stage)  # refuses what has no backbone, names the architecture
     _, meta = run.restore_best(stage)  # its metadata (the epoch)
     params = variables["params"]
     model = get_model(arch, int(params[classifier_name(params)]["kernel"].shape[1]))
     return Deployable(stage, arch, model, variables, tuple(run.config.augment.mean), tuple(run.config.augment.std),
-                      tuple(int(d) for d in run.dataset.image_shape), meta)
+                      image_shape(run), meta)
+
+
+def image_shape(run) -> tuple[int, int, int]:
+    """The run's input (H, W, C) from its config, without loading the data where the config says it (the digits,
+    a streamed dataset, a resized tfds one); else the loaded dataset's."""
+    from mgd_jax.data.sources import STREAMING
+
+    data = run.config.data
+    if data.name == "digits" and not data.get("dir", None):
+        size = int(data.get("image_size", 16))
+        return (size, size, 1)
+    if data.get("dir", None) or data.name in STREAMING:
+        size = int(data.get("image_size", 224))
+        return (size, size, 3)
+    if data.get("image_size", None):
+        return (int(data.image_size), int(data.image_size), 3)
+    return tuple(int(d) for d in run.dataset.image_shape)
 
 
 def export_stage(workdir: str, stage: str, formats=FORMATS, out: str | None = None, batch_size: int = CHECK_BATCH,
@@ -372,11 +448,18 @@ def export_stage(workdir: str, stage: str, formats=FORMATS, out: str | None = No
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise AnalysisError(f"--format={','.join(formats)}: use one or more of {', '.join(FORMATS)}")
+    if "onnx" in formats:  # the export extra, before the long part
+        import importlib
+
+        try:
+            for name in ("jax2onnx", "onnxruntime"):
+                importlib.import_module(name)
+        except ImportError:
+            raise AnalysisError("ONNX export needs jax2onnx and onnxruntime: pip install -e '.[export]'") from None
     run = Run(workdir)
     model = read_stage(run, stage)
     out = out or os.path.join(run.stage_dir(stage), "export")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise AnalysisError(f"--out={out} is a file, not a folder")
+    _check_out(out)
     images, labels = run.split("test")
     log(f"{stage}: {model.arch}, {model.num_classes} classes, input {'x'.join(map(str, model.image_shape))} uint8; "
         f"{len(labels)} test images")
@@ -405,6 +488,7 @@ def export_stage(workdir: str, stage: str, formats=FORMATS, out: str | None = No
         "eval_transform": eval_resize(run.config.data),
         "precision": "float32",
         "files": {fmt: FILES[fmt] for fmt in formats},
+        "sha256": {FILES[fmt]: sha256(blob) for fmt, blob in artifacts.items()},
         "check": {"split": "test", "examples": int(len(labels)), "rule": f"|logit - JAX logit| <= {atol:g} + "
                   f"{rtol:g} * |JAX logit|, same top-1", "atol": atol, "rtol": rtol,
                   **{fmt: {k: r[k] for k in ("max_abs_diff", "max_rel_diff")} for fmt, r in report.items()}},
@@ -415,13 +499,27 @@ def export_stage(workdir: str, stage: str, formats=FORMATS, out: str | None = No
         metadata["onnx_opset"] = ONNX_OPSET
     if "stablehlo" in formats:
         metadata["stablehlo_platforms"] = list(STABLEHLO_PLATFORMS)
-    os.makedirs(out, exist_ok=True)
     blobs = {FILES[fmt]: blob for fmt, blob in artifacts.items()}
     blobs[METADATA] = (json.dumps(metadata, indent=1) + "\n").encode()
-    _write_all(out, blobs)
+    stale = [FILES[fmt] for fmt in FORMATS if fmt not in formats]
+    _write_all(out, blobs, stale)
     for name in blobs:
         log(f"wrote {os.path.join(out, name)}")
     return metadata
+
+
+def _check_out(out: str) -> None:
+    """Refuses, before the long check, an ``out`` that is a file or cannot be created: its nearest existing
+    ancestor must be a folder this process can write in."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise AnalysisError(f"--out={out} is a file, not a folder")
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise AnalysisError(f"--out={out}: cannot create it, {path} is a file")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise AnalysisError(f"--out={out}: cannot create or write it, {path} is not writable")
 
 
 def _versions(formats) -> dict:
@@ -437,15 +535,20 @@ def _versions(formats) -> dict:
     return out
 
 
-def _write_all(folder: str, blobs: dict[str, bytes]) -> None:
-    """Each file first as ``.<name>.tmp``, then all renamed into place: no half-written file under a real name."""
+def _write_all(folder: str, blobs: dict[str, bytes], stale=()) -> None:
+    """Each file first as ``.<name>.tmp``, then all renamed into place: no half-written file under a real name;
+    then the ``stale`` files (another export's formats) removed, so that the folder holds this export only."""
     tmps = {name: os.path.join(folder, f".{name}.tmp") for name in blobs}
     try:
+        os.makedirs(folder, exist_ok=True)
         for name, blob in blobs.items():
             with open(tmps[name], "wb") as f:
                 f.write(blob)
         for name in blobs:
             os.replace(tmps[name], os.path.join(folder, name))
+        for name in stale:
+            if os.path.lexists(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
     except OSError as e:
         raise AnalysisError(f"{folder}: cannot write the export ({type(e).__name__}: {e})") from e
     finally:

@@ -8,7 +8,8 @@ Each image (PNG, JPEG, ... of any size) becomes the model's input as the run's e
 (``mgd_jax.export.load_image``: RGB, or grayscale for a one-channel model; the short side resized, the centre
 cropped); the top ``--top`` (5) classes are printed with their softmax probabilities and the dataset's class names.
 An exported model reads its names, input size and transform from the ``model.json`` beside it, and runs in its
-own runtime (onnxruntime; jax for the StableHLO file) without this package's model code.
+own runtime (onnxruntime; jax for the StableHLO file) without this package's model code; a model file that
+``model.json`` does not list, or whose sha256 differs from the one it records, is refused (re-export).
 """
 from __future__ import annotations
 
@@ -20,18 +21,21 @@ from typing import Callable
 import numpy as np
 
 from mgd_jax.errors import AnalysisError
-from mgd_jax.export import (METADATA, OnnxRuntime, StableHLORuntime, batched_logits, class_names, eval_resize,
-                            load_image, read_stage)
+from mgd_jax.export import (METADATA, STREAMED, OnnxRuntime, StableHLORuntime, batched_logits, class_names,
+                            eval_resize, load_image, read_stage, sha256)
 
 TOP = 5
 
 
 class Classifier:
-    """``logits(uint8 images) -> logits``, its class names, input shape and evaluation resize ratio."""
+    """``logits(uint8 images) -> logits``, its class names, input shape and evaluation transform (``eval_resize``:
+    resize ratio and interpolation)."""
 
-    def __init__(self, logits: Callable, names: list[str], image_shape, resize_ratio: float, source: str):
+    def __init__(self, logits: Callable, names: list[str], image_shape, resize_ratio: float, source: str,
+                 interpolation: str = STREAMED):
         self.logits, self.names, self.source = logits, list(names), source
         self.image_shape, self.resize_ratio = tuple(int(d) for d in image_shape), float(resize_ratio)
+        self.interpolation = interpolation
 
     @classmethod
     def from_export(cls, path: str) -> "Classifier":
@@ -41,16 +45,30 @@ class Classifier:
         meta_path = os.path.join(os.path.dirname(os.path.abspath(path)), METADATA)
         if not os.path.isfile(meta_path):
             raise AnalysisError(f"{meta_path} is missing: --model takes a file written by python -m mgd_jax.export")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if path.endswith(".onnx"):
-            run = OnnxRuntime(path)
-        elif path.endswith(".stablehlo"):
-            with open(path, "rb") as f:
-                run = StableHLORuntime(f.read())
-        else:
+        if not path.endswith((".onnx", ".stablehlo")):
             raise AnalysisError(f"--model={path}: not a .onnx or .stablehlo file")
-        return cls(run, meta["class_names"], meta["input"]["shape"][1:], meta["eval_transform"]["resize_ratio"], path)
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            transform = meta["eval_transform"]
+            args = (meta["class_names"], meta["input"]["shape"][1:], float(transform["resize_ratio"]), path,
+                    transform.get("interpolation", STREAMED))
+            listed = os.path.basename(path) in meta["files"].values()
+            recorded = meta.get("sha256", {}).get(os.path.basename(path))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a missing key, a corrupt or foreign JSON
+            raise AnalysisError(f"{meta_path}: not a model.json written by python -m mgd_jax.export ("
+                                f"{type(e).__name__}: {e})") from None
+        with open(path, "rb") as f:
+            blob = f.read()
+        if not listed or recorded != sha256(blob):
+            why = "is not listed in" if not listed else "has another sha256 than the one recorded in"
+            raise AnalysisError(f"--model={path} {why} {meta_path}: it was not written with this model.json: "
+                                f"re-export")
+        try:
+            run = OnnxRuntime(blob) if path.endswith(".onnx") else StableHLORuntime(blob)
+        except AnalysisError as e:
+            raise AnalysisError(f"--model={path}: {e}") from None
+        return cls(run, *args)
 
     @classmethod
     def from_stage(cls, workdir: str, stage: str) -> "Classifier":
@@ -63,12 +81,13 @@ class Classifier:
         run = Run(workdir)
         model = read_stage(run, stage)
         fn = jax.jit(lambda variables, x: logits_fn(model.model, variables, model.mean, model.std)(x))
+        transform = eval_resize(run.config.data)
         return cls(lambda x: fn(model.variables, x), class_names(run.config.data, model.num_classes),
-                   model.image_shape, eval_resize(run.config.data)["resize_ratio"], f"{workdir}:{stage}")
+                   model.image_shape, transform["resize_ratio"], f"{workdir}:{stage}", transform["interpolation"])
 
     def top(self, paths: list[str], k: int = TOP) -> list[tuple[str, list[tuple[str, float]]]]:
         """-> for each image, its ``k`` most probable classes as (name, probability), most probable first."""
-        images = np.stack([load_image(p, self.image_shape, self.resize_ratio) for p in paths])
+        images = np.stack([load_image(p, self.image_shape, self.resize_ratio, self.interpolation) for p in paths])
         logits = batched_logits(self.logits, images, batch_size=min(len(images), 100)).astype(np.float64)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)

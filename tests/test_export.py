@@ -1,5 +1,6 @@
 """Export (issue #17): a stage's backbone as ONNX (run in onnxruntime) and StableHLO (jax.export, deserialized),
 checked against the JAX model at export; predicting image files from either, or from the workdir."""
+import hashlib
 import json
 import os
 import subprocess
@@ -231,13 +232,26 @@ def test_a_runtime_that_differs_is_refused_and_nothing_is_written(smoke_workdir,
     assert err.endswith("refusing to write it") and "\n" not in err
     assert sorted(os.listdir(out)) == ["model.onnx"] and (out / "model.onnx").read_bytes() == b"an earlier export"
 
-    # just within the tolerance it is written (StableHLO only: the ONNX conversion is tested above)
+    # just within the tolerance it is written (StableHLO only: the ONNX conversion is tested above), and the
+    # earlier export's model.onnx, another format, is removed: the folder holds this export only
     monkeypatch.setitem(ex.RUNTIMES, "stablehlo", lambda blob, run=ex.RUNTIMES["stablehlo"]: _Off(run(blob), 5e-5))
     meta = ex.export_stage(work, "students/mas_kd", ["stablehlo"], str(out), log=lambda *_: None)
     assert 4e-5 < meta["check"]["stablehlo"]["max_abs_diff"] <= 1e-4
     assert (meta["check"]["atol"], meta["check"]["rtol"]) == (1e-4, 0.0)
     assert meta["files"] == {"stablehlo": "model.stablehlo"}
-    assert sorted(os.listdir(out)) == ["model.json", "model.onnx", "model.stablehlo"]
+    assert sorted(os.listdir(out)) == ["model.json", "model.stablehlo"]
+    stablehlo = (out / "model.stablehlo").read_bytes()
+    assert meta["sha256"] == {"model.stablehlo": hashlib.sha256(stablehlo).hexdigest()}
+    assert json.loads((out / "model.json").read_text())["sha256"] == meta["sha256"]
+
+    # predict refuses a model file that this model.json does not list, or whose bytes are not the ones it records
+    (out / "model.onnx").write_bytes(b"a stale export")
+    (out / "model.stablehlo").write_bytes(stablehlo[:-1] + bytes([stablehlo[-1] ^ 1]))
+    for name, why in (("model.onnx", "is not listed in"), ("model.stablehlo", "has another sha256 than the one")):
+        assert predict.main([f"--model={out / name}", "x.png"]) == 2
+        err = capsys.readouterr().err
+        assert why in err and err.strip().endswith("it was not written with this model.json: re-export")
+        assert err.count("\n") == 1
 
 
 def test_a_top1_flip_within_the_tolerance_is_refused():
@@ -257,15 +271,61 @@ def test_a_top1_flip_within_the_tolerance_is_refused():
         ex.compare("x", reference, reference * np.nan)
 
 
-def test_one_line_errors(smoke_workdir, tmp_path, capsys):
+def test_one_line_errors(smoke_workdir, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from mgd_jax.analysis.common import Run
+
     work, _ = smoke_workdir
+    (tmp_path / "a_file").write_text("")
     for argv, message in (
             ([f"--workdir={work}", "--stage=analyzer"], "stage 'analyzer' has no backbone to export"),
+            ([f"--workdir={work}", "--stage=mutual"], "mutual-learning peers are not exportable"),
+            ([f"--workdir={work}", "--stage=teacher", f"--out={tmp_path / 'a_file' / 'under' / 'it'}"],
+             f"cannot create it, {tmp_path / 'a_file'} is a file"),
             ([f"--workdir={work}", "--stage=teacher", "--format=tflite"], "--format=tflite: use one or more of"),
             ([f"--workdir={tmp_path}", "--stage=teacher"], "config.json is missing")):
         assert ex.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "teacher").exists()
+
+    # the export extra is checked before the test split is read and the JAX reference computed
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "jax2onnx", None)
+        m.setattr(Run, "split", lambda *_: pytest.fail("the split was read before the imports were checked"))
+        assert ex.main([f"--workdir={work}", "--stage=teacher", f"--out={tmp_path / 'x'}"]) == 2
+        assert "ONNX export needs jax2onnx and onnxruntime" in capsys.readouterr().err
+
+    # corrupt model files (listed, with their sha256), a model.json without a key, a decompression bomb
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    png = str(tmp_path / "digit.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
+    meta = {"class_names": [str(i) for i in range(10)], "input": {"shape": ["batch", 8, 8, 1]},
+            "eval_transform": {"resize_ratio": 1.0, "interpolation": "nearest"},
+            "files": {"onnx": "model.onnx", "stablehlo": "model.stablehlo"},
+            "sha256": {n: hashlib.sha256(b"").hexdigest() for n in ("model.onnx", "model.stablehlo")}}
+    (bad / "model.onnx").write_bytes(b"")
+    (bad / "model.stablehlo").write_bytes(b"")
+    (bad / "model.json").write_text(json.dumps(meta))
+    for argv, message in (([f"--model={bad / 'model.onnx'}", png], "model.onnx: onnxruntime cannot load the ONNX model (InvalidArgument"),
+                          ([f"--model={bad / 'model.stablehlo'}", png], "not a serialized jax.export.Exported")):
+        assert predict.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    del meta["class_names"]
+    (bad / "model.json").write_text(json.dumps(meta))
+    assert predict.main([f"--model={bad / 'model.onnx'}", png]) == 2
+    err = capsys.readouterr().err
+    assert "not a model.json written by python -m mgd_jax.export (KeyError: 'class_names')" in err
+    assert err.count("\n") == 1
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 8 x 8 > 2 x 10: PIL's DecompressionBombError
+    assert predict.main([f"--workdir={work}", "--stage=teacher", png]) == 2
+    err = capsys.readouterr().err
+    assert "digit.png: cannot read it as an image (DecompressionBombError" in err and err.count("\n") == 1
+    monkeypatch.undo()
+
     (tmp_path / "model.onnx").write_bytes(b"")
     (tmp_path / "photo.png").write_bytes(b"not a png")
     for argv, message in (([f"--model={tmp_path / 'model.onnx'}", "x.png"], "model.json is missing"),
@@ -301,3 +361,33 @@ def test_an_image_folders_names_and_evaluation_transform(tmp_path):
         np.testing.assert_array_equal(ex.load_image(str(tmp_path / "val" / name / "a.jpg"), (16, 16, 3), ratio),
                                       data.test_images[row])
     data.close()
+
+
+def test_an_in_memory_datasets_evaluation_transform_is_its_own_resize(tmp_path):
+    """An image file of an in-memory dataset becomes exactly the run's evaluation input, resized as the data
+    pipeline resized it at load: the digits (quickstart, 16x16) nearest-neighbour from their 8x8 pixels, a tfds
+    dataset (STL-10's 96x96 at 32) by sources.resize_images; an image of another shape is centre-cropped first."""
+    import ml_collections
+    from PIL import Image
+
+    from configs import quickstart
+    from mgd_jax.data.sources import load_digits, resize_images
+
+    data = quickstart.get_config().data
+    transform = ex.eval_resize(data)
+    assert transform == {"resize_ratio": 1.0, "crop": "center", "interpolation": "nearest"}
+    raw, run = load_digits(8, data.test_size, data.split_seed), load_digits(data.image_size, data.test_size,
+                                                                           data.split_seed)
+    for i in range(0, len(raw.test_images), 45):
+        path = str(tmp_path / f"digit_{i}.png")
+        Image.fromarray(raw.test_images[i][..., 0]).save(path)
+        got = ex.load_image(path, run.image_shape, transform["resize_ratio"], transform["interpolation"])
+        np.testing.assert_array_equal(got, run.test_images[i])
+
+    stl = ml_collections.ConfigDict({"name": "stl10", "image_size": 32})
+    transform = ex.eval_resize(stl)
+    assert transform["interpolation"] == ex.IN_MEMORY
+    pixels = np.random.default_rng(0).integers(0, 256, (96, 110, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    got = ex.load_image(str(tmp_path / "wide.png"), (32, 32, 3), transform["resize_ratio"], transform["interpolation"])
+    np.testing.assert_array_equal(got, resize_images(pixels[None, :, 7:103], 32)[0])

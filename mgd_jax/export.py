@@ -23,7 +23,8 @@ the JAX model's by more than ``atol + rtol * |JAX logit|`` anywhere or its top-1
 with large logits, where float32 rounding grows with the magnitude: the exported graph bakes the weights in as
 constants, which XLA compiles differently from the reference that passes them as arguments (the StableHLO's logits
 are bitwise those of ``jit`` of the same function with the weights baked in); on logits of ~3000 (a 1-epoch
-ResNet-18), where float32's spacing is 2.4e-4, that reorders float32 sums by ~1e-3.  ``--rtol=1e-6`` admits that.  The graphs compute in float32 (a bfloat16 run's float32 parameters, computed in float32).
+ResNet-18), where float32's spacing is 2.4e-4, that reorders float32 sums by ~1e-3.  ``--rtol=1e-6`` admits that.
+The graphs compute in float32 (a bfloat16 run's float32 parameters, computed in float32).
 
 ONNX: jax2onnx replaces ``flax.linen.max_pool`` / ``avg_pool`` during a conversion by its own primitives, which
 take neither a positional window nor explicit padding pairs (our ResNet stems, VGG, ShuffleNet v1 use both), and

@@ -309,7 +309,8 @@ def test_one_line_errors(smoke_workdir, tmp_path, capsys, monkeypatch):
     (bad / "model.onnx").write_bytes(b"")
     (bad / "model.stablehlo").write_bytes(b"")
     (bad / "model.json").write_text(json.dumps(meta))
-    for argv, message in (([f"--model={bad / 'model.onnx'}", png], "model.onnx: onnxruntime cannot load the ONNX model (InvalidArgument"),
+    for argv, message in (([f"--model={bad / 'model.onnx'}", png],
+                           "model.onnx: onnxruntime cannot load the ONNX model (InvalidArgument"),
                           ([f"--model={bad / 'model.stablehlo'}", png], "not a serialized jax.export.Exported")):
         assert predict.main(argv) == 2
         err = capsys.readouterr().err

@@ -248,7 +248,6 @@ def _preempt(run, at, signalled):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.xdist_group("reference_run")  # on the worker that trains the shared reference (tests/test_reliability)
 def test_preempted_on_one_then_on_two_slurm_processes_resumes_bitwise(reference_run, tmp_path):
     """One workdir preempted mid-epoch on 1 process, then on 2 processes that SLURM's variables alone started, resumed
     each time; every stage ends bitwise the uninterrupted run's.  The 2 processes: SIGTERM to one of them, the notice

@@ -14,6 +14,7 @@ from mgd_jax.train import mesh as mesh_lib
 
 CLASSES = ("ant", "bee", "cat")  # sorted: labels 0, 1, 2
 PER_CLASS = 24
+PALETTE_RGB = (230, 120, 40)  # the palette PNG's one colour (index 3): the image is this colour, not its index
 
 
 def _write_folder(root, rng, per_class=PER_CLASS, val_per_class=6):
@@ -38,7 +39,9 @@ def _write_folder(root, rng, per_class=PER_CLASS, val_per_class=6):
     rgba = np.zeros((27, 31, 4), np.uint8)
     rgba[..., 1], rgba[..., 3] = 200, 17  # green, almost transparent: alpha is dropped, the colour kept
     Image.fromarray(rgba, "RGBA").save(os.path.join(d, "rgba.png"))
-    Image.new("P", (25, 25), 3).save(os.path.join(d, "palette.png"))
+    palette = Image.new("P", (25, 25), 3)  # every pixel index 3, whose palette entry is orange
+    palette.putpalette([0, 0, 0] * 3 + list(PALETTE_RGB) + [0, 0, 0] * 252)
+    palette.save(os.path.join(d, "palette.png"))
     return root
 
 
@@ -69,7 +72,7 @@ def test_folder_classes_labels_and_conversions_to_rgb(folder):
     assert cmyk[0] > 200 and cmyk[1] < 40 and cmyk[2] < 40, cmyk  # red
     rgba = images[row["rgba.png"]].astype(int).reshape(-1, 3)
     assert np.all(np.abs(rgba - [0, 200, 0]) <= 1)
-    assert np.all(ds.train_images[[row["palette.png"]]][0] == ds.train_images[[row["palette.png"]]][0][0, 0])
+    assert np.array_equal(images[row["palette.png"]], np.broadcast_to(PALETTE_RGB, (24, 24, 3)))
     # labels follow the folders: class c's images are brighter with c
     means = images.reshape(len(images), -1).mean(1)
     ordinary = [i for i, n in enumerate(names) if os.path.basename(n)[0].isdigit()]
@@ -116,17 +119,23 @@ def test_training_batches_are_a_function_of_seed_epoch_pass_row(folder):
     assert [x.shape for x in a] == [(16, 24, 24, 3)] * len(batches)
     for idx, x in zip(batches[:2], a):  # = one image at a time, in the batch's order
         assert np.array_equal(x, np.stack([ds.train_example(r, 5, 0, 0) for r in idx]))
+    assert len(batches) == n // 16 == 4  # 76 rows: 4 full batches (the rest dropped)
+
+    def same(xs, ys):  # batch for batch, and as many of them (zip alone would pass an empty stream)
+        xs, ys = list(xs), list(ys)
+        return len(xs) == len(ys) > 0 and all(np.array_equal(x, y) for x, y in zip(xs, ys))
+
     one = load_dataset(_cfg(folder, workers=1, prefetch=1))  # worker count and prefetch change nothing
-    assert all(np.array_equal(x, y) for x, y in zip(a, one.train_batches(batches, 5, 0, 0)))
+    assert same(a, one.train_batches(batches, 5, 0, 0))
     grained = load_dataset(_cfg(folder, loader="grain"))  # nor does the loader (grain's MapDataset)
-    g = list(grained.train_batches(batches, 5, 0, 0))
-    assert len(g) == len(a) and all(np.array_equal(x, y) for x, y in zip(a, g))
+    assert same(a, grained.train_batches(batches, 5, 0, 0))
     g2 = list(grained.train_batches(batches[2:], 5, 0, 0, process_index=1, process_count=2))
-    assert all(np.array_equal(x, y[8:]) for x, y in zip(g2, a[2:]))
+    assert [x.shape for x in g2] == [(8, 24, 24, 3)] * 2  # process 1 of 2: the second half of each batch
+    assert same(g2, [y[8:] for y in a[2:]])
     grained.close()
-    resumed = list(ds.train_batches(batches[2:], 5, 0, 0))  # a resumed pass starts at its batch
-    assert all(np.array_equal(x, y) for x, y in zip(a[2:], resumed))
+    assert same(a[2:], ds.train_batches(batches[2:], 5, 0, 0))  # a resumed pass starts at its batch
     other = list(ds.train_batches(batches, 5, 1, 0))  # another epoch: other crops and flips of the same rows
+    assert [x.shape for x in other] == [(16, 24, 24, 3)] * len(batches)
     assert not any(np.array_equal(x, y) for x, y in zip(a, other))
     assert not np.array_equal(ds.train_example(0, 5, 0, 0), ds.train_example(0, 6, 0, 0))
     ds.close()

@@ -246,18 +246,18 @@ def test_kdsvd_on_two_devices_does_not_deadlock():
 
 
 def _readme_method_file() -> str:
-    """The complete method file of README's "Adding a method"."""
+    """The complete method file of docs/methods.md's "Adding a method"."""
     import pathlib
     import re
 
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("\n## Adding a method\n", 1)[1].split("\n## ", 1)[0]
+    page = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    section = page.split("\n## Adding a method\n", 1)[1].split("\n## ", 1)[0]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 def test_a_new_method_is_one_file(smoke_workdir, tmp_path, monkeypatch):
-    """README's example method: written as one new file into a copy of the package, ``known_methods()`` lists it
-    last (nothing else edited); loaded from its file, it trains a student through the config path
+    """docs/methods.md's example method: written as one new file into a copy of the package, ``known_methods()``
+    lists it last (nothing else edited); loaded from its file, it trains a student through the config path
     (``configs/smoke.py``, ``default.student_run``, the pipeline's config checks; 1 epoch) on the smoke run's
     teacher and analyzer."""
     import importlib.util

@@ -26,7 +26,8 @@ from mgd_jax.train.metrics import NonFiniteLossError
 def _toy_fit(tmp_path, step_fn, every=1, epochs=2, n=8):
     """The real loop on a three-weight 'model', batch 4 (n=8: 2 steps per epoch)."""
     mesh = mesh_lib.make_mesh(jax.devices()[:1])
-    ds = types.SimpleNamespace(train_images=np.zeros((n, 2, 2, 1), np.uint8), train_labels=np.zeros(n, np.int32))
+    images = np.broadcast_to(np.arange(1, n + 1, dtype=np.uint8)[:, None, None, None], (n, 2, 2, 1))  # row i: i + 1
+    ds = types.SimpleNamespace(train_images=images.copy(), train_labels=np.zeros(n, np.int32))
     state = mesh_lib.replicate({"w": jnp.full((3,), -1.0), "step": jnp.zeros((), jnp.int32)}, mesh)
     spec = StageSpec(name="toy", directory=str(tmp_path / "toy"), num_epochs=epochs, batch_size=4, seed=0,
                      meta={"stage": "toy"}, passes=[("toy", jax.jit(step_fn))],
@@ -81,9 +82,12 @@ def test_non_finite_parameters_are_never_checkpointed(tmp_path):
     ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/w/d/0.zarr\": [OS error 28: No space left on device]"),
     OSError(errno.ENOSPC, "No space left on device"),
 ])
-def test_full_disk_is_one_line_and_the_rerun_resumes_exactly(tmp_path, monkeypatch, error):
+def test_full_disk_is_one_line_and_the_rerun_resumes_exactly(tmp_path, monkeypatch, capsys, error):
+    """The rows' images differ (row i is i + 1) and the step is not commutative over batches, so a rerun that
+    starts again from step 0 is told apart by where it says it resumes, and one that resumes at the wrong batch
+    (or redoes one) by its parameters."""
     def step(state, frozen, batch, key):
-        w = state["w"] * 0.9 + 0.01 * jnp.sum(batch["image"])
+        w = state["w"] * 0.9 + 0.01 * jnp.sum(batch["image"].astype(jnp.float32))
         return {"w": w, "step": state["step"] + 1}, {"loss": jnp.sum(w), "grad_norm": jnp.float32(1.0)}
 
     (_, want, _), _ = _toy_fit(tmp_path / "ref", step)
@@ -105,8 +109,12 @@ def test_full_disk_is_one_line_and_the_rerun_resumes_exactly(tmp_path, monkeypat
     assert "\n" not in msg and str(tmp_path / "w" / "toy" / "checkpoints") in msg, msg
     assert "needs about 0.0 MiB" in msg and "rerun the same command: it resumes" in msg, msg
     assert isinstance(e.value.__cause__, type(error))  # the cause stays chained
+    # the saves: step 1's latest, epoch 1's best, then step 2's latest fails: step 1 is the last complete one
+    assert _latest_w(tmp_path / "w")[0] == 1
     monkeypatch.setattr(ocp.CheckpointManager, "save", original)
+    capsys.readouterr()
     (_, got, _), _ = _toy_fit(tmp_path / "w", step)  # space freed: the same command resumes
+    assert "[toy] resuming at epoch 1, pass 1, batch 1\n" in capsys.readouterr().out  # after step 1, not from 0
     _, got_latest = _latest_w(tmp_path / "w")
     np.testing.assert_array_equal(jax.device_get(got["w"]), jax.device_get(want["w"]))
     np.testing.assert_array_equal(got_latest["w"], want_latest["w"])

@@ -118,4 +118,14 @@ def _write_summary(rows, workdir):
         write_atomic(os.path.join(workdir, "summary.md"), table)
         write_atomic(os.path.join(workdir, "summary.json"), json.dumps(rows, indent=1))
         print("\n" + table, flush=True)
+        where = _shown_path(workdir)
+        print(f"results: {os.path.join(where, 'summary.md')} and {os.path.join(where, 'summary.json')}\n"
+              f"every epoch's metrics: {os.path.join(where, '<stage>', 'metrics.jsonl')} (TensorBoard: "
+              f"{os.path.join(where, '<stage>', 'tensorboard')})", flush=True)
     return {"rows": rows, "table": table}
+
+
+def _shown_path(path: str) -> str:
+    """``path`` as a person would type it here: relative to the working directory when it lies below it."""
+    rel = os.path.relpath(path)
+    return path if rel == ".." or rel.startswith(".." + os.sep) else rel

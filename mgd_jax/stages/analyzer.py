@@ -108,7 +108,7 @@ def run(run: StageRun, teacher: Teacher) -> tuple[Teacher, dict]:
         name="analyzer", directory=run.directory("analyzer"), num_epochs=cfg.epochs, batch_size=cfg.batch_size,
         seed=seed, meta=spec_meta(config, run.data.num_classes), passes=passes,
         evaluate=lambda s: run.evaluate(lambda b: eval_step(teacher.variables, {nm: s[nm].params for nm in names}, b)),
-        improve=improve, export=export, **run.loop_options())
+        improve=improve, export=export, **run.loop_options(cfg.optimizer))
     like = jax.device_get({nm: states[nm].params for nm in names})
     _, tubes, result = fit(spec, states, teacher.variables, run.data, run.mesh, like)
     return dataclasses.replace(teacher, analyzer=analyzer, tubes=mesh_lib.replicate(tubes, run.mesh)), result

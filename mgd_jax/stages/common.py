@@ -17,6 +17,7 @@ from mgd_jax.models import get_model
 from mgd_jax.train import mesh as mesh_lib
 from mgd_jax.train.checkpoint import flatten_config
 from mgd_jax.train.loop import evaluate_dataset
+from mgd_jax.train.progress import epoch_lr
 
 
 @flax.struct.dataclass
@@ -195,13 +196,14 @@ class StageRun:
         v = self.config.data.get("on_device", None)
         return jax.default_backend() != "cpu" if v is None else bool(v)
 
-    def loop_options(self) -> dict:
-        """The ``StageSpec`` fields every stage takes from the config."""
+    def loop_options(self, optimizer=None) -> dict:
+        """The ``StageSpec`` fields every stage takes from the config; ``optimizer`` (the stage's, as given to
+        ``sgd``): its per-epoch lr is shown in the epoch lines."""
         ck = self.config.get("checkpoint", None) or {}
         return dict(drop_remainder=self.config.drop_remainder, progress=self.config.progress,
                     checkpoint_every_steps=int(ck.get("every_steps", 0) or 0),
                     keep_checkpoints=int(ck.get("keep", 2)), on_device=self.data_on_device(),
-                    legacy_layout=legacy_layout)
+                    legacy_layout=legacy_layout, lr=None if optimizer is None else epoch_lr(optimizer))
 
     def evaluate(self, counts_fn) -> dict:
         """``counts_fn(batch) -> {name: sum}`` over the test split: dataset-level means."""

@@ -153,7 +153,7 @@ def run(run: StageRun, name: str, modules: StudentModules, teacher: Teacher, stu
         batch_size=batch_size, seed=seed + SEED_OFFSET, meta={**meta, "stage": "student_init"},
         passes=[("init", step)], evaluate=lambda st: run.evaluate(lambda b: eval_step(st, b)),
         improve=lambda best, metrics, epoch: ({**metrics, "epoch": epoch + 1}, ["last"]),
-        export=lambda st, prev, improved: st, **run.loop_options())
+        export=lambda st, prev, improved: st, **run.loop_options(cfg.optimizer))
     _, export, _ = fit(spec, mesh_lib.replicate(state, run.mesh), t_inputs, run.data, run.mesh,
                        jax.device_get(state))
     return finish_init_stage(modules, export, student, student_tx)

@@ -79,6 +79,6 @@ def run(run: StageRun) -> tuple[Teacher, dict]:
         seed=seed, meta=spec_meta(config, run.data.num_classes), passes=[("teacher", train_step)],
         evaluate=lambda s: run.evaluate(lambda b: eval_step(backbone_variables(s), b)),
         improve=best_by("test/acc1"), export=lambda s, prev, improved: backbone_variables(s),
-        **run.loop_options())
+        **run.loop_options(cfg.optimizer))
     _, export, result = fit(spec, state, None, run.data, run.mesh, jax.device_get(backbone_variables(state)))
     return Teacher(model, mesh_lib.replicate(export, run.mesh)), result

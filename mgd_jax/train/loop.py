@@ -13,7 +13,9 @@ receives only the batch's row indices; the rows are gathered inside the jitted s
 already), so the step needs nothing from the host but 4 bytes per image.  A streaming dataset (``streaming = True``:
 ImageNet, image folders; ``mgd_jax/data/streaming.py``) decodes and augments each step's rows on host threads,
 prefetched, every process only its own slice of the batch.  Metrics stay on the device until
-the loop fetches them in groups (at checkpoints and epoch ends), so no step waits for the host.
+the loop fetches them in groups (at checkpoints and epoch ends), so no step waits for the host; the first step of
+each pass (and the first evaluation) is the exception, timed once to say how long it compiled (``train/progress.py``:
+the lines and the bar a person watching sees).
 A preemption notice (SIGTERM; ``train/preemption.py``) saves the latest checkpoint at the next step boundary on
 every process and raises ``preemption.Preempted``: the restart redoes no step.
 """
@@ -27,7 +29,6 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from mgd_jax.errors import ConfigError
 from mgd_jax.train import faults
@@ -35,6 +36,7 @@ from mgd_jax.train import mesh as mesh_lib
 from mgd_jax.train import preemption
 from mgd_jax.train.checkpoint import StageCheckpoints
 from mgd_jax.train.metrics import MetricWriter, NonFiniteLossError, check_finite
+from mgd_jax.train.progress import Progress, epoch_lines
 
 
 @dataclasses.dataclass
@@ -57,6 +59,7 @@ class StageSpec:
     on_device: bool = False  # training data resident on the devices, batches gathered inside the step
     # (like) -> (like in an earlier version's checkpoint layout, convert to like's): resumes old workdirs
     legacy_layout: Callable | None = None
+    lr: Callable[[int], float] | None = None  # the 0-based epoch's learning rate, for the epoch line (None: not shown)
 
 
 def host_rss_mib() -> float:
@@ -86,6 +89,10 @@ def gather_rows(step: Callable) -> Callable:
     return jax.jit(step_on_device, donate_argnums=0)
 
 
+# While the loop times a stage's first evaluation: the seconds of each evaluation's first (compiling) batch.
+_first_eval_batches: list | None = None
+
+
 def evaluate_dataset(eval_fn: Callable, images: np.ndarray, labels: np.ndarray, batch_size: int, mesh) -> dict:
     """Runs ``eval_fn(batch) -> {name: sum}`` over padded batches; returns dataset-level means."""
     n, ndev = len(labels), mesh.devices.size
@@ -93,7 +100,11 @@ def evaluate_dataset(eval_fn: Callable, images: np.ndarray, labels: np.ndarray, 
     totals = None
     for start in range(0, n, bs):
         rows = mesh_lib.local_rows(images, labels, np.arange(start, start + bs))  # this process's rows only
+        t0 = time.perf_counter()
         counts = eval_fn(mesh_lib.shard_local_batch(rows, bs, mesh))
+        if start == 0 and _first_eval_batches is not None:  # the batch that compiled: waited for once
+            jax.block_until_ready(counts)
+            _first_eval_batches.append(time.perf_counter() - t0)
         totals = counts if totals is None else jax.tree.map(lambda a, b: a + b, totals, counts)
     return {k: float(v) / n for k, v in jax.device_get(totals).items()}
 
@@ -194,6 +205,7 @@ class _Member:
         self.writer = None
         self.best, self.last, self.export = {}, {}, None
         self.done_passes, self.acc = {}, _Accumulator()
+        self.evaluated = False  # its evaluation has compiled in this run
 
     def close(self, quietly: bool = False):
         """Close the metric writer and checkpoints; ``quietly`` (an error is on its way up already): a failure to
@@ -280,6 +292,24 @@ def _resume(m: _Member, state, mesh, step=None):
     return state, start, False
 
 
+def _evaluate(m: _Member, state, progress: Progress) -> dict:
+    """``m``'s evaluation of ``state``; its first in this run compiles: said, with the seconds of its compiling
+    batches (``evaluate_dataset``'s first batch, waited for once; the whole evaluation if it has none)."""
+    global _first_eval_batches
+    if m.evaluated:
+        return m.spec.evaluate(state)
+    with progress.compiling(f"{m.spec.name} evaluation step") as timer:
+        _first_eval_batches = []
+        try:
+            out = m.spec.evaluate(state)
+            if _first_eval_batches:
+                timer.seconds = sum(_first_eval_batches)
+        finally:
+            _first_eval_batches = None
+    m.evaluated = True
+    return out
+
+
 def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extras, resume_step=None):
     n, ndev = len(dataset.train_labels), mesh.devices.size
     if lead.batch_size % ndev:  # every stage's global batch (the pipeline checks the main stages' up front)
@@ -306,9 +336,10 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
     total = steps * npass * lead.num_epochs
     done = (start_epoch * npass + start_pass) * steps + start_batch
     label = lead.name if len(members) == 1 else f"{len(members)} x {lead.name.split('/')[0]}"
-    bar = tqdm(total=total, initial=done, desc=label, unit="step",
-               disable=not (lead.progress and sys.stdout.isatty() and jax.process_index() == 0),
-               dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
+    what = f"{lead.name} step" if len(members) == 1 else \
+        f"fused step of {len(members)} {lead.name.split('/')[0]}s ({', '.join(members)})"
+    progress = Progress(label, total, done, bar=lead.progress and sys.stdout.isatty())  # prints on process 0 only
+    compiled = set()  # (pass, batch size) of the steps compiled in this run (the epoch's last batch may be smaller)
     stage_key = jax.random.key(lead.seed)
     every = int(lead.checkpoint_every_steps or 0)
     streaming = bool(getattr(dataset, "streaming", False))
@@ -376,10 +407,18 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
                         batch["image"] = jax.make_array_from_process_local_data(
                             mesh_lib.batch_sharding(mesh), next(streamed), (len(idx), *dataset.image_shape))
                     args = (states, frozen, batch, base_key)
-                    states, metrics = step(*args) if data is None else step(*args, data)
+                    if (p, len(idx)) in compiled:
+                        states, metrics = step(*args) if data is None else step(*args, data)
+                    else:  # a pass's first step of a batch size compiles: said, and timed by waiting for it once
+                        again = any(q == p for q, _ in compiled)
+                        with progress.compiling(what + (f" ({passes[p][0]})" if npass > 1 else "") +
+                                                (f" for a batch of {len(idx)}" if again else "")):
+                            states, metrics = step(*args) if data is None else step(*args, data)
+                            jax.block_until_ready((states, metrics))
+                        compiled.add((p, len(idx)))
                     gstep = (epoch * npass + p) * steps + i + 1
                     pending.append((gstep, len(idx), metrics))
-                    bar.update(1)
+                    progress.advance()
                     for m in members.values():
                         faults.hold(m.spec.name, gstep)
                     if i + 1 < len(batches):  # inside the pass: a checkpoint when due or on a preemption notice
@@ -397,10 +436,10 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
                                 f"batch {i + 1} of {len(batches)}"
                             raise preemption.Preempted(f"[{label}] saved the latest checkpoint at step {gstep} "
                                                        f"({where})")
-                    if i % 50 == 49 and not bar.disable:  # an occasional host sync for the display
-                        shown = metrics[next(iter(members))]
-                        bar.set_postfix(epoch=epoch + 1, **{k: f"{float(v):.3f}" for k, v in shown.items()
-                                                            if k.startswith("loss")})
+                    if i % 50 == 49 and progress.bar is not None:  # an occasional host sync for the display
+                        loss = metrics[next(iter(members))].get("loss")
+                        progress.postfix(epoch=f"{epoch + 1}/{lead.num_epochs}",
+                                         **({} if loss is None else {"loss": f"{float(loss):.4g}"}))
                 flush(pending, epoch)
                 for m in members.values():
                     m.done_passes.update({f"train/{k}": v for k, v in m.acc.means().items()})
@@ -411,7 +450,7 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
             for name, m in members.items():
                 spec, state = m.spec, states[name]
                 train_metrics, m.done_passes = m.done_passes, {}
-                eval_metrics = {f"test/{k}": v for k, v in spec.evaluate(state).items()}
+                eval_metrics = {f"test/{k}": v for k, v in _evaluate(m, state, progress).items()}
                 epoch_metrics = {**train_metrics, **eval_metrics, "epoch_seconds": time.time() - t0,
                                  "host_rss_mib": host_rss_mib()}
                 m.best, improved = spec.improve(m.best, eval_metrics, epoch)
@@ -429,11 +468,9 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
                     faults.point(spec.name, "after_best")
                 save_latest(m, state, (epoch + 1) * npass * steps, epoch,
                             {**spec.meta, "epoch": epoch + 1, "best": m.best, "last": m.last}, "latest")
-                shown = {k.split("/", 1)[1]: f"{v:.4f}" for k, v in eval_metrics.items()}
-                bar.set_postfix(epoch=epoch + 1, **shown)
-                if bar.disable and jax.process_index() == 0:
-                    print(f"[{spec.name}] epoch {epoch + 1}/{spec.num_epochs} " +
-                          " ".join(f"{k}={v:.4f}" for k, v in epoch_metrics.items()), flush=True)
+                for text in epoch_lines(spec.name, epoch, spec.num_epochs, epoch_metrics, m.best,
+                                        None if spec.lr is None else spec.lr(epoch), epoch_metrics["epoch_seconds"]):
+                    progress.line(text)
             if preemption.requested():  # after the epoch's checkpoints; after a stage's last one too (the
                 # restart finds the stage finished): a notice is not carried into the next stage's start-up
                 done = "the stage finished" if epoch + 1 == lead.num_epochs else f"the end of epoch {epoch + 1}"
@@ -442,6 +479,6 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
     finally:
         if streamed is not None:  # a pass left by an error: stop its decoding threads / grain worker processes
             streamed.close()
-        bar.close()
+        progress.close()
     return states, {k: m.export for k, m in members.items()}, {k: {"best": m.best, "last": m.last}
                                                                for k, m in members.items()}

@@ -31,16 +31,32 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def smoke_workdir(tmp_path_factory):
-    """configs/smoke.py trained once (1 device) for the tests that only read a finished workdir."""
-    import jax
+def smoke_workdir(tmp_path_factory, worker_id):
+    """configs/smoke.py trained once per test run (1 device) for the tests that only read a finished workdir.
 
-    from configs import smoke
-    from mgd_jax import pipeline
+    One xdist worker trains it (a file lock in the run's shared base folder); every worker gets its own copy, so a
+    test that writes beside the checkpoints (evaluate's eval_test.json, say) never races another worker."""
+    import fcntl
+    import pickle
+    import shutil
 
-    work = str(tmp_path_factory.mktemp("smoke") / "w")
-    summary = pipeline.train_and_evaluate(smoke.get_config(), work, devices=jax.devices()[:1])
-    return work, summary
+    base = tmp_path_factory.getbasetemp()
+    root = base if worker_id == "master" else base.parent  # xdist: one base folder per worker below it
+    shared, done = root / "smoke_shared" / "w", root / "smoke_shared" / "summary.pickle"
+    with open(root / "smoke_shared.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            import jax
+
+            from configs import smoke
+            from mgd_jax import pipeline
+
+            shutil.rmtree(shared, ignore_errors=True)
+            summary = pipeline.train_and_evaluate(smoke.get_config(), str(shared), devices=jax.devices()[:1])
+            done.write_bytes(pickle.dumps(summary))
+    work = tmp_path_factory.mktemp("smoke") / "w"
+    shutil.copytree(shared, work, ignore=shutil.ignore_patterns(".jax_cache"))
+    return str(work), pickle.loads(done.read_bytes())
 
 
 # The longest tests (child processes training the smoke config several times) start first, so that with

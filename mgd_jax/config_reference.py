@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import importlib.util
 import os
 import sys
 from typing import Any
@@ -106,6 +107,8 @@ DESCRIPTIONS: dict[str, str] = {
                                  "`$JAX_NUM_PROCESSES`; 1: one process whatever the launcher says)",
     "distributed.process_id": "multi-host: this process's index (`None`: from the launcher or `$JAX_PROCESS_ID`)",
     "distributed.timeout_seconds": "multi-host: how long a process waits for the others to join",
+    "distributed.heartbeat_timeout_seconds": "multi-host: a process silent this long counts as lost; every other "
+                                             "process then stops in one line with exit status 75 (restartable)",
     "teacher.arch": "stage 1: the teacher's architecture (a name of the model zoo)",
     "teacher.epochs": "stage 1: training epochs",
     "teacher.batch_size": "stage 1: global batch size (split over all devices and processes)",
@@ -217,15 +220,20 @@ def describe(field: str, table: dict[str, str]) -> str | None:
     return None
 
 
-def _load(spec: str) -> ml_collections.ConfigDict:
-    from mgd_jax.analysis.common import load_config_file
-
-    return load_config_file(spec)
+def load(spec: str) -> ml_collections.ConfigDict:
+    """``path[:argument]`` -> the file's ``get_config([argument])``, the file imported by path as train.py's
+    ``--config`` imports it (its ``from configs import ...`` resolves from the working directory)."""
+    path, colon, argument = spec.partition(":")
+    name = "mgd_config_reference_" + "".join(ch if ch.isalnum() else "_" for ch in os.path.abspath(path))
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(argument) if colon else module.get_config()
 
 
 def _rows(configs, table, table_name):
     """[(field, [(label, value, kind) for each config having it], meaning)], the errors' lines."""
-    loaded = [(label, spec, flatten(_load(spec))) for label, spec in configs]
+    loaded = [(label, spec, flatten(load(spec))) for label, spec in configs]
     fields = sorted({f for _, _, flat in loaded for f in flat}, key=_order)
     rows, errors = [], []
     for field in fields:

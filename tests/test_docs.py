@@ -128,7 +128,7 @@ def test_named_config_files_arguments_and_fields_exist(monkeypatch):
     """Every `--config=configs/X.py[:ARG]` in the pages loads (the file accepts the argument), and every
     `--config.FIELD` is a field of some config (docs/config.md's fields)."""
     from mgd_jax import config_reference
-    from mgd_jax.analysis.common import load_config_file
+    from mgd_jax.config_reference import load as load_config_file
 
     monkeypatch.chdir(ROOT)
     fields = set()

@@ -33,6 +33,9 @@ STUDENT_MODES = {"baseline": ("none", "repdistiller"), "none": ("none", "mg"), "
 # use too); KD: CE 0.2, KD 0.8 (cifar100_kd.sh).  Protocol 'repdistiller', the paper's baseline numbers
 # (RepDistiller's scripts / README, "-a 0 -b beta"): CE 1, no logit KD, the same beta; KD "-r 0.1 -a 0.9 -b 0".
 # kdsvd / afd (not in RepDistiller) take our beta.  The granularity terms always have weight 1.
+# The methods after the paper (dkd, dist, review, ofd) take their authors' recipe under both protocols, from
+# their files: the logit methods DKD (CE 1 + DKD, beta per pair) and DIST (CE 1 + 2 DIST) replace the logit-KD
+# term; ReviewKD (loss weight per pair) and OFD (1e-3) add logit KD 1 under 'mg' like every feature method.
 METHOD_WEIGHTS = {m: get_method(m).loss_weights("mg") for m in known_methods()}
 REPDISTILLER_WEIGHTS = {m: get_method(m).loss_weights("repdistiller") for m in known_methods()}
 # Methods with an init stage (AB, FT, FSP) take its epochs and lr from the method (RepDistiller's pretrain.py:
@@ -58,15 +61,21 @@ def student_lr(arch: str) -> float:
     return LOW_LR if arch in LOW_LR_STUDENTS else STUDENT_LR
 
 
-def student_run(method: str, mode: str, temperature: float = 4.0, student_arch: str = ""):
+def student_run(method: str, mode: str, temperature: float = 4.0, student_arch: str = "", teacher_arch: str = ""):
     """One student of the table: method x mode (``STUDENT_MODES``: baseline | none | mag | mas), with the method's
     weights under the mode's protocol and its options.  A method with an init stage needs ``student_arch`` (its
-    lr is the student's)."""
+    lr is the student's).  With both architectures, the values the method's authors set per pair
+    (``Method.pair_options``: DKD's beta; ``Method.pair_beta``: ReviewKD's loss weight)."""
     if mode not in STUDENT_MODES:
         raise ValueError(f"unknown student mode {mode!r}; known: {', '.join(STUDENT_MODES)}")
     granularity, protocol = STUDENT_MODES[mode]
     m = get_method(method)
+    pair = (teacher_arch, student_arch) if teacher_arch and student_arch else None
+    if pair:
+        m = get_method(method, **m.pair_options(*pair))
     w = m.loss_weights(protocol)
+    if pair and w["method"] and m.pair_beta(*pair) is not None:
+        w = {**w, "method": m.pair_beta(*pair)}
     run = dict(method=method, granularity=granularity, protocol=protocol, temperature=temperature,
                weights=dict(ce=w["ce"], logit_kd=w["logit_kd"], method=w["method"], granularity=1.0),
                method_options=m.options())
@@ -88,7 +97,8 @@ def set_students(c, method: str, mode: str):
     if method not in known_methods():
         raise ValueError(f"unknown method {method!r}; configs know: {', '.join(known_methods())}")
     modes = ("none", "mag", "mas") if mode == "all" else (mode,)
-    c.students = ml_collections.ConfigDict({f"{method}_{m}": student_run(method, m, student_arch=c.student.arch)
+    c.students = ml_collections.ConfigDict({f"{method}_{m}": student_run(method, m, student_arch=c.student.arch,
+                                                                         teacher_arch=c.teacher.arch)
                                             for m in modes})
 
 
@@ -138,9 +148,10 @@ def get_config():
     c.precision = "float32"
     # latest checkpoint also every N optimizer steps inside an epoch (a kill redoes at most N steps); keep K.
     c.checkpoint = dict(every_steps=500, keep=2)
-    # Multi-host (README "Preemption and multi-host"); unset values come from JAX_* environment variables.
+    # Multi-host (README "Preemption and multi-host"); unset values come from JAX_* environment variables.  A process
+    # silent for heartbeat_timeout_seconds counts as lost: the others stop in one line, exit 75 (train/supervisor.py).
     c.distributed = dict(coordinator_address=config_dict.placeholder(str), num_processes=config_dict.placeholder(int),
-                         process_id=config_dict.placeholder(int), timeout_seconds=300)
+                         process_id=config_dict.placeholder(int), timeout_seconds=300, heartbeat_timeout_seconds=60)
     # Stage 1 (teacher.py): 240 epochs, lr 0.05, x0.1 at 60/120/180 (TEACHER_SCHEDULES: 'repdistiller' for
     # 150/180/210, see configs/cifar100.py).
     c.teacher = dict(arch="resnet56", epochs=240, batch_size=64, optimizer=sgd(0.05, TEACHER_SCHEDULES["mg"]))
@@ -149,7 +160,9 @@ def get_config():
     # Stage 3 (student.py / student_stable.py): 240 epochs, lr 0.05, x0.1 at 150/180/210.
     # group_size: the students of a run train fused, this many per group, sharing one teacher pass per batch (0: all
     # of them in one group; 1: one after another); each student's result is the same up to float32 noise.
+    # logit_standardization: z-score the logits of every logit-level KL of the objective (the KD / stable-excitation
+    # term, DKD), Sun et al., CVPR 2024; off in the paper.  Their CIFAR KD recipe with it: T 2, CE 0.1, KD 9.
     c.student = dict(arch="resnet20", epochs=240, batch_size=64, optimizer=sgd(STUDENT_LR, STUDENT_MILESTONES),
-                     group_size=8)
+                     group_size=8, logit_standardization=False)
     c.students = {"kd_mas": student_run("kd", "mas")}
     return c

@@ -41,8 +41,27 @@ def distill_kl(student: jax.Array, teacher: jax.Array, temperature: float, reduc
     return kl / (student.shape[0] if reduction == "batchmean" else student.size) * t * t
 
 
-def logit_kd(student_logits: jax.Array, target_logits: jax.Array, temperature: float = 4.0) -> jax.Array:
-    """The logit-KD term (paper T = 4).  Target: the teacher's logits (MAG) or the stable-excitation target (MAS)."""
+def standardize(logits: jax.Array) -> jax.Array:
+    """Logit standardization (Sun et al., CVPR 2024): each row's z-score ``(z - mean) / (std + 1e-7)`` over the last
+    axis, with the *unbiased* standard deviation (``torch.Tensor.std``'s).  At least float32.  A row of equal logits
+    becomes zeros, with a zero gradient (the square root's derivative at 0 is not taken)."""
+    z = _up(logits)
+    centred = z - jnp.mean(z, axis=-1, keepdims=True)
+    var = jnp.sum(centred * centred, axis=-1, keepdims=True) / max(z.shape[-1] - 1, 1)
+    positive = var > 0
+    std = jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
+    return centred / (std + 1e-7)
+
+
+_standardize = standardize  # ``logit_kd``'s argument of the same name hides it there
+
+
+def logit_kd(student_logits: jax.Array, target_logits: jax.Array, temperature: float = 4.0,
+             standardize: bool = False) -> jax.Array:
+    """The logit-KD term (paper T = 4).  Target: the teacher's logits (MAG) or the stable-excitation target (MAS).
+    ``standardize``: both sides z-scored first (``standardize``; the student run's ``logit_standardization``)."""
+    if standardize:
+        student_logits, target_logits = _standardize(student_logits), _standardize(target_logits)
     return distill_kl(student_logits, target_logits, temperature)
 
 

@@ -119,11 +119,22 @@ PROTOCOLS = {
 }
 KD_PROTOCOLS = {"baseline": "0.1 CE + 0.9 logit KD (RepDistiller; the paper's baseline)",
                 "none": "0.2 CE + 0.8 logit KD (MG script, no granularity terms)"}
+# Logit methods replace the logit-KD term in every mode (their authors' recipe; mas: towards the stable-excitation
+# target); the feature methods after the paper use their authors' weights under the modes' protocols.
+LOGIT_PROTOCOLS = {
+    "dkd": {"baseline": "CE + DKD (mdistiller's recipe)", "none": "CE + DKD (no granularity terms)",
+            "mag": "CE + DKD + granularity KL (MAG)", "mas": "CE + DKD to the stable excitation + granularity KL (MAS)"},
+    "dist": {"baseline": "CE + 2 DIST (the authors' recipe)", "none": "CE + 2 DIST (no granularity terms)",
+             "mag": "CE + 2 DIST + granularity KL (MAG)",
+             "mas": "CE + 2 DIST to the stable excitation + granularity KL (MAS)"},
+}
 
 
 def protocol(method: str, mode: str) -> str:
     if method == "none":
         return "CE only (no teacher)"
+    if method in LOGIT_PROTOCOLS:
+        return LOGIT_PROTOCOLS[method][mode]
     return (KD_PROTOCOLS if method == "kd" else {}).get(mode, PROTOCOLS[mode])
 
 

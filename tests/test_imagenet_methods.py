@@ -55,7 +55,8 @@ def test_every_method_on_imagenet_pairs(pair):
     s_outs, t_outs = _outputs(s_arch), _outputs(t_arch)
     assert [f.shape[1:] for f in s_outs[0].features[1:-1]] == [f.shape[1:] for f in s_outs[1].features[1:-1]]
     key = jax.random.key(0)
-    batch = {"index": jnp.arange(4, dtype=jnp.int32), "contrast_idx": jnp.zeros((4, 33), jnp.int32)}
+    batch = {"index": jnp.arange(4, dtype=jnp.int32), "contrast_idx": jnp.zeros((4, 33), jnp.int32),
+             "label": jnp.arange(4, dtype=jnp.int32)}  # the labels a step's batch carries (DKD reads them)
     for name in METHODS:
         method = get_method(name, **({"nce_k": 32} if name == "crd" else {}))
         s_out, t_out = s_outs[method.init_student_preact], t_outs[method.teacher_preact]

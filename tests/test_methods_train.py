@@ -164,7 +164,8 @@ def test_every_method_on_readme_pair_shapes(pair):
         m = get_model(arch, 100)
         for preact in (False, True):
             outs[who, preact] = Outputs(*jax.eval_shape(lambda m=m, p=preact: m.apply(m.init(key, x), x, preact=p)))
-    batch = {"index": jnp.arange(4, dtype=jnp.int32), "contrast_idx": jnp.zeros((4, 33), jnp.int32)}
+    batch = {"index": jnp.arange(4, dtype=jnp.int32), "contrast_idx": jnp.zeros((4, 33), jnp.int32),
+             "label": jnp.arange(4, dtype=jnp.int32)}  # the labels a step's batch carries (DKD reads them)
     for name in METHODS:
         method = get_method(name, **({"nce_k": 32} if name == "crd" else {}))
         s_out, t_out = outs["s", method.init_student_preact], outs["t", method.teacher_preact]

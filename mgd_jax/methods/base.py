@@ -10,14 +10,23 @@ What a stage uses:
 * ``loss(variables, student, teacher, batch, train) -> (loss or None, new_state)``; ``variables`` is
   ``{'params': ..., 'state': ...}`` as ``init`` made them.  The student step adds ``weights.method * loss``
   (SPEC §3.3 ``w_kd * L_method``); None: no L_method term.
-* Forward options: ``teacher_preact`` (the teacher's features with ``preact=True``), ``needs_contrast`` (the batch
-  carries ``index`` and ``contrast_idx``: CRD), ``check_pair`` (raises ``MethodPairError`` before training).
+* Forward options: ``teacher_preact`` / ``student_preact`` (the teacher's / student's features with
+  ``preact=True``: AB, ReviewKD, OFD), ``needs_contrast`` (the batch carries ``index`` and ``contrast_idx``: CRD),
+  ``check_pair`` (raises ``MethodPairError`` before training).  The batch ``loss`` sees also carries ``label`` and,
+  from the student stage, ``epoch``: the 1-based epoch of the step (a traced scalar; ``common.warmup``).
+* Logit methods (``logit_method``: DKD, DIST) read ``teacher.logits``; the student step hands them the objective's
+  distillation target there (MAS: the stable-excitation target).  ``logit_kl``: the loss is a KL of logits, so the
+  student run's ``logit_standardization`` standardizes the student's and the target's logits it reads (DKD).
+* ``init``'s ``ctx`` from the student stage also carries ``teacher_model`` and ``teacher_variables`` (the frozen
+  teacher backbone and its variables: OFD's margins come from its BatchNorm parameters).
 * Init stage (AB, FT, FSP; ``has_init_stage``): ``init_stage_params(key, student, teacher, ctx)`` are the
   parameters it trains besides the student's feature modules (``init_trains_student``) and ``init_loss`` its
   loss; after it they are frozen into ``state[init_params_key]``.
 
 What a config takes (``configs/default.py: student_run``): ``loss_weights(protocol)``, ``options()`` (a run's
-``method_options``), ``init_epochs`` and ``init_lr(student_arch, student_lr)``.
+``method_options``), ``init_epochs`` and ``init_lr(student_arch, student_lr)``; for a named pair also
+``pair_options(teacher_arch, student_arch)`` (option values the method's authors set per pair: DKD's beta) and
+``pair_beta(teacher_arch, student_arch)`` (the L_method weight per pair: ReviewKD's).
 """
 from __future__ import annotations
 
@@ -52,7 +61,8 @@ class Method:
     ``method_options``, for the names in ``config_options``) may override; class variables are fixed defaults."""
 
     name: str = "none"
-    teacher_preact: bool = False  # the teacher's features with preact=True (AB)
+    teacher_preact: bool = False  # the teacher's features with preact=True (AB, ReviewKD, OFD)
+    student_preact: bool = False  # the student's features with preact=True in the main stage (OFD)
     needs_contrast: bool = False  # the batch must carry 'index' and 'contrast_idx' (CRD)
     init_student_preact: bool = False  # the student's features with preact=True in the init stage (AB)
     init_trains_student: bool = False  # the init stage also trains the student's feature layers (AB, FSP)
@@ -67,6 +77,10 @@ class Method:
     config_options: ClassVar[tuple[str, ...]] = ()
     # Init stage (RepDistiller's pretrain.py): 30 epochs at a constant lr (``init_lr``).
     init_epochs: ClassVar[int] = 30
+    # A logit method (DKD, DIST): ``teacher.logits`` in ``loss`` is the objective's target (MAS: stable excitation).
+    logit_method: ClassVar[bool] = False
+    # Its loss is a KL of logits: ``logit_standardization`` standardizes the logits ``loss`` sees (DKD).
+    logit_kl: ClassVar[bool] = False
 
     @property
     def has_init_stage(self) -> bool:
@@ -81,6 +95,14 @@ class Method:
     def options(self) -> dict[str, Any]:
         """The config-visible options (``config_options``) and their values."""
         return {k: getattr(self, k) for k in self.config_options}
+
+    def pair_options(self, teacher_arch: str, student_arch: str) -> dict[str, Any]:
+        """Option values the method's authors set for this teacher -> student pair (default: none)."""
+        return {}
+
+    def pair_beta(self, teacher_arch: str, student_arch: str) -> float | None:
+        """The L_method weight for this pair where the method's authors set one per pair (None: ``beta``)."""
+        return None
 
     def init_lr(self, student_arch: str, student_lr: float) -> float:
         """The init stage's lr (pretrain.py: the student's)."""

@@ -1,5 +1,6 @@
-"""What two or more methods share: feature-map selection, per-layer init, pooling to a common size, l2
-normalisation, attention maps, pair checks and the PyTorch-initialised convolution (NHWC).
+"""What two or more methods share: feature-map selection, per-layer init, pooling to a common size, nearest
+resizing, l2 normalisation, attention maps, the loss warm-up, pair checks and the PyTorch-initialised convolution
+(NHWC).
 
 Feature maps are [B, H, W, C]; vectors [B, D].  Teacher-side arguments are constants of the student step.
 """
@@ -37,11 +38,20 @@ def _pool_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
-def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
-    """[B, H, W, C] -> [B, size, size, C] with PyTorch's adaptive_avg_pool2d bins."""
-    ph = jnp.asarray(_pool_matrix(x.shape[1], size), x.dtype)
-    pw = jnp.asarray(_pool_matrix(x.shape[2], size), x.dtype)
+def adaptive_avg_pool(x: jax.Array, size) -> jax.Array:
+    """[B, H, W, C] -> [B, h, w, C] with PyTorch's adaptive_avg_pool2d bins; ``size``: ``s`` (square) or ``(h, w)``."""
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    ph = jnp.asarray(_pool_matrix(x.shape[1], h), x.dtype)
+    pw = jnp.asarray(_pool_matrix(x.shape[2], w), x.dtype)
     return jnp.einsum("oh,bhwc,pw->bopc", ph, x, pw)
+
+
+def nearest_resize(x: jax.Array, h: int, w: int) -> jax.Array:
+    """[B, H, W, C] -> [B, h, w, C] as PyTorch's ``F.interpolate(mode='nearest')``: output row i reads input row
+    floor(i * H / h) (likewise columns)."""
+    rows = np.minimum(np.floor(np.arange(h) * (x.shape[1] / h)).astype(np.int64), x.shape[1] - 1)
+    cols = np.minimum(np.floor(np.arange(w) * (x.shape[2] / w)).astype(np.int64), x.shape[2] - 1)
+    return x[:, rows][:, :, cols]
 
 
 def match_hw(s: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -58,6 +68,22 @@ def l2n(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     """F.normalize: x / max(||x||, eps), written as sqrt(max(||x||^2, eps^2)) so that the gradient at x = 0
     is 0 like PyTorch's (d||x||/dx = x/||x|| is 0/0 there: NaN, e.g. RKD's zero anchor-to-itself vectors)."""
     return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
+
+
+def safe_norm(x: jax.Array, axis: int = -1) -> jax.Array:
+    """||x|| over ``axis`` with a zero gradient at x = 0 (PyTorch's ``Tensor.norm`` backward there; JAX's is NaN)."""
+    sq = jnp.sum(x * x, axis=axis)
+    return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+
+
+def warmup(batch: dict, epochs: int):
+    """mdistiller's loss warm-up ``min(epoch / epochs, 1)`` for the 1-based ``batch['epoch']`` the student step sets
+    (DKD, ReviewKD: 20 epochs); 1 where the batch has no epoch (a step built without ``steps_per_epoch``) or
+    ``epochs`` is 0."""
+    epoch = batch.get("epoch")
+    if epoch is None or not epochs:
+        return 1.0
+    return jnp.minimum(jnp.asarray(epoch, jnp.float32) / float(epochs), 1.0)
 
 
 def attention_map(f: jax.Array) -> jax.Array:

@@ -5,6 +5,12 @@
 with target = z_t (MAG, or no granularity) or the stable-excitation mean of z_t and the teacher's decoder
 logits (MAS).  The teacher (backbone + analyzer) is an argument of the step, run in inference mode; gradients
 are taken w.r.t. the student's parameters only.
+
+A logit method (DKD, DIST; ``Method.logit_method``) distils towards the same target: its loss reads the target
+where its formula has the teacher's logits; its config weights replace the KD term (``w_div`` 0).  With
+``logit_standardization`` (config ``student.logit_standardization``; Sun et al., CVPR 2024) every logit-level KL
+of the objective (the KD / stable-excitation term and a ``logit_kl`` method's loss, DKD) reads z-scored logits of
+the student and of the target.  The granularity terms (KLs of encodings, not logits) are left as they are.
 """
 from __future__ import annotations
 
@@ -38,6 +44,10 @@ class Objective:
     w_logit_kd: float = 1.0
     w_method: float = 1.0
     w_granularity: float = 1.0  # hard-coded 1 in the reference
+    logit_standardization: bool = False  # z-score the logits of every logit-level KL (Sun et al. 2024)
+    # Optimizer steps per epoch: the step tells the method its 1-based epoch (batch['epoch'], for the warm-ups of
+    # DKD and ReviewKD).  0: not told (a warm-up then counts as finished).
+    steps_per_epoch: int = 0
 
     def __post_init__(self):
         if self.mode not in GRANULARITY_MODES:
@@ -46,19 +56,34 @@ class Objective:
             raise ValueError(f"student.temperature must be > 0, got {self.temperature}")
 
 
+def distillation_target(objective: Objective, teacher: Outputs) -> jax.Array:
+    """The logits the student distils towards: the stable-excitation target in mode mas, else the teacher's."""
+    if objective.mode == "mas":
+        return losses.stable_excitation_target(teacher.logits, list(teacher.decodings.values()))
+    return teacher.logits
+
+
+def method_inputs(method: Method, objective: Objective, student: Outputs, teacher: Outputs) -> tuple:
+    """(student, teacher) outputs as ``method.loss`` reads them: for a logit method the teacher's logits are the
+    objective's target, both sides standardized for a ``logit_kl`` method under ``logit_standardization``."""
+    if not method.logit_method:
+        return student, teacher
+    s_logits, t_logits = student.logits, distillation_target(objective, teacher)
+    if method.logit_kl and objective.logit_standardization:
+        s_logits, t_logits = losses.standardize(s_logits), losses.standardize(t_logits)
+    return student.replace(logits=s_logits), teacher.replace(logits=t_logits)
+
+
 def objective_terms(objective: Objective, student: Outputs, teacher: Outputs, labels, method_loss) -> dict:
     """The paper's terms as ``{name: (weight, value)}``; a term whose weight is 0 is not computed (nor logged)."""
     terms = {}
     if objective.w_ce:
         terms["ce"] = (objective.w_ce, losses.cross_entropy(student.logits, labels))
     if objective.w_logit_kd:
-        if objective.mode == "mas":
-            target = losses.stable_excitation_target(teacher.logits, list(teacher.decodings.values()))
-            terms["stable_excitation"] = (objective.w_logit_kd,
-                                          losses.logit_kd(student.logits, target, objective.temperature))
-        else:
-            terms["logit_kd"] = (objective.w_logit_kd,
-                                 losses.logit_kd(student.logits, teacher.logits, objective.temperature))
+        name = "stable_excitation" if objective.mode == "mas" else "logit_kd"
+        terms[name] = (objective.w_logit_kd, losses.logit_kd(student.logits, distillation_target(objective, teacher),
+                                                             objective.temperature,
+                                                             standardize=objective.logit_standardization))
     if method_loss is not None and objective.w_method:
         terms["method"] = (objective.w_method, method_loss)
     if objective.mode != "none" and objective.w_granularity:
@@ -105,8 +130,11 @@ def teacher_forward(t: TeacherModules, teacher, x, *, decode: bool, preact: bool
                    {n: d for n, (e, d) in out.items()} if decode else {})
 
 
-def student_forward(s: StudentModules, params, batch_stats, x, *, train: bool) -> tuple[Outputs, dict]:
-    logits, feats, new_bs = apply_backbone(s.backbone, params["backbone"], batch_stats["backbone"], x, train=train)
+def student_forward(s: StudentModules, params, batch_stats, x, *, train: bool,
+                    preact: bool = False) -> tuple[Outputs, dict]:
+    """``preact``: the stage features before their last ReLU (OFD); logits and the pooled vector are the same."""
+    logits, feats, new_bs = apply_backbone(s.backbone, params["backbone"], batch_stats["backbone"], x, train=train,
+                                           preact=preact)
     enc = {}
     if s.analyzer is not None:
         enc = {n: e for n, (e, _) in s.analyzer.apply({"params": params["analyzer"]}, feats[-1], decode=False).items()}
@@ -115,14 +143,16 @@ def student_forward(s: StudentModules, params, batch_stats, x, *, train: bool) -
 
 def init_state(s: StudentModules, t: TeacherModules, teacher, tx, key, sample_images, ctx=None,
                sample_batch=None) -> TrainState:
-    """Fresh student: backbone, its own encoders (modes mag/mas) and the method's variables."""
+    """Fresh student: backbone, its own encoders (modes mag/mas) and the method's variables (the method's ``ctx``
+    gains ``teacher_model`` and ``teacher_variables``: the teacher backbone and its variables)."""
     k_b, k_a, k_m = jax.random.split(key, 3)
     v = s.backbone.init(k_b, sample_images, train=False)
     params, batch_stats = {"backbone": v["params"]}, {"backbone": v["batch_stats"]}
-    logits, feats = s.backbone.apply(v, sample_images, train=False)
+    logits, feats = s.backbone.apply(v, sample_images, train=False, preact=s.method.student_preact)
     if s.analyzer is not None:
         params["analyzer"] = s.analyzer.init(k_a, feats[-1], decode=False)["params"]
     t_out = teacher_forward(t, teacher, sample_images, decode=False, preact=s.method.teacher_preact)
+    ctx = {**(ctx or {}), "teacher_model": t.backbone, "teacher_variables": teacher["backbone"]}
     mvars = s.method.init(k_m, Outputs(logits, feats), t_out, ctx)
     if mvars["params"]:
         params["method"] = mvars["params"]
@@ -135,9 +165,13 @@ def method_variables(state: TrainState, params) -> dict:
 
 def _update(s: StudentModules, objective: Objective, tx, state: TrainState, x, t_out: Outputs, batch):
     """One optimizer step of one student on the augmented images ``x`` and the teacher's outputs ``t_out``."""
+    if objective.steps_per_epoch:  # the 1-based epoch of this step, for a method's warm-up
+        batch = {**batch, "epoch": (state.step // objective.steps_per_epoch + 1).astype(jnp.float32)}
+
     def loss_fn(params):
-        s_out, new_bs = student_forward(s, params, state.batch_stats, x, train=True)
-        method_loss, method_state = s.method.loss(method_variables(state, params), s_out, t_out, batch, True)
+        s_out, new_bs = student_forward(s, params, state.batch_stats, x, train=True, preact=s.method.student_preact)
+        method_loss, method_state = s.method.loss(method_variables(state, params),
+                                                  *method_inputs(s.method, objective, s_out, t_out), batch, True)
         terms = objective_terms(objective, s_out, t_out, batch["label"], method_loss)
         return total_loss(terms), (terms, s_out.logits, new_bs, method_state)
 
@@ -209,12 +243,15 @@ def method_of(student_cfg) -> Method:
     return get_method(student_cfg.method, **dict(student_cfg.get("method_options", None) or {}))
 
 
-def objective_of(student_cfg, granularities) -> Objective:
-    """The objective of one ``config.students`` entry over the teacher's granularities."""
+def objective_of(student_cfg, granularities, steps_per_epoch: int = 0,
+                 logit_standardization: bool = False) -> Objective:
+    """The objective of one ``config.students`` entry over the teacher's granularities (``logit_standardization``:
+    config ``student.logit_standardization``)."""
     w = student_cfg.weights
     return Objective(mode=student_cfg.granularity, granularities=tuple(granularities),
                      temperature=student_cfg.temperature, w_ce=w.ce, w_logit_kd=w.logit_kd, w_method=w.method,
-                     w_granularity=w.granularity)
+                     w_granularity=w.granularity, logit_standardization=bool(logit_standardization),
+                     steps_per_epoch=int(steps_per_epoch))
 
 
 def spec_meta(config, name: str, num_classes: int) -> dict:
@@ -237,8 +274,8 @@ def check_pairs(config, num_classes: int, image_shape) -> None:
             outs[who, preact] = Outputs(logits, feats)
     for scfg in config.students.values():
         m = method_of(scfg)
-        m.check_pair(config.student.arch, config.teacher.arch, outs["student", m.init_student_preact],
-                     outs["teacher", m.teacher_preact])
+        m.check_pair(config.student.arch, config.teacher.arch,
+                     outs["student", m.init_student_preact or m.student_preact], outs["teacher", m.teacher_preact])
 
 
 @dataclasses.dataclass
@@ -273,7 +310,8 @@ def _build(run: StageRun, name: str, teacher: Teacher) -> _Student:
     if method.needs_contrast:
         from mgd_jax.data.contrast import ContrastSampler
         extras = ContrastSampler(run.data.train_labels, method.nce_k, method.mode, seed)
-    objective = objective_of(scfg, granularities)
+    objective = objective_of(scfg, granularities, run.steps_per_epoch(cfg.batch_size),
+                             cfg.get("logit_standardization", False))
     step = jax.jit(make_train_step(modules, t_modules, objective, tx, config.augment), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(modules, config.augment))
     spec = StageSpec(
@@ -281,7 +319,7 @@ def _build(run: StageRun, name: str, teacher: Teacher) -> _Student:
         batch_size=cfg.batch_size, seed=seed, meta=meta, passes=[("student", step)],
         evaluate=lambda s: run.evaluate(lambda b: eval_step(export_variables(s), b)),
         improve=best_by("test/acc1"), export=lambda s, prev, improved: export_variables(s),
-        **run.loop_options(), batch_extras=extras)
+        **run.loop_options(cfg.optimizer), batch_extras=extras)
     return _Student(name, modules, objective, tx, mesh_lib.replicate(state, run.mesh), spec)
 
 

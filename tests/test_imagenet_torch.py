@@ -2,8 +2,10 @@
 benchmark's MobileNet(V1) written in torch from its reference structure; import (torch -> ours), export (ours ->
 a state_dict torch loads with strict=True), the command lines and their one-line refusals.
 
-Skipped only where torch or torchvision is not installed; CI installs both (.ci/run)."""
+A test that needs torch or torchvision skips where it is not installed, and fails where MGD_JAX_REQUIRE names the
+package (CI installs both and sets it: tests/_requires.py)."""
 import copy
+import functools
 import types
 
 import jax
@@ -16,13 +18,7 @@ from mgd_jax.export_torch import to_state_dict
 from mgd_jax.import_torch import CheckpointImportError, convert_backbone, torchvision_models
 from mgd_jax.import_torch import main as import_main
 from mgd_jax.models import get_model
-
-torch = pytest.importorskip("torch", reason="needs torch: pip install torch==2.13.0 (CI's .ci/run installs it)")
-try:
-    tvm = torchvision_models()
-except ImportError:
-    pytest.skip("needs torchvision: pip install torchvision==0.28.0 (CI's .ci/run installs it)",
-                allow_module_level=True)
+from _requires import need
 
 # |ours - torch| <= 1e-4 + 1e-4 |torch| per element (the issue's "within 1e-4").  The networks are random but
 # well-conditioned: each residual branch's last BN has a small weight (0.1 .. 0.3; torchvision's
@@ -38,14 +34,30 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 TOL_MOBILENET = dict(atol=3e-4, rtol=3e-4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """torch's intra-op threads spin against XLA's and the other test worker on a 2-core machine (a ResNet-34
-    forward took 3.2 s with 2 threads, 0.3 s with 1): one thread for this module's tests."""
+@pytest.fixture(scope="module")
+def torch():
+    """torch (tests/_requires.py), with one intra-op thread for this module's tests: its threads spin against
+    XLA's and the other test worker on a 2-core machine (a ResNet-34 forward took 3.2 s with 2 threads, 0.3 s with
+    1)."""
+    torch = need("torch")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    yield torch
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tvm(torch):
+    """torchvision's models (``import_torch.torchvision_models``, as the command line imports them)."""
+    return need("torchvision", torchvision_models)
+
+
+def _assert_state_dict_like(ours, theirs):
+    """Key for key in the same order, each entry of the same shape and dtype (``ours``: numpy arrays or tensors)."""
+    assert list(ours) == list(theirs)  # the reference's keys in the reference's order
+    for k, t in theirs.items():
+        a = ours[k].numpy() if hasattr(ours[k], "numpy") else ours[k]
+        assert (tuple(a.shape), a.dtype) == (tuple(t.shape), t.numpy().dtype), k
 
 
 def _nhwc(t):
@@ -56,6 +68,8 @@ def _nhwc(t):
 def _calibrate(model, size=64):
     """Random BN affine parameters and running statistics of one train-mode pass (cumulative average): a
     BN-calibrated network whose every BatchNorm entry differs from its default."""
+    import torch
+
     g = torch.Generator().manual_seed(1)
     residual_last = "bn3" if hasattr(model.layer1[0], "bn3") else "bn2"  # Bottleneck / BasicBlock
     with torch.no_grad():
@@ -77,6 +91,8 @@ def _torchvision_outputs(model, x):
     """torchvision's logits (its own forward) and the feature list read off its modules: stem (after ReLU, before
     the max-pool), each stage's output, its last block's sum before the final ReLU (a pre-hook on that block's
     ReLU module, whose last call in the block is on the sum), the pooled vector."""
+    import torch
+
     with torch.no_grad():
         stem = model.relu(model.bn1(model.conv1(x)))
         h = model.maxpool(stem)
@@ -119,7 +135,7 @@ def _check_outputs(model, variables, torch_out, x, preact=True, tol=TOL):
 
 
 @pytest.mark.parametrize("depth", [18, 34, 50])
-def test_torchvision_resnet_imports_with_its_outputs(depth):
+def test_torchvision_resnet_imports_with_its_outputs(depth, torch, tvm):
     """Parameter count; a random, BN-calibrated torchvision ResNet imported gives its eval-mode logits and
     features (plain and preact) at 224 and at 64, and its train-mode logits and running-statistics update; its
     state_dict exported back is torchvision's, key for key."""
@@ -145,53 +161,61 @@ def test_torchvision_resnet_imports_with_its_outputs(depth):
     jax.tree.map(lambda ours, theirs: np.testing.assert_allclose(ours, theirs, **TOL), upd["batch_stats"], after)
 
     back = to_state_dict(arch, v)
-    assert list(back) == list(sd)  # torchvision's keys in torchvision's order
+    _assert_state_dict_like(back, sd)
     for k, t in sd.items():
-        if k.endswith("num_batches_tracked"):
-            assert back[k].dtype == np.int64 and back[k].shape == ()
-        else:
+        if not k.endswith("num_batches_tracked"):  # ours is 0 (we do not count batches), theirs 1 here
             np.testing.assert_array_equal(back[k], t.numpy(), err_msg=k)
 
 
 # --- MobileNet(V1): not in torchvision; the reference's structure in torch -------------------------------------
-class ReferenceMobileNetV1(torch.nn.Module):
-    """The ImageNet benchmark's MobileNet (mdistiller models/imagenet/mobilenetv1.py), written here from its
-    structure: ``model`` = conv_bn(3, 32, 2), 13 conv_dw blocks, AvgPool2d(7); ``fc``.  ``stage_outputs`` are
-    the reference's four features (blocks 3, 5, 11, 13) before and after their last ReLU."""
-
-    BLOCKS = ((32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1), (256, 512, 2)) + \
-        ((512, 512, 1),) * 5 + ((512, 1024, 2), (1024, 1024, 1))
-
-    def __init__(self, num_classes=1000):
-        super().__init__()
-        nn = torch.nn
-        layers = [nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())]
-        for cin, cout, s in self.BLOCKS:
-            layers.append(nn.Sequential(nn.Conv2d(cin, cin, 3, s, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
-                                        nn.ReLU(), nn.Conv2d(cin, cout, 1, 1, 0, bias=False), nn.BatchNorm2d(cout),
-                                        nn.ReLU()))
-        layers.append(nn.AvgPool2d(7))
-        self.model = nn.Sequential(*layers)
-        self.fc = nn.Linear(1024, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.model(x).reshape(-1, 1024))
-
-    def features(self, x):
-        feats, pre = [], []
-        for i, block in enumerate(self.model[:14]):
-            if i in (3, 5, 11, 13):
-                pre.append(block[:-1](x))  # the block without its last ReLU
-            x = block(x)
-            if i in (0, 3, 5, 11, 13):
-                feats.append(x)
-            if i == 0:
-                pre.append(x)
-        pooled = self.model[14](x).reshape(-1, 1024)
-        return feats + [pooled], pre + [pooled]
+def ReferenceMobileNetV1(num_classes=1000):  # noqa: N802 (the class below, defined once torch is there)
+    return _reference_mobilenet_class()(num_classes)
 
 
-def test_mobilenetv1_imports_and_exports_with_the_reference(tmp_path):
+@functools.cache
+def _reference_mobilenet_class():
+    import torch
+
+    class ReferenceMobileNetV1(torch.nn.Module):
+        """The ImageNet benchmark's MobileNet (mdistiller models/imagenet/mobilenetv1.py), written here from its
+        structure: ``model`` = conv_bn(3, 32, 2), 13 conv_dw blocks, AvgPool2d(7); ``fc``.  ``stage_outputs`` are
+        the reference's four features (blocks 3, 5, 11, 13) before and after their last ReLU."""
+
+        BLOCKS = ((32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1), (256, 512, 2)) + \
+            ((512, 512, 1),) * 5 + ((512, 1024, 2), (1024, 1024, 1))
+
+        def __init__(self, num_classes=1000):
+            super().__init__()
+            nn = torch.nn
+            layers = [nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())]
+            for cin, cout, s in self.BLOCKS:
+                layers.append(nn.Sequential(nn.Conv2d(cin, cin, 3, s, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
+                                            nn.ReLU(), nn.Conv2d(cin, cout, 1, 1, 0, bias=False), nn.BatchNorm2d(cout),
+                                            nn.ReLU()))
+            layers.append(nn.AvgPool2d(7))
+            self.model = nn.Sequential(*layers)
+            self.fc = nn.Linear(1024, num_classes)
+
+        def forward(self, x):
+            return self.fc(self.model(x).reshape(-1, 1024))
+
+        def features(self, x):
+            feats, pre = [], []
+            for i, block in enumerate(self.model[:14]):
+                if i in (3, 5, 11, 13):
+                    pre.append(block[:-1](x))  # the block without its last ReLU
+                x = block(x)
+                if i in (0, 3, 5, 11, 13):
+                    feats.append(x)
+                if i == 0:
+                    pre.append(x)
+            pooled = self.model[14](x).reshape(-1, 1024)
+            return feats + [pooled], pre + [pooled]
+
+    return ReferenceMobileNetV1
+
+
+def test_mobilenetv1_imports_and_exports_with_the_reference(tmp_path, torch):
     ref = ReferenceMobileNetV1()
     with torch.no_grad():
         g = torch.Generator().manual_seed(1)
@@ -211,14 +235,14 @@ def test_mobilenetv1_imports_and_exports_with_the_reference(tmp_path):
         logits = ref(x)
     _check_outputs(model, v, (logits, feats, pre), x, tol=TOL_MOBILENET)
     sd = to_state_dict("mobilenetv1_imagenet", v)
-    assert list(sd) == list(ref.state_dict())
+    _assert_state_dict_like(sd, ref.state_dict())
     fresh = ReferenceMobileNetV1()
     fresh.load_state_dict({k: torch.from_numpy(np.array(a)) for k, a in sd.items()}, strict=True)
     with torch.no_grad():
         np.testing.assert_allclose(fresh.eval()(x).numpy(), logits.numpy(), rtol=1e-6, atol=1e-6)
 
 
-def test_initialisation_is_torchvisions():
+def test_initialisation_is_torchvisions(tvm):
     """Our init against a freshly built torchvision ResNet-50 (its ``layer3.0``: every conv shape of a
     Bottleneck with a downsample, kaiming-normal fan_out): kernel statistics per layer, BN 1 / 0.  One block,
     not the whole network: initialising 25 M parameters compiles one sampler per kernel shape (seconds each).
@@ -237,7 +261,7 @@ def test_initialisation_is_torchvisions():
         assert np.all(np.asarray(ours[name]["scale"]) == 1) and np.all(np.asarray(ours[name]["bias"]) == 0)
 
 
-def test_mobilenetv1_initialisation_is_pytorchs_default():
+def test_mobilenetv1_initialisation_is_pytorchs_default(torch):
     """The reference MobileNet sets no init: PyTorch's defaults, U(+-1/sqrt(fan_in)) for every conv (fan_in 9 for a
     depthwise one) and the Linear, BN 1 / 0; our init against the torch model's, layer by layer ("rbg" keys: the
     whole network's init compiles in 2 s instead of 3.4)."""
@@ -269,7 +293,7 @@ def _save_student(workdir, name, arch, variables):
     ck.close()
 
 
-def test_cli_teacher_round_trip_and_student_export(tmp_path, capsys):
+def test_cli_teacher_round_trip_and_student_export(tmp_path, capsys, torch, tvm):
     """import_torch --arch=resnet18_imagenet (a bare torchvision state_dict, 1000 classes by default), then
     export_torch of that teacher gives torchvision's state_dict back; a student's best checkpoint exports to a
     file torchvision loads strictly, with our logits.  Bad inputs: one line, exit status 2."""
@@ -283,7 +307,7 @@ def test_cli_teacher_round_trip_and_student_export(tmp_path, capsys):
     assert StageCheckpoints(str(work / "teacher" / "checkpoints")).best_meta()["imported"] is True
     assert export_main([f"--workdir={work}", "--stage=teacher", f"--out={tmp_path / 't.pth'}"]) == 0
     back = torch.load(tmp_path / "t.pth", weights_only=True)
-    assert list(back) == list(sd)
+    _assert_state_dict_like(back, sd)
     for k in sd:
         if not k.endswith("num_batches_tracked"):
             assert torch.equal(back[k], sd[k]), k
@@ -336,7 +360,7 @@ def test_cli_teacher_round_trip_and_student_export(tmp_path, capsys):
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
-def test_resnet50_checkpoint_as_another_architecture_names_the_key():
+def test_resnet50_checkpoint_as_another_architecture_names_the_key(tvm):
     sd = tvm.resnet50().state_dict()
     with pytest.raises(CheckpointImportError, match=r"key 'layer1.0.conv1.weight' has shape \(1, 1, 64, 64\) \(flax "
                                                     r"layout\) but this architecture needs \(3, 3, 64, 64\)"):

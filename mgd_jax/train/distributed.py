@@ -14,6 +14,13 @@ Which processes form the run, first match wins:
 3. Otherwise one process: nothing is initialised.
 
 On CPU the cross-process collectives use gloo.
+
+A process that stops without notice (killed, out of memory, its host gone) stops the others: the coordination
+service counts a process silent for ``config.distributed.heartbeat_timeout_seconds`` (default 60; JAX's
+``heartbeat_timeout_seconds``, whose own default is 100) as lost, and the runtime ends every other process; train.py's
+supervisor (``train/supervisor.py``) turns that end into one line and exit status 75.  Shorter detects a lost host
+sooner; the heartbeats come from a thread of the runtime, so a long compilation or checkpoint save does not miss
+them, but a host stalled (swapping, a hung file system) that long is dropped too.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import os
 from typing import Mapping
 
 from mgd_jax.errors import ConfigError
+from mgd_jax.train import supervisor
 
 _ONE_PROCESS = "set JAX_NUM_PROCESSES=1 (or --config.distributed.num_processes=1) to run as one process"
 
@@ -192,10 +200,24 @@ def maybe_initialize(cfg) -> bool:
     of = "the launcher's processes" if p.num_processes is None else p.num_processes
     print(f"distributed ({p.source}): process {who} of {of} joining; waiting up to "
           f"{p.kwargs['initialization_timeout']} s for the coordinator", flush=True)
-    jax.distributed.initialize(**p.kwargs)
+    heartbeat = supervisor.heartbeat_timeout(cfg)
+    jax.distributed.initialize(**p.kwargs, **heartbeat_kwargs(heartbeat))
     from jax._src import distributed as jax_distributed
 
     state = jax_distributed.global_state
     print(f"distributed ({p.source}): process {state.process_id} of {state.num_processes}, coordinator "
-          f"{state.coordinator_address}", flush=True)
+          f"{state.coordinator_address}, heartbeat timeout {heartbeat} s", flush=True)
+    supervisor.note_process(state.process_id, state.num_processes, heartbeat)
     return True
+
+
+def heartbeat_kwargs(seconds: int) -> dict:
+    """``jax.distributed.initialize``'s heartbeat argument, where the installed JAX has it (0.7 and later,
+    ``heartbeat_timeout_seconds``: a process silent that long counts as lost, and every process stops; JAX's own
+    default is 100 s; earlier versions fix it at 10 missed heartbeats of 10 s)."""
+    import inspect
+
+    import jax
+
+    params = inspect.signature(jax.distributed.initialize).parameters
+    return {"heartbeat_timeout_seconds": int(seconds)} if "heartbeat_timeout_seconds" in params else {}

@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mgd_jax.errors import DiskFullError, StageMismatchError  # noqa: F401 - raised here
-from mgd_jax.train import faults
+from mgd_jax.train import faults, supervisor
 
 MANIFEST = "mgd_manifest.json"
 TMP_MARK = ".orbax-checkpoint-tmp"
@@ -73,7 +73,7 @@ class _stderr_during_save:
         import tempfile
 
         sys.stderr.flush()
-        self._file = tempfile.TemporaryFile()
+        self._file = supervisor.save_stderr_file() or tempfile.TemporaryFile()  # a worker's: its supervisor reads it
         self._saved = os.dup(2)
         os.dup2(self._file.fileno(), 2)
         return self
@@ -267,6 +267,8 @@ class StageCheckpoints:
             if not _is_disk_full(e):
                 raise
             raise disk_full_error(self.directory, "while creating its checkpoint folders", e) from e
+        if self.name and supervisor.is_worker():  # a multi-process worker's whereabouts, for a peer-loss report
+            supervisor.note_stage(self.name, self.latest.latest_step())
 
     def _prune(self, which: str) -> None:
         """Delete committed steps older than the newest ``keep``: renamed to a temporary name first, so a kill
@@ -294,6 +296,7 @@ class StageCheckpoints:
             with _stderr_during_save(), _quiet_orbax():
                 mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                              meta=ocp.args.JsonSave(meta)), force=True)
+                faults.point(self.name, "mid_write")
                 mngr.wait_until_finished()
             faults.point(self.name, "before_manifest")
             if jax.process_index() == 0:
@@ -305,6 +308,8 @@ class StageCheckpoints:
             raise disk_full_error(self.paths[which], f"while saving step {int(step)} (a checkpoint of this stage "
                                                      f"needs about {_tree_mib(tree):.1f} MiB)", e) from e
         _sync(f"manifest {which} {step}")
+        if which == "latest":
+            supervisor.note_stage(self.name, int(step))
         self._prune(which)
         return True
 
@@ -367,6 +372,7 @@ class StageCheckpoints:
         return self._restore(self.best, like, legacy)
 
     def close(self):
+        supervisor.note_stage(self.name, None, open_=False)
         if getattr(self, "_failed", False):
             # after a failed write, closing would stop orbax's event loop under its still-pending write callbacks,
             # each of which then prints a traceback; the error on its way up already says what happened

@@ -6,6 +6,7 @@ stage ``<stage>`` (e.g. ``teacher``, ``analyzer``, ``student/mas_kd``) reaches `
     before_mid / after_mid        the mid-epoch ``latest`` checkpoint (``checkpoint.every_steps``)
     before_best / after_best      the epoch-end ``best`` checkpoint (only when it is saved)
     before_latest / after_latest  the epoch-end ``latest`` checkpoint
+    mid_write                     inside any save: orbax is writing the step (asynchronously), nothing committed
     before_manifest               inside any save: orbax has written the step, our commit mark not yet
 
 A real ``kill -9`` at exactly that moment, so a test can place a kill in each window between two saves instead
@@ -26,7 +27,8 @@ import sys
 import time
 
 ENV = "MGD_JAX_KILL_AT"
-POINTS = ("before_mid", "after_mid", "before_best", "after_best", "before_latest", "after_latest", "before_manifest")
+POINTS = ("before_mid", "after_mid", "before_best", "after_best", "before_latest", "after_latest", "mid_write",
+          "before_manifest")
 _hits: dict[tuple[str, str], int] = {}
 
 

@@ -73,6 +73,32 @@ def test_the_survivors_line_names_the_lost_process_the_stage_and_the_latest_chec
     assert "\n" not in line
 
 
+def test_a_worker_notes_its_stages_and_the_stages_an_error_closed(tmp_path, monkeypatch):
+    import json
+
+    path = tmp_path / "status.json"
+    monkeypatch.setenv(supervisor.ENV, str(path))
+    monkeypatch.setattr(supervisor, "_status", {})
+
+    def report():
+        return supervisor.message({1}, json.loads(path.read_text()), 60).split("; ")[1]
+
+    supervisor.note_stage("teacher", None)  # a stage's store opened, nothing committed
+    assert report() == "[teacher] no checkpoint yet"
+    supervisor.note_stage("teacher", 2)  # a save committed
+    assert report() == "[teacher] latest checkpoint at step 2"
+    supervisor.note_stage("teacher", None, open_=False)  # an error on its way up closes the stage: still named
+    assert report() == "[teacher] latest checkpoint at step 2"
+    supervisor.note_stage("student/a", 4)  # the next stage opens: only it
+    supervisor.note_stage("student/b", 4)
+    supervisor.note_stage("student/b", 6)
+    assert report() == "[student/a] latest checkpoint at step 4"
+    assert supervisor.message({1}, json.loads(path.read_text()), 60).split("; ")[2] == \
+        "[student/b] latest checkpoint at step 6"
+    supervisor.note_stage(None, 3)  # a store without a stage name (a tool reading a workdir): not noted
+    assert "None" not in path.read_text()
+
+
 # --- the supervisor with stand-in workers ----------------------------------------------------------------------
 
 def _supervise(worker: str, *, heartbeat=5, pending=False, margin=None, **popen):

@@ -88,13 +88,17 @@ def note_process(index: int, count: int, heartbeat_timeout: int) -> None:
 
 def note_stage(name: str | None, latest_step: int | None, open_: bool = True) -> None:
     """Stage ``name``'s checkpoint store is open (``open_``) with ``latest_step`` its newest committed latest step
-    (None: none yet), or closed.  A few hundred bytes written at each stage start, save and close."""
+    (None: none yet), or closed.  A few hundred bytes written at each stage start, save and close.  The report
+    names the open stages, else the ones closed since a stage last opened (an error closes the stages it leaves)."""
     if not name or not is_worker():
         return
-    stages = _status.setdefault("stages", {})
-    stages.pop(name, None)  # re-inserted last: the most recent stage last
+    stages, closed = _status.setdefault("stages", {}), _status.setdefault("closed", {})
     if open_:
+        closed.clear()
+        stages.pop(name, None)  # re-inserted last: the most recent stage last
         stages[name] = None if latest_step is None else int(latest_step)
+    elif name in stages:
+        closed[name] = stages.pop(name)
     _write_status()
 
 
@@ -182,7 +186,7 @@ def message(lost: set[int], status: dict, heartbeat_timeout: int) -> str:
         what = f"the run's coordinator heard nothing from this process for {heartbeat_timeout} s and dropped it"
     else:
         what = "another process of the run stopped (see the other processes' output)"
-    stages = status.get("stages") or {}
+    stages = status.get("stages") or status.get("closed") or {}
     if stages:
         where = "; ".join(f"[{name}] " + ("no checkpoint yet" if step is None else f"latest checkpoint at step {step}")
                           for name, step in stages.items())

@@ -148,7 +148,7 @@ def _abstract(tree):
     from mgd_jax.train import mesh as mesh_lib
 
     if jax.process_count() == 1:
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        sharding = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
     else:
         sharding = NamedSharding(mesh_lib.make_mesh(), PartitionSpec())
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)

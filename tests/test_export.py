@@ -1,24 +1,23 @@
 """Export (issue #17): a stage's backbone as ONNX (run in onnxruntime) and StableHLO (jax.export, deserialized),
-checked against the JAX model at export; predicting image files from either, or from the workdir."""
+checked against the JAX model at export; predicting image files from either, or from the workdir.  A test that
+needs jax2onnx or onnxruntime skips where it is not installed, and fails where MGD_JAX_REQUIRE names it
+(tests/_requires.py)."""
 import hashlib
 import json
 import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
-pytest.importorskip("jax2onnx")
-ort = pytest.importorskip("onnxruntime")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import linen as nn  # noqa: E402
-
-from mgd_jax import export as ex  # noqa: E402
-from mgd_jax import predict  # noqa: E402
-from mgd_jax.models import ARCHITECTURES, get_model  # noqa: E402
+from _requires import need
+from mgd_jax import export as ex
+from mgd_jax import predict
+from mgd_jax.models import ARCHITECTURES, get_model
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 SIZE = 32  # the smallest input every architecture takes (the ImageNet models downsample 32x)
@@ -27,6 +26,19 @@ MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.25, 0.3)
 # artifact is checked here on the channel shuffle and pooled shortcut, depthwise convs, max pools (each compile of
 # a deserialized artifact costs as much as the JAX reference's, ~1-3 s)
 STABLEHLO_ARCHS = ("ShuffleV1", "mobilenetv1_imagenet", "vgg8")
+
+
+# Session-scoped and first in a test's arguments: a missing package skips the test before the smoke run is trained.
+@pytest.fixture(scope="session")
+def ort():
+    """onnxruntime: the ONNX artifacts' runtime."""
+    return need("onnxruntime")
+
+
+@pytest.fixture(scope="session")
+def jax2onnx():
+    """jax2onnx: the ONNX conversion."""
+    return need("jax2onnx")
 
 
 def _random_variables(model, rng):
@@ -47,7 +59,7 @@ def _random_variables(model, rng):
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_every_architecture_exports(arch):
+def test_every_architecture_exports(ort, jax2onnx, arch):
     """The ONNX graph of every architecture (ShuffleNet's channel shuffle and pooled shortcut, MobileNet's depthwise
     convs, VGG's and the ImageNet stems' max pools) gives the flax model's logits in onnxruntime, for batch 3 and
     batch 1 of one artifact taking uint8 NHWC images; the StableHLO artifact likewise, deserialized."""
@@ -129,11 +141,12 @@ def _parse(out):
 
 
 @pytest.mark.timeout(300)
-def test_teacher_and_student_export_check_and_predict(smoke_workdir, tmp_path, capsys):
+def test_teacher_and_student_export_check_and_predict(ort, jax2onnx, smoke_workdir, tmp_path, capsys):
     """The smoke run's teacher and student export in both formats; each artifact, run here independently of the
     exporter's runtimes, gives the run's own JAX backbone's logits on the whole test split; predict on PNG files
     written here names the classes with the model's probabilities, the same through ONNX, StableHLO and the
-    workdir."""
+    workdir.  A 40x30 RGB file becomes the input built here by hand: its centre 30x30 square, nearest-neighbour to
+    8x8, grey."""
     from PIL import Image
 
     from mgd_jax.analysis.common import Run
@@ -146,8 +159,16 @@ def test_teacher_and_student_export_check_and_predict(smoke_workdir, tmp_path, c
     for i in range(4):
         pngs.append(str(tmp_path / f"test_{i}.png"))
         Image.fromarray(images[i][..., 0]).save(pngs[-1])  # one channel, the input size
-    big = str(tmp_path / "large.png")  # another size and RGB: resized as the evaluation transform does
-    Image.fromarray(images[0][..., 0]).resize((40, 30), Image.NEAREST).convert("RGB").save(big)
+    # Another size and RGB, resized as the evaluation transform does (the digits': centre square, nearest): 40x30
+    # pixels of coloured noise but for the 8x8 that nearest-neighbour sampling of the centre 30x30 reads (the
+    # pixel under each output pixel's centre, int((i + 0.5) * 30 / 8)), which hold test image 4 in grey (R = G =
+    # B).  Its input is test image 4 exactly; a shifted crop or another sampling reads noise.
+    big = str(tmp_path / "large.png")
+    rows = np.array([1, 5, 9, 13, 16, 20, 24, 28])
+    pixels = np.random.default_rng(5).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    pixels[rows[:, None], 5 + rows[None, :]] = images[4]  # (8, 8, 1) -> R = G = B
+    Image.fromarray(pixels).save(big)
+    np.testing.assert_array_equal(ex.load_image(big, (8, 8, 1), 1.0, ex.NEAREST), images[4])
 
     for stage in ("teacher", "students/mas_kd"):
         out = tmp_path / stage.replace("/", "_")
@@ -180,7 +201,8 @@ def test_teacher_and_student_export_check_and_predict(smoke_workdir, tmp_path, c
             code = ("import sys; sys.modules.update(mgd_jax=None, flax=None)\n"
                     "import numpy as np, onnxruntime, jax\n"
                     f"x = np.load({str(tmp_path / 'images.npy')!r})\n"
-                    f"s = onnxruntime.InferenceSession({str(out / 'model.onnx')!r}, providers=['CPUExecutionProvider'])\n"
+                    f"s = onnxruntime.InferenceSession({str(out / 'model.onnx')!r}, "
+                    "providers=['CPUExecutionProvider'])\n"
                     f"e = jax.export.deserialize(bytearray(open({str(out / 'model.stablehlo')!r}, 'rb').read()))\n"
                     f"np.save({str(tmp_path / 'alone.npy')!r}, np.stack([s.run(None, {{'images': x}})[0], e.call(x)]))")
             subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path,
@@ -193,7 +215,7 @@ def test_teacher_and_student_export_check_and_predict(smoke_workdir, tmp_path, c
                        [f"--workdir={work}", f"--stage={stage}"]):
             assert predict.main([*source, *pngs, big]) == 0
             results.append(_parse(capsys.readouterr().out))
-        for i, path in enumerate(pngs):
+        for i, path in [*enumerate(pngs), (4, big)]:
             top = results[0][path]
             p = _softmax(reference[i].astype(np.float64))
             assert [name for name, _ in top] == [str(c) for c in np.argsort(-p, kind="stable")[:5]]
@@ -218,7 +240,8 @@ class _Off:
 
 
 @pytest.mark.timeout(240)
-def test_a_runtime_that_differs_is_refused_and_nothing_is_written(smoke_workdir, tmp_path, monkeypatch, capsys):
+def test_a_runtime_that_differs_is_refused_and_nothing_is_written(ort, jax2onnx, smoke_workdir, tmp_path, monkeypatch,
+                                                                   capsys):
     work, _ = smoke_workdir
     out = tmp_path / "export"
     out.mkdir()
@@ -271,7 +294,7 @@ def test_a_top1_flip_within_the_tolerance_is_refused():
         ex.compare("x", reference, reference * np.nan)
 
 
-def test_one_line_errors(smoke_workdir, tmp_path, capsys, monkeypatch):
+def test_one_line_errors(ort, jax2onnx, smoke_workdir, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
     from mgd_jax.analysis.common import Run

@@ -212,9 +212,10 @@ def maybe_initialize(cfg) -> bool:
 
 
 def heartbeat_kwargs(seconds: int) -> dict:
-    """``jax.distributed.initialize``'s heartbeat argument, where the installed JAX has it (0.7 and later,
-    ``heartbeat_timeout_seconds``: a process silent that long counts as lost, and every process stops; JAX's own
-    default is 100 s; earlier versions fix it at 10 missed heartbeats of 10 s)."""
+    """``jax.distributed.initialize``'s heartbeat argument where the installed JAX has it
+    (``heartbeat_timeout_seconds``, since mid-2025: jax 0.10 here, and the newest releases' fault-tolerance guide
+    passes it too): a process silent that long counts as lost, and every process stops.  JAX's own default is
+    100 s; versions without the argument fix it (10 missed heartbeats of 10 s)."""
     import inspect
 
     import jax

@@ -205,7 +205,7 @@ def needed(cfg) -> bool:
 
 
 _HOLD = re.compile(rb"^(Traceback \(most recent call last\)|[EF]\d{4} \d\d:\d\d:\d\d|\*\*\* Check failure|"
-                   rb"Fatal Python error|W\d{4} \d\d:\d\d:\d\d.*(coordination|preemption))")
+                   rb"Fatal Python error|W\d{4} \d\d:\d\d:\d\d.*coordination service)")
 
 
 def _pdeathsig(parent: int):
@@ -255,6 +255,9 @@ class _Relay:
         self.at_line_start = True
 
     def pump(self, timeout: float) -> None:
+        if self.eof:  # the worker closed its stderr (and lives on, or is ending)
+            time.sleep(timeout)
+            return
         ready, _, _ = select.select([self.fd], [], [], timeout)
         if ready:
             data = os.read(self.fd, 1 << 16)
@@ -313,7 +316,8 @@ def run(cfg, pending_sigterm=(), command: list[str] | None = None) -> int:
     sys.stderr.flush()
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # the worker starts with it blocked
     try:
-        worker = subprocess.Popen(command or _command(), env=env, stderr=subprocess.PIPE, preexec_fn=_pdeathsig(os.getpid()))
+        worker = subprocess.Popen(command or _command(), env=env, stderr=subprocess.PIPE,
+                                  preexec_fn=_pdeathsig(os.getpid()))
 
         def forward(signum, frame):
             if worker.poll() is None:

@@ -14,6 +14,7 @@ import sys
 # on (preemption.watch() for one process; re-raised for jax.distributed's handler on several), not a dead process.
 _EARLY_SIGTERM = []
 signal.signal(signal.SIGTERM, lambda signum, frame: _EARLY_SIGTERM.append(signum))
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a supervised worker starts with it blocked
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -75,9 +76,11 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)  # orbax logs every save at INFO, tfds warns about empty folders
     from mgd_jax.errors import USER_ERRORS
-    from mgd_jax.train import cpu, distributed, preemption
+    from mgd_jax.train import cpu, distributed, preemption, supervisor
 
     try:
+        if supervisor.needed(FLAGS.config.get("distributed", None)):  # several processes: a lost peer is one line
+            sys.exit(supervisor.run(FLAGS.config.get("distributed", None), _EARLY_SIGTERM))  # and 75 (its module)
         cpu.configure_host_devices(FLAGS.config.get("cpu_devices", None))  # before XLA starts (reads XLA_FLAGS)
         if distributed.maybe_initialize(FLAGS.config.get("distributed", None)) and _EARLY_SIGTERM:
             os.kill(os.getpid(), signal.SIGTERM)  # jax.distributed's handler is in place now: it tells every process
@@ -108,6 +111,7 @@ def main(argv):
         sys.stdout.flush()
         sys.stderr.flush()
         os.write(checkpoint.real_stderr_fd(), f"error: {e}\n".encode())
+        supervisor.settle()  # several processes: process 0 exits last (its peers' own error, not a lost peer)
         # the stages closed their checkpoints and metrics on the way out; skip interpreter teardown, where a
         # failed save's background threads (orbax, after a full disk) would print their own tracebacks
         os._exit(2)

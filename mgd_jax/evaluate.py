@@ -17,6 +17,7 @@ from mgd_jax import losses
 from mgd_jax.analysis.common import Run, cli, evaluate_split, tool_parser
 from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities
 from mgd_jax.data.augment import eval_transform
+from mgd_jax.errors import AnalysisError
 
 ECE_BINS = 15
 SPLITS = ("test", "train")
@@ -45,6 +46,9 @@ def evaluate_stage(workdir: str, stage: str, split: str = "test", batch_size: in
     """``stage``: teacher | analyzer (the teacher and each granularity's decoder) | students/<name>.
     ``batch_size``: the run's ``eval_batch_size`` by default."""
     run = Run(workdir)
+    stage = run.check_stage(stage, also=("analyzer",))
+    if batch_size is not None and batch_size < 1:
+        raise AnalysisError(f"batch_size={batch_size}: must be >= 1")
     images, labels = run.split(split)
     aug = run.config.augment
     if stage == "analyzer":
@@ -74,14 +78,18 @@ def evaluate_stage(workdir: str, stage: str, split: str = "test", batch_size: in
     n = len(labels)
     result = {"stage": stage, "split": split, "examples": n, "checkpoint_epoch": meta.get("epoch"),
               **{k: summarize(v, n) for k, v in totals.items()}}
-    with open(os.path.join(run.stage_dir(stage), f"eval_{split}.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    path = os.path.join(run.stage_dir(stage), f"eval_{split}.json")
+    try:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    except OSError as e:
+        raise AnalysisError(f"{path}: cannot write the result ({e.strerror})") from None
     return result
 
 
 @cli
 def main(argv=None):
-    p = tool_parser(__doc__, stage="teacher | analyzer | students/<name>")
+    p = tool_parser(__doc__, stage="teacher | analyzer | students/<name>", prog="python -m mgd_jax.evaluate")
     p.add_argument("--split", default="test", choices=SPLITS)
     a = p.parse_args(argv)
     print(json.dumps(evaluate_stage(a.workdir, a.stage, a.split), indent=1))

@@ -413,6 +413,7 @@ def read_stage(run, stage: str) -> Deployable:
     if stage.strip("/").split("/")[0] == "mutual":
         raise AnalysisError(f"stage {stage!r}: mutual-learning peers are not exportable (export teacher or "
                             f"students/<name>)")
+    stage = run.check_stage(stage, purpose=" to export")
     arch, variables = read_backbone(run.workdir, stage)  # refuses what has no backbone, names the architecture
     _, meta = run.restore_best(stage)  # its metadata (the epoch)
     params = variables["params"]
@@ -457,8 +458,13 @@ def export_stage(workdir: str, stage: str, formats=FORMATS, out: str | None = No
                 importlib.import_module(name)
         except ImportError:
             raise AnalysisError("ONNX export needs jax2onnx and onnxruntime: pip install -e '.[export]'") from None
+    if not (atol >= 0 and rtol >= 0):
+        raise AnalysisError(f"--atol={atol:g} --rtol={rtol:g}: tolerances must be >= 0")
+    if batch_size < 1:
+        raise AnalysisError(f"batch_size={batch_size}: must be >= 1")
     run = Run(workdir)
     model = read_stage(run, stage)
+    stage = model.stage
     out = out or os.path.join(run.stage_dir(stage), "export")
     _check_out(out)
     images, labels = run.split("test")
@@ -561,7 +567,7 @@ def _write_all(folder: str, blobs: dict[str, bytes], stale=()) -> None:
 def main(argv=None) -> int:
     from mgd_jax.analysis.common import BACKBONE_STAGES, cli, tool_parser
 
-    p = tool_parser(__doc__, stage=BACKBONE_STAGES)
+    p = tool_parser(__doc__, stage=BACKBONE_STAGES, prog="python -m mgd_jax.export")
     p.add_argument("--format", default=",".join(FORMATS), help="comma-separated: " + ", ".join(FORMATS))
     p.add_argument("--out", default=None, help="the folder to write (default <workdir>/<stage>/export)")
     p.add_argument("--atol", type=float, default=ATOL, help="allowed |logit - JAX logit| (default %(default)g)")

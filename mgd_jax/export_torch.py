@@ -115,14 +115,10 @@ def to_state_dict(arch: str, variables: dict) -> dict[str, np.ndarray]:
 
 def read_backbone(workdir: str, stage: str) -> tuple[str, dict]:
     """A stage's best checkpoint -> (its architecture, its backbone's ``{'params', 'batch_stats'}``)."""
-    from mgd_jax.analysis.common import BACKBONE_STAGES, restore_best
+    from mgd_jax.analysis.common import check_stage, restore_best
 
-    name = stage[len("students/"):] if stage.startswith("students/") else ""
-    if stage != "teacher" and (not name or "/" in name.strip("/")):
-        raise AnalysisError(f"stage {stage!r} has no backbone to export; use {BACKBONE_STAGES.replace(' | ', ' or ')}")
+    stage = check_stage(workdir, stage, purpose=" to export")  # names a mistyped stage and lists the workdir's
     directory = os.path.join(workdir, stage)
-    if not os.path.isdir(directory):
-        raise AnalysisError(f"{directory} does not exist (no such stage in {workdir})")
     saved, meta = restore_best(directory)
     arch = meta.get("arch")
     if arch is None:
@@ -139,8 +135,22 @@ def read_backbone(workdir: str, stage: str) -> tuple[str, dict]:
                             f"is kept") from None
 
 
+def _check_out_file(out: str) -> None:
+    """``--out`` must name a file in an existing, writable folder (checked before anything is read)."""
+    if not out or out.endswith(os.sep):
+        raise AnalysisError(f"--out={out!r}: give a file name (e.g. student.pth)")
+    if os.path.isdir(out):
+        raise AnalysisError(f"--out={out} is a folder: give a file name (e.g. {os.path.join(out, 'student.pth')})")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise AnalysisError(f"--out={out}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AnalysisError(f"--out={out}: the folder {parent} is not writable")
+
+
 def export_stage(workdir: str, stage: str, out: str) -> tuple[str, int]:
     """Writes ``stage``'s best backbone to ``out`` (torch.save of a state_dict); returns (arch, number of keys)."""
+    _check_out_file(out)
     arch, variables = read_backbone(workdir, stage)
     state_dict = to_state_dict(arch, variables)
     try:
@@ -148,9 +158,7 @@ def export_stage(workdir: str, stage: str, out: str) -> tuple[str, int]:
     except ImportError:
         raise AnalysisError("writing a PyTorch state_dict needs torch: pip install torch==2.13.0") from None
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise AnalysisError(f"--out={out}: the folder {parent} does not exist")
+    _check_out_file(out)
     tmp = f"{out}.tmp"
     try:
         torch.save(tensors, tmp)
@@ -164,11 +172,9 @@ def export_stage(workdir: str, stage: str, out: str) -> tuple[str, int]:
 
 
 def main(argv=None) -> int:
-    import argparse
+    from mgd_jax.analysis.common import BACKBONE_STAGES, ToolParser, cli
 
-    from mgd_jax.analysis.common import BACKBONE_STAGES, cli
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser("python -m mgd_jax.export_torch", __doc__)
     p.add_argument("--workdir", required=True, help="a workdir written by train.py (or import_torch)")
     p.add_argument("--stage", required=True, help=BACKBONE_STAGES)
     p.add_argument("--out", required=True, help="the .pth file to write")

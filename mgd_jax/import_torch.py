@@ -14,7 +14,7 @@ run.  The way back, a trained student to a PyTorch ``state_dict``, is ``mgd_jax.
 """
 from __future__ import annotations
 
-import argparse
+import os
 import pickle
 import re
 import sys
@@ -35,13 +35,16 @@ def load_torch_file(path: str) -> dict:
         import torch
     except ImportError:
         raise CheckpointImportError("importing PyTorch checkpoints needs torch: pip install torch==2.13.0") from None
+    if os.path.isdir(path):
+        raise CheckpointImportError(f"{path} is a folder, not a PyTorch checkpoint file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise CheckpointImportError(f"{path}: no such file") from e
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
         # what torch raises for a file that is not a weights-only checkpoint: pickled code (UnpicklingError),
-        # not a torch zip file (RuntimeError), empty (EOFError), a directory (OSError); the cause stays chained
+        # not a torch zip file (RuntimeError), empty (EOFError), unreadable (OSError), a text file read as a
+        # legacy pickle (KeyError / IndexError from the unpickler's memo); the cause stays chained
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or ["empty file"]
         first = next((ln for ln in lines if "GLOBAL" in ln), lines[0])  # the refused global names the problem
         raise CheckpointImportError(f"{path}: refused, it is not a weights-only PyTorch checkpoint "
@@ -200,13 +203,19 @@ def import_to_workdir(arch: str, teacher_path: str, workdir: str, num_classes: i
                       tubes: dict | None = None, granularities=PAPER_GRANULARITIES) -> None:
     """Writes the teacher (and analyzer) stage checkpoints of ``workdir`` as finished stages.  ``num_classes``:
     the checkpoint's classes, by default its reference's (``models.reference_num_classes``: 1000 for an
-    ``*_imagenet`` model, else 100)."""
-    import os
-
+    ``*_imagenet`` model, else 100).  Everything is read and converted before anything is written."""
     from mgd_jax.train.checkpoint import StageCheckpoints
 
     check_arch(arch)
     num_classes = reference_num_classes(arch) if num_classes is None else num_classes
+    if not (isinstance(num_classes, int) and num_classes >= 1):
+        raise CheckpointImportError(f"--num_classes={num_classes}: must be an integer >= 1")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise CheckpointImportError(f"--workdir={workdir} is a file, not a folder")
+    for flag, path in [("--teacher", teacher_path), *((f"--tube{dim}", p) for dim, p in (tubes or {}).items())]:
+        if not os.path.isfile(path):
+            why = "a folder, not a checkpoint file" if os.path.isdir(path) else "no such file"
+            raise CheckpointImportError(f"{flag}={path}: {why}")
     for stage_name in ("teacher", "analyzer") if tubes else ("teacher",):
         for which in ("latest", "best"):  # an earlier import killed between its two saves leaves only best
             d = os.path.join(workdir, stage_name, "checkpoints", which)
@@ -215,32 +224,42 @@ def import_to_workdir(arch: str, teacher_path: str, workdir: str, num_classes: i
                                             f"--workdir or delete {os.path.dirname(os.path.dirname(d))}")
     ck = load_torch_file(teacher_path)
     sd = ck.get("model", ck) if isinstance(ck, dict) else ck
+    if not isinstance(sd, dict):
+        raise CheckpointImportError(f"{teacher_path}: holds a {type(sd).__name__}, not a state_dict (a dict of "
+                                    f"tensors) or {{'model': state_dict}}")
     variables = convert_backbone(arch, sd, num_classes, where=teacher_path)
-    meta = {"stage": "teacher", "arch": arch, "num_classes": num_classes, "imported_from": os.path.abspath(teacher_path)}
+    tube_params, grans = {}, None
+    if tubes:
+        model = get_model(arch, num_classes)
+        d = jax.eval_shape(lambda: model.apply(variables, jnp.zeros((1, 32, 32, 3))))[1][-1].shape[-1]  # pooled dim
+        grans = parse_granularities(granularities)
+        for g in grans:
+            if g.dim not in tubes:
+                raise CheckpointImportError(f"no tube checkpoint for granularity {g.name} (have dims {sorted(tubes)})")
+            tube = load_torch_file(tubes[g.dim])
+            if not isinstance(tube, dict):
+                raise CheckpointImportError(f"{tubes[g.dim]}: holds a {type(tube).__name__}, not a tube checkpoint")
+            tube_params[g.name] = convert_tube(tube, g.dim, d, num_classes, where=tubes[g.dim])
+    meta = {"stage": "teacher", "arch": arch, "num_classes": num_classes,
+            "imported_from": os.path.abspath(teacher_path)}
     best = {"imported": True, "epoch": 0}
     stage = StageCheckpoints(os.path.join(workdir, "teacher", "checkpoints"))
     stage.save_best(0, variables, {**meta, "epoch": 0, "best": best, "imported": True})
     stage.save_latest(0, variables, {**meta, "epoch": 0, "best": best, "last": {}, "imported": True})
     stage.close()
     if tubes:
-        model = get_model(arch, num_classes)
-        d = jax.eval_shape(lambda: model.apply(variables, jnp.zeros((1, 32, 32, 3))))[1][-1].shape[-1]  # pooled dim
-        grans = parse_granularities(granularities)
-        params = {}
-        for g in grans:
-            if g.dim not in tubes:
-                raise CheckpointImportError(f"no tube checkpoint for granularity {g.name} (have dims {sorted(tubes)})")
-            params[g.name] = convert_tube(load_torch_file(tubes[g.dim]), g.dim, d, num_classes, where=tubes[g.dim])
         meta = {"stage": "analyzer", "teacher_arch": arch, "num_classes": num_classes,
                 "granularities": [[g.dim, g.temperature] for g in grans]}
         stage = StageCheckpoints(os.path.join(workdir, "analyzer", "checkpoints"))
-        stage.save_best(0, params, {**meta, "epoch": 0, "best": best, "imported": True})
-        stage.save_latest(0, params, {**meta, "epoch": 0, "best": best, "last": {}, "imported": True})
+        stage.save_best(0, tube_params, {**meta, "epoch": 0, "best": best, "imported": True})
+        stage.save_latest(0, tube_params, {**meta, "epoch": 0, "best": best, "last": {}, "imported": True})
         stage.close()
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mgd_jax.analysis.common import ToolParser
+
+    p = ToolParser("python -m mgd_jax.import_torch", __doc__)
     p.add_argument("--arch", required=True)
     p.add_argument("--teacher", required=True, help="{'model': state_dict} file (teacher.py's ckpt/best.pth) or a "
                                                     "bare state_dict (torchvision's)")

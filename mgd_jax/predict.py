@@ -40,13 +40,16 @@ class Classifier:
     @classmethod
     def from_export(cls, path: str) -> "Classifier":
         """``path``: an exported ``model.onnx`` or ``model.stablehlo``, ``model.json`` beside it."""
+        if os.path.isdir(path):
+            raise AnalysisError(f"--model={path} is a folder: give its model.onnx or model.stablehlo")
         if not os.path.isfile(path):
             raise AnalysisError(f"--model={path} does not exist")
+        if not path.endswith((".onnx", ".stablehlo")):
+            raise AnalysisError(f"--model={path}: not a .onnx or .stablehlo file (python -m mgd_jax.export writes "
+                                f"them; or use --workdir=DIR --stage=STAGE)")
         meta_path = os.path.join(os.path.dirname(os.path.abspath(path)), METADATA)
         if not os.path.isfile(meta_path):
             raise AnalysisError(f"{meta_path} is missing: --model takes a file written by python -m mgd_jax.export")
-        if not path.endswith((".onnx", ".stablehlo")):
-            raise AnalysisError(f"--model={path}: not a .onnx or .stablehlo file")
         try:
             with open(meta_path) as f:
                 meta = json.load(f)
@@ -55,11 +58,14 @@ class Classifier:
                     transform.get("interpolation", STREAMED))
             listed = os.path.basename(path) in meta["files"].values()
             recorded = meta.get("sha256", {}).get(os.path.basename(path))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a missing key, a corrupt or foreign JSON
+        except (KeyError, TypeError, ValueError, AttributeError, OSError) as e:  # a missing key, a corrupt JSON
             raise AnalysisError(f"{meta_path}: not a model.json written by python -m mgd_jax.export ("
                                 f"{type(e).__name__}: {e})") from None
-        with open(path, "rb") as f:
-            blob = f.read()
+        try:
+            with open(path, "rb") as f:
+                blob = f.read()
+        except OSError as e:
+            raise AnalysisError(f"--model={path}: cannot read it ({e.strerror})") from None
         if not listed or recorded != sha256(blob):
             why = "is not listed in" if not listed else "has another sha256 than the one recorded in"
             raise AnalysisError(f"--model={path} {why} {meta_path}: it was not written with this model.json: "
@@ -99,11 +105,9 @@ class Classifier:
 
 
 def main(argv=None) -> int:
-    import argparse
+    from mgd_jax.analysis.common import BACKBONE_STAGES, ToolParser, cli
 
-    from mgd_jax.analysis.common import BACKBONE_STAGES, cli
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser("python -m mgd_jax.predict", __doc__)
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     p.add_argument("--model", help="an exported model.onnx or model.stablehlo (model.json beside it)")
     p.add_argument("--workdir", help="a workdir written by train.py (with --stage, instead of --model)")

@@ -88,9 +88,11 @@ def transfer(workdir: str, stage: str, config: ml_collections.ConfigDict, device
     """Trains (or resumes, or returns the finished result of) the transfer of ``stage``'s backbone under
     ``config`` (``configs/transfer.py``)."""
     run = Run(workdir)
-    backbone = run.backbone(stage)
-    tcfg = recipe(config, backbone.arch)
+    stage = run.check_stage(stage)
+    # the recipe is checked before the (slower) restore: the backbone's architecture is the run config's
+    tcfg = recipe(config, run.config.teacher.arch if stage == "teacher" else run.config.student.arch)
     validate_transfer_config(tcfg)
+    backbone = run.backbone(stage)
     if not tcfg.data.get("data_dir", None) and run.config.data.get("data_dir", None):
         tcfg.data.data_dir = run.config.data.data_dir
     ds = load_dataset(tcfg.data)
@@ -168,7 +170,7 @@ def config_from_flags(a, overrides) -> ml_collections.ConfigDict:
 
 @cli
 def main(argv=None):
-    p = tool_parser(__doc__, stage=BACKBONE_STAGES)
+    p = tool_parser(__doc__, stage=BACKBONE_STAGES, prog="python -m mgd_jax.transfer")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="the recipe: a config file[:dataset]; "
                                                            "--config.FIELD=VALUE overrides one of its fields")
     p.add_argument("--dataset", help="the config file's argument: stl10 (its default) or cifar10")

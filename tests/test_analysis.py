@@ -43,7 +43,8 @@ def test_evaluate_every_stage_of_a_workdir(smoke_workdir):
     assert an["decoder/16d_T2"]["top1"] == pytest.approx(summary["rows"][1]["best_acc1"])
     assert json.load(open(os.path.join(work, "analyzer", "eval_test.json")))["examples"] == 100
     assert main([f"--workdir={work}", "--stage=teacher", "--split=train"]) == 0
-    with pytest.raises(AnalysisError, match="students/nope/checkpoints/best does not exist"):
+    with pytest.raises(AnalysisError, match=r"--stage=students/nope does not exist in .*\(its stages: teacher, "
+                                            r"analyzer"):
         evaluate_stage(work, "students/nope")
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mgd_jax.analysis.common import Run, cli, tool_parser
+from mgd_jax.analysis.common import AnalysisError, Run, check_out_folder, cli, tool_parser, write_outputs
 from mgd_jax.data.augment import eval_transform
 
 
@@ -32,6 +32,9 @@ def cka_matrix(workdir: str, student: str, examples: int = 500) -> dict:
     """CKA between every teacher feature and every feature of ``student`` (a stage: students/<name>) on the
     first ``examples`` test images."""
     run = Run(workdir)
+    student = run.check_stage(student)
+    if int(examples) < 2:
+        raise AnalysisError(f"--examples={examples}: CKA needs at least 2 examples")
     images, _ = run.split("test")
     n = min(examples, len(images))
     x = eval_transform(jnp.asarray(images[:n]), run.config.augment)
@@ -68,19 +71,24 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _write_json(result: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 @cli
 def main(argv=None):
-    p = tool_parser(__doc__, stage="students/<name>, compared with the teacher", stage_aliases=("--student",))
+    p = tool_parser(__doc__, stage="students/<name>, compared with the teacher", stage_aliases=("--student",),
+                    prog="python -m mgd_jax.analysis.cka")
     p.add_argument("--examples", type=int, default=500)
     p.add_argument("--out", help="output folder (default <workdir>/analysis)")
     a = p.parse_args(argv)
+    check_out_folder(a.out)
     result = cka_matrix(a.workdir, a.stage, a.examples)
     out = a.out or os.path.join(result["workdir"], "analysis")
-    os.makedirs(out, exist_ok=True)
-    name = a.stage.replace("/", "_")
-    with open(os.path.join(out, f"cka_{name}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    plot(result, os.path.join(out, f"cka_{name}.png"))
+    name = result["student"].replace("/", "_")
+    write_outputs(out, {f"cka_{name}.json": lambda path: _write_json(result, path),
+                        f"cka_{name}.png": lambda path: plot(result, path)})
     print(f"wrote {out}/cka_{name}.json and .png")
     return 0
 

@@ -36,20 +36,41 @@ from mgd_jax.stages.common import apply_backbone
 from mgd_jax.train import mesh as mesh_lib
 from mgd_jax.train.checkpoint import StageCheckpoints
 
-__all__ = ["AnalysisError", "BACKBONE_STAGES", "Backbone", "ConfigFile", "Run", "cli", "evaluate_split", "load_config",
-           "load_config_file", "model_of", "override", "parse_with_overrides", "restore_best", "tool_parser"]
+__all__ = ["AnalysisError", "BACKBONE_STAGES", "Backbone", "ConfigFile", "Run", "ToolParser", "check_out_folder",
+           "check_stage", "check_workdir", "cli", "evaluate_split", "load_config", "load_config_file", "model_of",
+           "override", "parse_with_overrides", "restore_best", "stages_of", "tool_parser", "write_outputs"]
 
 BACKBONE_STAGES = "teacher | students/<name>"
 
 
 # --- command line ------------------------------------------------------------------------------------------------
-def tool_parser(doc: str, stage: str | None = None, stage_aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
-    """The tool's parser with ``--workdir`` (required) and, with ``stage`` (its help), a required ``--stage``."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+class ToolParser(argparse.ArgumentParser):
+    """argparse's parser, but a usage mistake (a missing or unknown option, a value of the wrong type) is one line,
+    ``error: <what>`` with exit status 2, instead of the usage block and the program's file name."""
+
+    def __init__(self, prog: str, doc: str | None = None, **kwargs):
+        super().__init__(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def tool_parser(doc: str, stage: str | None = None, stage_aliases: tuple[str, ...] = (),
+                prog: str | None = None) -> ToolParser:
+    """The tool's parser with ``--workdir`` (required) and, with ``stage`` (its help), a required ``--stage``.
+    ``prog``: how the tool is run (``python -m mgd_jax.evaluate``), named in its usage errors."""
+    p = ToolParser(prog or _prog(), doc)
     p.add_argument("--workdir", required=True, help="a workdir written by train.py (holds config.json)")
     if stage:
         p.add_argument("--stage", *stage_aliases, dest="stage", required=True, help=stage)
     return p
+
+
+def _prog() -> str:
+    """``python -m mgd_jax.<module>`` for the module being run (its ``__spec__``), else the script's name."""
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    return f"python -m {name}" if name else os.path.basename(sys.argv[0] or "tool")
 
 
 def cli(main: Callable[[Any], int]) -> Callable[[Any], int]:
@@ -66,13 +87,131 @@ def cli(main: Callable[[Any], int]) -> Callable[[Any], int]:
     return run
 
 
+def check_out_folder(out: str | None, flag: str = "--out") -> None:
+    """Refuses, before any long computation, an output folder that is a file or cannot be created: its nearest
+    existing ancestor must be a folder this process can write in.  ``None``: the tool's default folder."""
+    if out is None:
+        return
+    if not out:
+        raise AnalysisError(f"{flag} is empty: give a folder")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise AnalysisError(f"{flag}={out} is a file, not a folder")
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise AnalysisError(f"{flag}={out}: cannot create it, {path} is a file")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise AnalysisError(f"{flag}={out}: cannot create or write it, {path} is not writable")
+
+
+def write_outputs(folder: str, writers: dict[str, Callable[[str], None]]) -> None:
+    """Creates ``folder`` and calls each ``writers[name](path)``; a failed write is one line (AnalysisError)."""
+    name = folder
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for name, write in writers.items():
+            write(os.path.join(folder, name))
+    except OSError as e:
+        raise AnalysisError(f"{os.path.join(folder, name) if name != folder else folder}: cannot write it "
+                            f"({e.strerror or type(e).__name__})") from None
+
+
 # --- a finished run ----------------------------------------------------------------------------------------------
+def check_workdir(workdir: str, flag: str = "--workdir") -> None:
+    """AnalysisError unless ``workdir`` is an existing folder."""
+    if not workdir:
+        raise AnalysisError(f"{flag} is empty: give the folder train.py wrote")
+    if not os.path.exists(workdir):
+        raise AnalysisError(f"{flag}={workdir} does not exist")
+    if not os.path.isdir(workdir):
+        raise AnalysisError(f"{flag}={workdir} is a file, not a workdir (the folder train.py wrote)")
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+    check_workdir(workdir)
     path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise AnalysisError(f"{path} is missing: analysis tools need a workdir written by train.py")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    if not os.path.isfile(path):
+        raise AnalysisError(f"{path} is missing: analysis tools need a workdir written by train.py (config.json "
+                            f"is written once its checks pass)")
+    try:
+        with open(path) as f:
+            config = ml_collections.ConfigDict(json.load(f))
+    except (OSError, ValueError, TypeError, AttributeError) as e:  # unreadable, not JSON, not an object
+        raise AnalysisError(f"{path}: not a config.json written by train.py ({type(e).__name__}: "
+                            f"{_first_line(e)})") from None
+    for field in ("data", "augment"):
+        if not isinstance(config.get(field, None), ml_collections.ConfigDict):
+            raise AnalysisError(f"{path}: not a config.json written by train.py (no {field!r} section)")
+    return config
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# Folders of a workdir that hold no stage (skipped while listing its stages).
+_NOT_STAGES = ("checkpoints", "tensorboard", "export", "analysis", ".jax_cache")
+
+
+def stages_of(workdir: str) -> list[str]:
+    """The stages a workdir holds: each folder with a ``checkpoints/`` folder, as a path relative to the workdir
+    (``teacher``, ``analyzer``, ``students/<name>``, ``students/<name>/init``, ``mutual``, ``transfer/<name>``)."""
+    found = []
+    for root, dirs, _ in os.walk(workdir):
+        depth = os.path.relpath(root, workdir).count(os.sep)
+        if "checkpoints" in dirs and root != workdir:
+            found.append(os.path.relpath(root, workdir).replace(os.sep, "/"))
+        dirs[:] = sorted(d for d in dirs if d not in _NOT_STAGES) if depth < 3 else []
+    order = {"teacher": 0, "analyzer": 1, "mutual": 2}
+    return sorted(found, key=lambda st: (order.get(st, 3), st))
+
+
+def _is_other_stage(stage: str) -> bool:
+    """A stage path of a kind without a backbone: the analyzer, mutual learning, a student's init stage, a
+    transfer."""
+    parts = stage.split("/")
+    return parts[0] in ("analyzer", "mutual", "transfer") or (parts[0] == "students" and len(parts) > 2)
+
+
+def _is_backbone_stage(stage: str) -> bool:
+    if stage == "teacher":
+        return True
+    parts = stage.split("/")
+    return len(parts) == 2 and parts[0] == "students" and bool(parts[1])
+
+
+def check_stage(workdir: str, stage: str, backbone: bool = True, also: tuple[str, ...] = (),
+                purpose: str = "") -> str:
+    """``stage`` of ``workdir``, normalised (no trailing ``/``); AnalysisError naming the mistake and the stages
+    the workdir holds when it is not one of them, or (``backbone``) when it has no backbone (``also``: other
+    stages the tool takes, e.g. ``analyzer``; ``purpose``: what for, e.g. ' to export')."""
+    import difflib
+
+    check_workdir(workdir)
+    given = stage
+    stage = (stage or "").strip().strip("/")
+    wanted = BACKBONE_STAGES.replace(" | ", " or ") + "".join(f" or {a}" for a in also)
+    if not stage:
+        raise AnalysisError(f"--stage is empty: use {wanted}")
+    present = stages_of(workdir)
+    usable = [st for st in present if _is_backbone_stage(st) or st in also] if backbone else present
+    if backbone and stage not in also and _is_other_stage(stage):
+        raise AnalysisError(f"stage {stage!r} has no backbone{purpose}; use {wanted} (here: "
+                            f"{', '.join(usable) or 'none'})")
+    if stage not in present:
+        if not present:
+            raise AnalysisError(f"--stage={given} does not exist: {workdir} holds no trained stage (no "
+                                f"<stage>/checkpoints folder; is it a workdir train.py has trained in?)")
+        close = difflib.get_close_matches(stage, usable or present, n=1, cutoff=0.6)
+        hint = f"; did you mean --stage={close[0]}?" if close else ""
+        raise AnalysisError(f"--stage={given} does not exist in {workdir} (its stages: "
+                            f"{', '.join(usable or present)}){hint}")
+    if backbone and stage not in usable:
+        raise AnalysisError(f"stage {stage!r} has no backbone{purpose}; use {wanted} (here: "
+                            f"{', '.join(usable) or 'none'})")
+    return stage
 
 
 def model_of(config, arch: str, num_classes: int):
@@ -82,15 +221,22 @@ def model_of(config, arch: str, num_classes: int):
 
 def restore_best(directory: str) -> tuple[Any, dict]:
     """A stage directory's best checkpoint -> (its saved tree, its metadata)."""
+    unfinished = "the stage has not finished its first epoch: run the same train.py command again to resume it"
     if not os.path.isdir(os.path.join(directory, "checkpoints", "best")):
-        raise AnalysisError(f"{directory}/checkpoints/best does not exist (has this stage run?)")
+        raise AnalysisError(f"{directory}/checkpoints/best does not exist ({unfinished})")
     ck = StageCheckpoints(os.path.join(directory, "checkpoints"))
     try:
         step = ck.best.latest_step()
         if step is None:
-            raise AnalysisError(f"{directory}/checkpoints/best holds no checkpoint")
-        r = ck.best.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                          meta=ocp.args.JsonRestore()))
+            raise AnalysisError(f"{directory}/checkpoints/best holds no checkpoint ({unfinished})")
+        try:
+            r = ck.best.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                              meta=ocp.args.JsonRestore()))
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged or foreign checkpoint folder
+            raise AnalysisError(f"{directory}/checkpoints/best/{step}: cannot restore it ({type(e).__name__}: "
+                                f"{_first_line(e)})") from None
+        if not isinstance(r["meta"], dict) or not isinstance(r["state"], dict):
+            raise AnalysisError(f"{directory}/checkpoints/best/{step}: not a stage checkpoint written by train.py")
         return r["state"], dict(r["meta"])
     finally:
         ck.close()
@@ -147,18 +293,25 @@ class Run:
     def stage_dir(self, stage: str) -> str:
         return os.path.join(self.workdir, stage)
 
+    def check_stage(self, stage: str, backbone: bool = True, also: tuple[str, ...] = (), purpose: str = "") -> str:
+        """``check_stage`` in this run's workdir."""
+        return check_stage(self.workdir, stage, backbone, also, purpose)
+
     def restore_best(self, stage: str) -> tuple[Any, dict]:
         return restore_best(self.stage_dir(stage))
 
     def backbone(self, stage: str) -> Backbone:
         """``stage`` = teacher | students/<name>: its backbone (a student's without its encoders / aux modules)."""
-        if stage != "teacher" and not stage.startswith("students/"):
-            raise AnalysisError(f"stage {stage!r} has no backbone; use {BACKBONE_STAGES.replace(' | ', ' or ')}")
+        stage = self.check_stage(stage)
         saved, meta = self.restore_best(stage)
-        if stage == "teacher":
-            variables = {"params": saved["params"], "batch_stats": saved["batch_stats"]}
-        else:
-            variables = {"params": saved["params"]["backbone"], "batch_stats": saved["batch_stats"]["backbone"]}
+        try:
+            if stage == "teacher":
+                variables = {"params": saved["params"], "batch_stats": saved["batch_stats"]}
+            else:
+                variables = {"params": saved["params"]["backbone"], "batch_stats": saved["batch_stats"]["backbone"]}
+        except (KeyError, TypeError) as e:
+            raise AnalysisError(f"{self.stage_dir(stage)}: its best checkpoint has no {e} entry where a "
+                                f"{stage.split('/')[0].rstrip('s')}'s backbone is kept") from None
         arch = self.config.teacher.arch if stage == "teacher" else self.config.student.arch
         num_classes = int(_classifier_kernel(variables["params"]).shape[1])  # the run's classes, without its data
         return Backbone(stage, arch, model_of(self.config, arch, num_classes), variables, meta)

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mgd_jax import losses
-from mgd_jax.analysis.common import AnalysisError, Run, cli, evaluate_split, tool_parser
+from mgd_jax.analysis.common import (AnalysisError, Run, check_out_folder, cli, evaluate_split, tool_parser,
+                                     write_outputs)
 
 CORRUPTIONS = {
     "gaussian_noise": (0.0, 0.05, 0.1, 0.2, 0.3, 0.5),
@@ -58,6 +59,11 @@ def robustness(workdir: str, stages: list[str], corruptions=None, batch_size: in
     """Test top-1 of each stage's backbone under each corruption and severity.  ``batch_size``: the run's
     ``eval_batch_size`` by default."""
     run = Run(workdir)
+    stages = [run.check_stage(stage) for stage in stages]
+    if not stages:
+        raise AnalysisError("--stages is empty: give one or more of teacher, students/<name> (comma-separated)")
+    if batch_size is not None and batch_size < 1:
+        raise AnalysisError(f"batch_size={batch_size}: must be >= 1")
     images, labels = run.split("test")
     mean = jnp.asarray(run.config.augment.mean, jnp.float32)
     std = jnp.asarray(run.config.augment.std, jnp.float32)
@@ -110,16 +116,19 @@ def plot(result: dict, path: str) -> None:
 
 @cli
 def main(argv=None):
-    p = tool_parser(__doc__)
-    p.add_argument("--stages", required=True, help="comma-separated: teacher, students/<name>, ...")
+    p = tool_parser(__doc__, prog="python -m mgd_jax.analysis.robustness")
+    p.add_argument("--stages", "--stage", required=True, help="comma-separated: teacher, students/<name>, ...")
     p.add_argument("--out", help="output folder (default <workdir>/analysis)")
     a = p.parse_args(argv)
-    result = robustness(a.workdir, [s for s in a.stages.split(",") if s])
+    check_out_folder(a.out)
+    result = robustness(a.workdir, [s.strip() for s in a.stages.split(",") if s.strip()])
     out = a.out or os.path.join(result["workdir"], "analysis")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "robustness.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    plot(result, os.path.join(out, "robustness.png"))
+
+    def write_json(path):
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+    write_outputs(out, {"robustness.json": write_json, "robustness.png": lambda path: plot(result, path)})
     print(f"wrote {out}/robustness.json and robustness.png")
     return 0
 

@@ -1,7 +1,7 @@
 """Datasets as in-memory uint8 arrays: scikit-learn's bundled digits (offline quickstart) and tfds CIFAR.
 
 CIFAR is read with ``tfds.data_source`` (ArrayRecord random access, decoded with PIL: no TensorFlow at train
-time).  TensorFlow is only needed once, to *build* the dataset from its archive (README: "CIFAR-100 recipe").
+time).  TensorFlow is only needed once, to *build* the dataset from its archive (docs/cifar100.md).
 """
 from __future__ import annotations
 
@@ -55,12 +55,97 @@ STREAMING = ("imagenet2012", "image_folder")
 DATASETS = ("digits", *_TFDS, *STREAMING)  # config.data.name
 
 
-def build_instructions(name: str, data_dir: str | None) -> str:
+# the archives ``tfds build --manual_dir=DIR`` reads for each dataset
+_ARCHIVES = {"cifar100": "cifar-100-binary.tar.gz", "cifar10": "cifar-10-binary.tar.gz",
+             "stl10": "stl10_binary.tar.gz", "imagenet2012": "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar"}
+
+
+def build_instructions(name: str, data_dir: str | None, overwrite: bool = False) -> str:
     dd = f" --data_dir={data_dir}" if data_dir else ""
-    archive = {"cifar100": "cifar-100-binary.tar.gz", "cifar10": "cifar-10-binary.tar.gz",
-               "stl10": "stl10_binary.tar.gz"}[name]
-    return (f"build it once, offline: put {archive} in a folder DIR, pip install -e '.[prepare]', then "
-            f"`tfds build {name} --manual_dir=DIR --file_format=array_record{dd}` (see README, 'CIFAR-100 recipe')")
+    archive = _ARCHIVES.get(name, "its archives")
+    text = (f"build it once, offline: put {archive} in a folder DIR, pip install -e '.[prepare]', then "
+            f"`tfds build {name} --manual_dir=DIR --file_format=array_record{dd}{' --overwrite' if overwrite else ''}`")
+    if name == "imagenet2012":
+        return text + " (see docs/imagenet.md), or train from an image folder with --config.data.dir=FOLDER"
+    return text + " (see docs/cifar100.md)"
+
+
+def _tfds_root(data_dir: str | None) -> str:
+    """The folder tfds reads ``name/version`` from: ``data_dir``, else $TFDS_DATA_DIR or ~/tensorflow_datasets."""
+    if data_dir:
+        return os.path.abspath(data_dir)
+    from tensorflow_datasets.core import constants
+
+    return os.path.abspath(str(constants.DATA_DIR))  # tfds reads an empty $TFDS_DATA_DIR as the working directory
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().strip("\"'")
+    return text.splitlines()[0].strip() if text else type(e).__name__
+
+
+def _unreadable(name: str, split: str, data_dir: str | None, error: BaseException) -> str:
+    """Why ``tfds.data_source(name, split)`` failed, from the dataset's folder: not built (no folder, no
+    ``dataset_info.json``, only another version), built in a format ``data_source`` cannot read (tfrecord), no
+    such split, or damaged files; with the command that builds it."""
+    import tensorflow_datasets as tfds
+
+    root = _tfds_root(data_dir)
+    cause = f"{type(error).__name__}: {_first_line(error)}"
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        where, version = os.path.abspath(str(builder.data_dir)), str(builder.version)
+        prepared = builder.is_prepared()
+    except Exception as e:  # noqa: BLE001 - a data_dir tfds cannot even list (a file, no permission): say so
+        return (f"dataset {name!r} cannot be opened in {root} ({type(e).__name__}: {_first_line(e)}); "
+                f"{build_instructions(name, data_dir)}")
+    if not prepared:
+        folder = os.path.join(root, name)
+        others = sorted(v for v in (os.listdir(folder) if os.path.isdir(folder) else [])
+                        if os.path.isfile(os.path.join(folder, v, "dataset_info.json")))
+        if not os.path.isdir(root):
+            why = f"{root} does not exist"
+        elif others:
+            why = (f"{folder} holds version {', '.join(others)} only; tensorflow-datasets {tfds.__version__} reads "
+                   f"version {version}")
+        else:
+            why = f"no {os.path.join(where, 'dataset_info.json')}"
+        return f"dataset {name!r} is not built in {where} ({why}); {build_instructions(name, data_dir)}"
+    info = builder.info
+    formats = [f for f in [info.file_format, *getattr(info, "alternative_file_formats", [])] if f is not None]
+    values = [getattr(f, "value", str(f)) for f in formats]
+    if "array_record" not in values:
+        built = values[0] if values else "tfrecord (tfds' default)"
+        return (f"dataset {name!r} in {where} was built as {built}: training reads it with tfds.data_source, which "
+                f"needs --file_format=array_record; rebuild it: {build_instructions(name, data_dir, overwrite=True)}")
+    splits = list(info.splits.keys())
+    if split not in splits:
+        return f"dataset {name!r} in {where} has no split {split!r} (its splits: {', '.join(splits) or 'none'})"
+    return (f"dataset {name!r} in {where} cannot be read ({cause}): are its files missing or damaged? "
+            f"{build_instructions(name, data_dir, overwrite=True)}")
+
+
+def tfds_data_source(name: str, split: str, data_dir: str | None = None, **kwargs):
+    """``tfds.data_source(name, split=split, data_dir=data_dir, download=False, **kwargs)``, where a dataset that is
+    not built, or built in a format ``data_source`` cannot read, is one DatasetNotFoundError naming the cause and
+    the command that builds it (tfds' own error stays chained).  What tfds raises for those, in the versions we
+    allow (4.9.9 - 4.9.10): a KeyError ("splits is empty") for a missing dataset at the default location, an
+    AssertionError / OSError for a missing ``data_dir``, a NotImplementedError (a RuntimeError) for a tfrecord
+    build; anything else (a bug) propagates."""
+    import tensorflow_datasets as tfds
+
+    data_dir = os.path.expanduser(data_dir) if data_dir else None
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False, **kwargs)
+    except (OSError, AssertionError, RuntimeError, ValueError, KeyError) as e:
+        raise DatasetNotFoundError(_unreadable(name, split, data_dir, e)) from e
+    try:  # the record files open on first access: a missing or damaged file fails here, not in the middle of a run
+        source[0] if len(source) else None
+    except ModuleNotFoundError:
+        pass  # a decoder that needs TensorFlow (tfds' mock data): the caller decides
+    except (OSError, RuntimeError, ValueError) as e:
+        raise DatasetNotFoundError(_unreadable(name, split, data_dir, e)) from e
+    return source
 
 
 def _read_all(source) -> tuple[np.ndarray, np.ndarray]:
@@ -91,24 +176,8 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
 def load_tfds(name: str, data_dir: str | None = None) -> ArrayDataset:
     if name not in _TFDS:
         raise ValueError(f"unknown tfds dataset {name!r}; supported: {', '.join(_TFDS)}")
-    import tensorflow_datasets as tfds
-
-    data_dir = os.path.expanduser(data_dir) if data_dir else None
-    builder = tfds.builder(name, data_dir=data_dir)
-    try:
-        train = tfds.data_source(name, split="train", data_dir=data_dir, download=False)
-        test = tfds.data_source(name, split="test", data_dir=data_dir, download=False)
-    except (OSError, AssertionError, RuntimeError, ValueError) as e:
-        # what tfds raises for a dataset that is missing (not-found / assertion errors), or built in a format
-        # data_source cannot read (a RuntimeError subclass); programming errors propagate.  The cause stays
-        # chained and its first line is shown.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if not builder.is_prepared():
-            why = f"dataset {name!r} is not built in {builder.data_dir} ({type(e).__name__}: {first})"
-        else:
-            why = f"dataset {name!r} in {builder.data_dir} cannot be read randomly ({type(e).__name__}: {first}; " \
-                  f"was it built without --file_format=array_record?)"
-        raise DatasetNotFoundError(f"{why}; {build_instructions(name, data_dir)}") from e
+    train = tfds_data_source(name, "train", data_dir)
+    test = tfds_data_source(name, "test", data_dir)
     xtr, ytr = _read_all(train)
     xte, yte = _read_all(test)
     return ArrayDataset(name, xtr, ytr, xte, yte, _TFDS[name])

@@ -99,16 +99,11 @@ class TfdsSource:
     def __init__(self, name: str, split: str, data_dir: str | None):
         import tensorflow_datasets as tfds
 
+        from mgd_jax.data.sources import tfds_data_source
+
         data_dir = os.path.expanduser(data_dir) if data_dir else None
-        try:
-            self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                                           decoders={"image": tfds.decode.SkipDecoding()})
-        except (OSError, AssertionError, RuntimeError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DatasetNotFoundError(
-                f"dataset {name!r} split {split!r} cannot be read with tfds.data_source ({type(e).__name__}: {first}); "
-                f"build it once with `tfds build {name} --manual_dir=DIR --file_format=array_record` (ImageNet's "
-                f"archives in DIR), or train from an image folder with --config.data.dir=FOLDER") from e
+        # a dataset that is not built (or built as tfrecord) is one DatasetNotFoundError naming the cause and the fix
+        self.source = tfds_data_source(name, split, data_dir, decoders={"image": tfds.decode.SkipDecoding()})
         try:  # the encoded bytes, decoded here (draft mode); tfds' mock_data needs TensorFlow to hand out bytes
             self.source[0] if len(self.source) else None
         except ModuleNotFoundError:

@@ -27,11 +27,57 @@ def _check_optimizer(prefix, opt, epochs):
         _fail(f"{prefix}.optimizer.weight_decay", opt.weight_decay, "weight decay must be >= 0")
     if not 0 < opt.gamma <= 1:
         _fail(f"{prefix}.optimizer.gamma", opt.gamma, "gamma must be in (0, 1]")
-    ms = list(opt.milestones)
-    if any(int(m) != m or m <= 0 for m in ms) or ms != sorted(set(ms)):
-        _fail(f"{prefix}.optimizer.milestones", tuple(ms), "milestones must be increasing positive epochs")
+    field = f"{prefix}.optimizer.milestones".lstrip(".")
+    try:
+        ms = list(opt.milestones)
+        bad = any(not isinstance(m, (int, float)) or int(m) != m or m <= 0 for m in ms) or ms != sorted(set(ms))
+    except TypeError:  # not a sequence, or of things that do not compare
+        bad, ms = True, opt.milestones
+    if bad:
+        _fail(field, ms if not isinstance(ms, list) else tuple(ms), "milestones must be increasing positive epochs, "
+              f"e.g. --config.{field}='(30, 45)' or '()' for a constant learning rate")
     if ms and ms[-1] >= epochs:
-        _fail(f"{prefix}.optimizer.milestones", tuple(ms), f"a milestone lies beyond the last epoch ({epochs})")
+        fit = tuple(int(m) for m in ms if m < epochs)
+        constant = " (a constant learning rate)" if not fit else ""
+        _fail(field, tuple(ms), f"a milestone lies at or beyond the last epoch ({epochs} epochs): set milestones "
+                                f"below it, e.g. --config.{field}='{fit!r}'{constant}")
+
+
+def scale_milestones(milestones, from_epochs: int, to_epochs: int) -> tuple[int, ...]:
+    """A schedule's milestones for ``from_epochs`` scaled to ``to_epochs`` (each rounded; those that fall on or
+    beyond the last epoch, or on epoch 0, dropped), e.g. (150, 180, 210) of 240 -> (15, 18, 21) of 24, () of 1."""
+    scaled = (int(round(m * to_epochs / from_epochs)) for m in milestones)
+    return tuple(sorted({m for m in scaled if 0 < m < to_epochs}))
+
+
+def fit_milestones(config, epochs_given: dict, milestones_given, flag: str = "--config.") -> list[str]:
+    """For every stage whose ``epochs`` the user changed (``epochs_given``: ``{'student': the file's epochs}``,
+    stage paths as in the config: teacher, analyzer, student, mutual, students.<name>.init) and whose milestones
+    they did not set (``milestones_given``: stage paths), milestones that no longer fit before the last epoch
+    are scaled with the epochs (``scale_milestones``).  Changes ``config``; -> one line per stage changed (``flag``:
+    how the command line sets a field).  Not applied when the milestones still fit: the schedule then stays the
+    file's."""
+    lines = []
+    for stage, from_epochs in epochs_given.items():
+        if stage in milestones_given:
+            continue
+        node = config
+        try:
+            for part in stage.split("."):
+                node = node[part]
+            epochs, milestones = node.epochs, tuple(node.optimizer.milestones)
+        except (KeyError, AttributeError, TypeError):
+            continue  # a stage without a schedule: the validation names whatever is wrong
+        if not (isinstance(epochs, int) and epochs >= 1 and isinstance(from_epochs, int) and from_epochs >= 1):
+            continue
+        if milestones and all(isinstance(m, (int, float)) for m in milestones) and max(milestones) >= epochs:
+            scaled = scale_milestones(milestones, from_epochs, epochs)
+            node.optimizer.milestones = scaled
+            constant = " (a constant learning rate)" if not scaled else ""
+            lines.append(f"config.{stage}.optimizer.milestones: {milestones}, set for {from_epochs} epochs, scaled "
+                         f"to {scaled} for {flag}{stage}.epochs={epochs}{constant}; "
+                         f"{flag}{stage}.optimizer.milestones=... chooses them")
+    return lines
 
 
 def _check_stage(prefix, cfg):
@@ -55,7 +101,73 @@ def validate_transfer_config(cfg) -> None:
         _fail("augment.std", tuple(cfg.augment.std), "needs one positive value per channel of augment.mean")
 
 
+# The top-level fields of a train.py config (configs/default.py); a config without them is not one (e.g. the
+# transfer recipe given to train.py).
+REQUIRED_SECTIONS = ("data", "augment", "teacher", "analyzer", "student", "students", "granularities")
+
+
+def _check_types(config) -> None:
+    """The structure every later check reads: sections that are config blocks, names that are strings."""
+    for name in REQUIRED_SECTIONS:
+        if name not in config:
+            raise ConfigError(f"the config has no field {name!r}: is it a train.py config (configs/quickstart.py, "
+                              f"configs/cifar100.py, ...)?")
+    for name in ("data", "augment", "teacher", "analyzer", "student", "students"):
+        if not isinstance(config[name], ml_collections.ConfigDict):
+            _fail(name, config[name], "must be a config block (its fields: docs/config.md)")
+    for who in ("teacher", "analyzer", "student"):
+        for field in ("epochs", "batch_size"):
+            v = config[who].get(field, None)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                _fail(f"{who}.{field}", v, "must be an integer >= 1")
+        if not isinstance(config[who].get("optimizer", None), ml_collections.ConfigDict):
+            _fail(f"{who}.optimizer", config[who].get("optimizer", None), "must be a config block (lr, momentum, "
+                                                                          "weight_decay, milestones, gamma)")
+        for field in ("lr", "momentum", "weight_decay", "gamma"):
+            v = config[who].optimizer.get(field, None)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                _fail(f"{who}.optimizer.{field}", v, "must be a number")
+    for who in ("teacher", "student"):
+        if not isinstance(config[who].get("arch", None), str):
+            _fail(f"{who}.arch", config[who].get("arch", None), f"must be an architecture's name; known: "
+                                                                 f"{', '.join(ARCHITECTURES)}")
+    if not isinstance(config.data.get("name", None), str):
+        _fail("data.name", config.data.get("name", None), f"must be a dataset's name; known: {', '.join(DATASETS)}")
+    for name, s in config.students.items():
+        if not isinstance(s, ml_collections.ConfigDict):
+            _fail(f"students.{name}", s, "must be a config block (method, granularity, weights, ...)")
+
+
+def _check_data(data) -> None:
+    """The data block's sizes: limits, the digits' image size and test split."""
+    for field in ("train_limit", "test_limit"):
+        v = data.get(field, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            _fail(f"data.{field}", v, "must be None (all examples) or an integer >= 1")
+    size = data.get("image_size", None)
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        _fail("data.image_size", size, "must be an integer >= 1 (pixels)")
+    if data.name == "digits" and not data.get("dir", None):
+        if size is not None and size % 8:
+            _fail("data.image_size", size, "the digits are 8x8 images repeated to the input size: use a multiple "
+                                           "of 8 (8, 16, 24, 32, ...)")
+        test_size = data.get("test_size", 360)
+        if isinstance(test_size, bool) or not isinstance(test_size, int) or not 10 <= test_size <= 1787:
+            _fail("data.test_size", test_size, "must be an integer in [10, 1787] (the digits' 1797 images, "
+                                               "stratified over 10 classes)")
+
+
 def validate_config(config) -> None:
+    """ConfigError (one line, naming the field and the value) for a config that cannot work."""
+    try:
+        _validate(config)
+    except (TypeError, AttributeError, KeyError) as e:  # a value of a type no check above expects
+        raise ConfigError(f"the config holds a value of the wrong type ({type(e).__name__}: {e}); compare yours "
+                          f"(train.py --print_config) with docs/config.md") from None
+
+
+def _validate(config) -> None:
+    _check_types(config)
     if config.data.name not in DATASETS:
         _fail("data.name", config.data.name, f"unknown dataset; known: {', '.join(DATASETS)}")
     for who in ("teacher", "student"):
@@ -71,6 +183,14 @@ def validate_config(config) -> None:
     if prec == "float16":  # its 5-bit exponent under/overflows gradients without loss scaling, which we do not do
         _fail("precision", prec, "float16 needs loss scaling, which is not implemented; use bfloat16 (same speed on "
                                  "GPU / TPU, float32's range) or float32")
+    _check_data(config.data)
+    ck = config.get("checkpoint", None)
+    if ck is not None:
+        every, keep = ck.get("every_steps", 0), ck.get("keep", 1)
+        if isinstance(every, bool) or not (every is None or (isinstance(every, int) and every >= 0)):
+            _fail("checkpoint.every_steps", every, "must be an integer >= 0 (0: at the end of each epoch only)")
+        if isinstance(keep, bool) or not (isinstance(keep, int) and keep >= 1):
+            _fail("checkpoint.keep", keep, "must be an integer >= 1 (latest checkpoints kept per stage)")
     cpu_devices = config.get("cpu_devices", None)
     if not (cpu_devices is None or (isinstance(cpu_devices, int) and cpu_devices >= 0)):
         _fail("cpu_devices", cpu_devices, "must be None (one per core), a count, or 0 (XLA's default)")
@@ -82,8 +202,14 @@ def validate_config(config) -> None:
         _fail("student.group_size", group_size, "must be an integer >= 0 (0: all students in one group)")
     try:
         parse_granularities(config.granularities)
-    except ValueError as e:
-        raise ConfigError(f"config.granularities={tuple(map(tuple, config.granularities))!r}: {e}") from None
+    except (ValueError, TypeError) as e:
+        why = str(e) if isinstance(e, ValueError) else "must be ((encoding dim, temperature), ...), e.g. " \
+                                                        "((64, 2.0), (256, 8.0))"
+        raise ConfigError(f"config.granularities={config.granularities!r}: {why}") from None
+    for field in ("mean", "std"):
+        v = config.augment.get(field, None)
+        if not (isinstance(v, (tuple, list)) and v and all(isinstance(x, (int, float)) for x in v)):
+            _fail(f"augment.{field}", v, "must be one number per image channel, e.g. (0.5071, 0.4867, 0.4408)")
     if len(config.augment.mean) != len(config.augment.std) or any(s <= 0 for s in config.augment.std):
         _fail("augment.std", tuple(config.augment.std), "needs one positive value per channel of augment.mean")
     if config.augment.pad < 0:

@@ -1,7 +1,7 @@
 """Every error that is the user's input or environment, in one leaf module (it imports nothing from the package).
 
 Each package raises from here; ``train.py`` and the command-line tools report any of ``USER_ERRORS`` as one line,
-without a stack trace.
+without a stack trace (and ``remove_if_unused`` the workdir a refused run created).
 """
 from __future__ import annotations
 
@@ -36,6 +36,20 @@ class CheckpointImportError(ValueError):
 
 class AnalysisError(ValueError):
     """An analysis tool's input (workdir, stage, option) that cannot work."""
+
+
+def remove_if_unused(folder: str, existed: bool) -> None:
+    """After a refusal: a folder this run created (``existed`` False) that holds nothing but empty folders (and the
+    XLA compilation cache's, ``.jax_cache``) is removed, so that a failed attempt leaves no empty workdir."""
+    import os
+    import shutil
+
+    if existed or not os.path.isdir(folder):
+        return
+    for root, _, files in os.walk(folder):
+        if files and os.path.relpath(root, folder).split(os.sep)[0] != ".jax_cache":
+            return
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 USER_ERRORS = (ConfigError, DatasetNotFoundError, MethodPairError, StageMismatchError, NonFiniteLossError,

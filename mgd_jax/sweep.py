@@ -22,15 +22,15 @@ seed).  The config file is read like train.py's ``--config``: run the command fr
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import ml_collections
 import numpy as np
 
-from mgd_jax.analysis.common import ConfigFile, cli, override
-from mgd_jax.errors import ConfigError
+from mgd_jax.analysis.common import ConfigFile, ToolParser, cli, override
+from mgd_jax.config_validation import fit_milestones
+from mgd_jax.errors import USER_ERRORS, ConfigError, remove_if_unused
 from mgd_jax.paper_results import TOP1 as PAPER
 from mgd_jax.summarize import mean_std
 from mgd_jax.train.metrics import read_jsonl
@@ -50,10 +50,12 @@ def config_argument(config_path: str, teacher: str, student: str, method: str, m
     return path, ",".join([teacher, student, method, mode, *rest])
 
 
-def run_config(config_path, pair, methods, modes, seed, sets=None):
+def run_config(config_path, pair, methods, modes, seed, sets=None, notes=None):
     """The config of one (pair, seed) workdir: the config file's ``get_config("teacher,student,method,mode[,...]")``
     for each method x mode, their students merged into one config (everything else must agree), then ``seed``,
-    no progress bars and the ``sets`` overrides (``{field: value text}``).  -> (config, {(method, mode): student})."""
+    no progress bars and the ``sets`` overrides (``{field: value text}``; a stage's milestones that no longer fit
+    its shortened epochs are scaled, ``config_validation.fit_milestones``, with a line appended to ``notes``).
+    -> (config, {(method, mode): student})."""
     t, s = pair
     config_file = ConfigFile(config_path.partition(":")[0])
     if not config_file.takes_argument:
@@ -82,8 +84,19 @@ def run_config(config_path, pair, methods, modes, seed, sets=None):
             names[(m, mode)] = name
     merged.seed = seed
     merged.progress = False
+    epochs = {}
     for field, text in (sets or {}).items():
+        if field.endswith(".epochs"):
+            node = merged
+            for part in field.split(".")[:-1]:
+                node = node.get(part, None) if isinstance(node, ml_collections.ConfigDict) else None
+            if isinstance(node, ml_collections.ConfigDict) and isinstance(node.get("epochs", None), int):
+                epochs[field[:-len(".epochs")]] = node.epochs  # the file's, before the override
         override(merged, field, text, where=f"--set {field}={text}")
+    chosen = {f[:-len(t)] for f in (sets or {}) for t in (".optimizer.milestones", ".optimizer") if f.endswith(t)}
+    lines = fit_milestones(merged, epochs, chosen | set(sets or {}), flag="--set ")
+    if notes is not None:
+        notes.extend(line for line in lines if line not in notes)
     return merged, names
 
 
@@ -232,16 +245,28 @@ def sweep(config_path, pairs, methods, modes, seeds, root, sets=None, devices=No
     from mgd_jax.pipeline import train_and_evaluate
 
     root = os.path.abspath(root)
-    plan, names = [], {}
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ConfigError(f"--root={root} is a file, not a folder")
+    plan, names, notes = [], {}, []
     for t, s in pairs:
         for seed in seeds:
-            c, names[(t, s)] = run_config(config_path, (t, s), methods, modes, seed, sets)
+            c, names[(t, s)] = run_config(config_path, (t, s), methods, modes, seed, sets, notes)
             validate_config(c)
             plan.append(((t, s), seed, c))
-    os.makedirs(root, exist_ok=True)
-    for (t, s), seed, c in plan:
-        print(f"== {t} -> {s}, seed {seed}", flush=True)
-        train_and_evaluate(c, workdir(root, (t, s), seed), devices=devices)
+    for line in notes:
+        print(line, flush=True)
+    existed = os.path.exists(root)
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--root={root}: cannot create it ({e.strerror})") from None
+    try:
+        for (t, s), seed, c in plan:
+            print(f"== {t} -> {s}, seed {seed}", flush=True)
+            train_and_evaluate(c, workdir(root, (t, s), seed), devices=devices)
+    except USER_ERRORS:
+        remove_if_unused(root, existed)  # a refused first run (a missing dataset): no empty folders left
+        raise
     res = collect(root, pairs, methods, modes, seeds, names)
     md = table(res, pairs, methods, modes)
     with open(os.path.join(root, "results.md"), "w") as f:
@@ -255,7 +280,7 @@ def sweep(config_path, pairs, methods, modes, seeds, root, sets=None, devices=No
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser("python -m mgd_jax.sweep", __doc__)
     p.add_argument("--config", default="configs/cifar100.py",
                    help="a config file whose get_config takes 'teacher,student,method,mode[,...]' (read from the "
                         "repository root)")
@@ -281,6 +306,10 @@ def main(argv=None):
         seeds = [int(x) for x in a.seeds.split(",")]
     except ValueError:
         p.error(f"--seeds={a.seeds}: integers, comma-separated")
+    if len(set(seeds)) != len(seeds) or any(x < 0 for x in seeds):
+        p.error(f"--seeds={a.seeds}: distinct integers >= 0")
+    if not pairs:
+        p.error(f"--pairs={a.pairs!r}: give teacher,student[;teacher,student...]")
     sweep(a.config, pairs, a.methods.split(","), a.modes.split(","), seeds, a.root, sets)
     return 0
 

@@ -137,13 +137,17 @@ def test_teacher_schedules(monkeypatch):
 def test_run_configs_come_from_the_config_file():
     """One get_config("teacher,student,method,mode") per method x mode, the students merged: the same config as
     the file gives for each, with the sweep's seed and --set overrides (typed like train.py's)."""
+    notes = []
     c, names = sweep_lib.run_config(CIFAR100, ("vgg13", "MobileNetV2"), ["kd", "fsp"], ["mag", "baseline"], 3,
-                                    {"student.epochs": "10", "data.data_dir": "/data"})
+                                    {"student.epochs": "10", "data.data_dir": "/data"}, notes)
     assert sorted(c.students) == sorted(names.values()) == ["fsp_baseline", "fsp_mag", "kd_baseline", "kd_mag"]
     for (m, mode), name in names.items():
         one = cifar100.get_config(f"vgg13,MobileNetV2,{m},{mode}")
         assert c.students[name].to_dict() == one.students[name].to_dict()
     one.seed, one.progress, one.student.epochs, one.data.data_dir = 3, False, 10, "/data"
+    # the milestones (150, 180, 210) of 240 epochs, scaled to the 10 epochs --set asks for, with a line that says so
+    one.student.optimizer.milestones = (6, 8, 9)
+    assert len(notes) == 1 and "scaled to (6, 8, 9) for --set student.epochs=10" in notes[0]
     assert {k: v for k, v in c.to_dict().items() if k != "students"} == \
         {k: v for k, v in one.to_dict().items() if k != "students"}
     assert c.student.optimizer.lr == default.LOW_LR  # the config file's lr rule

@@ -11,6 +11,8 @@ The reference makes one pass over the data per granularity per epoch (``shared_p
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +21,15 @@ import optax
 from mgd_jax import losses
 from mgd_jax.analyzer import GranularityAnalyzer, Tube, parse_granularities
 from mgd_jax.data import augment
+from mgd_jax.errors import NonFiniteLossError
 from mgd_jax.stages.common import StageRun, TrainState, apply_backbone, best_per_member, stage_config, step_key
 from mgd_jax.stages.teacher import Teacher
 from mgd_jax.train import mesh as mesh_lib
 from mgd_jax.train.loop import StageSpec, fit
+from mgd_jax.train.metrics import read_jsonl
+
+# A teacher below this test top-1 is named as the likely cause of a non-finite analyzer loss (undertrained).
+LOW_TEACHER_TOP1 = 0.5
 
 
 def init_states(analyzer: GranularityAnalyzer, tx, key, feature_dim: int) -> dict[str, TrainState]:
@@ -110,5 +117,37 @@ def run(run: StageRun, teacher: Teacher) -> tuple[Teacher, dict]:
         evaluate=lambda s: run.evaluate(lambda b: eval_step(teacher.variables, {nm: s[nm].params for nm in names}, b)),
         improve=improve, export=export, **run.loop_options(cfg.optimizer))
     like = jax.device_get({nm: states[nm].params for nm in names})
-    _, tubes, result = fit(spec, states, teacher.variables, run.data, run.mesh, like)
+    try:
+        _, tubes, result = fit(spec, states, teacher.variables, run.data, run.mesh, like)
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(f"{e}; {nonfinite_hint(run.directory('teacher'), config, run.data.num_classes)}"
+                                 ) from None
     return dataclasses.replace(teacher, analyzer=analyzer, tubes=mesh_lib.replicate(tubes, run.mesh)), result
+
+
+def teacher_top1(teacher_dir: str) -> float | None:
+    """The teacher stage's best test top-1 from its ``metrics.jsonl`` (None for an imported teacher)."""
+    try:
+        rows = read_jsonl(os.path.join(teacher_dir, "metrics.jsonl"))
+    except (OSError, ValueError):
+        return None
+    accs = [r["test/acc1"] for r in rows
+            if isinstance(r.get("test/acc1"), (int, float)) and math.isfinite(r["test/acc1"])]
+    return max(accs) if accs else None
+
+
+def nonfinite_hint(teacher_dir: str, config, num_classes: int) -> str:
+    """What a non-finite analyzer loss most likely means and what to change: an undertrained teacher (its top-1,
+    when low) and the analyzer's learning rate (the config field and a lower value)."""
+    lr = float(config.analyzer.optimizer.lr)
+    lower = f"--config.analyzer.optimizer.lr={lr / 10:g}"
+    top1 = teacher_top1(teacher_dir)
+    if top1 is None:
+        teacher = "the teacher's accuracy is unknown (no teacher/metrics.jsonl);"
+    elif top1 < LOW_TEACHER_TOP1:
+        teacher = (f"likely cause: an undertrained teacher (best test top-1 {100 * top1:.1f}%, chance "
+                   f"{100 / num_classes:.1f}%, after {config.teacher.epochs} epoch(s)), whose logits the tubes cannot "
+                   f"follow; train it longer (config.teacher.epochs) or")
+    else:
+        teacher = f"the teacher looks trained (best test top-1 {100 * top1:.1f}%);"
+    return f"{teacher} lower the analyzer's learning rate config.analyzer.optimizer.lr={lr:g} (e.g. {lower})"

@@ -1,5 +1,6 @@
 """Bad input stops `train.py` before training with one line naming the problem (exit code 2, no traceback)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -21,31 +22,18 @@ def _train(*args, workdir):
 
 @pytest.mark.parametrize("args,expected", [
     (["--config.teacher.arch=resnet9"], "config.teacher.arch='resnet9': unknown architecture"),
-    (["--config.student.arch=vgg99"], "config.student.arch='vgg99': unknown architecture"),
-    (["--config.students.kd.method=fitnet3"], "config.students.kd.method='fitnet3': unknown method"),
-    (["--config.students.kd.granularity=mgs"], "config.students.kd.granularity='mgs': unknown granularity mode"),
-    (["--config.granularities=((64, 2.0), (0, 8.0))"], "granularities[1]: encoding dim must be a positive integer"),
-    (["--config.granularities=((64, -2.0),)"], "granularities[0]: temperature must be > 0"),
-    (["--config.students.kd.temperature=0.0"], "config.students.kd.temperature=0.0: temperature must be > 0"),
-    (["--config=configs/cifar100.py:resnet56,resnet20,kd,mas", "--config.data.data_dir=/nonexistent/tfds"],
-     "dataset 'cifar100' is not built in /nonexistent/tfds/cifar100"),
-    # the config file's own errors, which ml_collections wraps in a traceback inside the flag's message
     (["--config=configs/cifar100.py:resnet56,resnet20,fitnet3,mas"],
      "--config=configs/cifar100.py: unknown method 'fitnet3'"),
-    (["--config=configs/cifar100.py:resnet56,resnet20"], "--config=configs/cifar100.py: config argument must be"),
-    (["--config=configs/nonexistent.py"], "No such file or directory: 'configs/nonexistent.py'"),
-    (["--config.teacher.optimizer.lrr=0.1"],
-     "--config.teacher.optimizer.lrr=0.1: the config has no field 'lrr' (Did you mean \"lr\""),
-    (["--config.teacher.lr=0.1"], "--config.teacher.lr=0.1: the config has no field 'lr'"),
-    (["--config.teacher.epochs=many"], "--config.teacher.epochs=many: invalid literal for int()"),
-    (["--config.precision=float16"], "config.precision='float16': float16 needs loss scaling"),
 ])
 def test_train_py_one_line_errors(args, expected, tmp_path):
+    """The process itself: one line on stderr, exit status 2 (every other mistake: tests/test_cli_mistakes.py,
+    in-process)."""
     code, out, err = _train(*args, workdir=tmp_path / "w")
-    lines = [line for line in err.strip().splitlines() if line.strip() and not line.startswith("WARNING")]
+    lines = [line for line in err.strip().splitlines() if line.strip()]
     assert code == 2, err
     assert len(lines) == 1 and expected in lines[0], err
     assert "Traceback" not in err
+    assert not (tmp_path / "w").exists()
 
 
 def test_missing_cifar_message_says_how_to_build(tmp_path):
@@ -53,6 +41,7 @@ def test_missing_cifar_message_says_how_to_build(tmp_path):
                           f"--config.data.data_dir={tmp_path}", workdir=tmp_path / "w")
     assert code == 2
     assert "tfds build cifar100 --manual_dir=DIR --file_format=array_record" in err
+    assert not (tmp_path / "w").exists()  # created before the data was read, removed with the refusal
 
 
 def test_workdir_of_another_teacher_architecture(smoke_workdir):
@@ -89,6 +78,15 @@ def test_workdir_of_another_teacher_architecture(smoke_workdir):
     ("augment.pad", -1, "must be >= 0"),
     ("precision", "fp8", "unknown precision"),
     ("cpu_devices", -2, "must be None"),
+    ("student.optimizer.milestones", (6, 12), "e.g. --config.student.optimizer.milestones='(6,)'"),
+    ("teacher.optimizer.milestones", (20,), "--config.teacher.optimizer.milestones='()' (a constant learning rate)"),
+    ("augment.mean", ("a",), "one number per image channel"),
+    ("data.train_limit", 0, "must be None (all examples) or an integer >= 1"),
+    ("data.test_limit", -5, "must be None (all examples) or an integer >= 1"),
+    ("data.image_size", 12, "use a multiple of 8"),
+    ("data.test_size", 5, "must be an integer in [10, 1787]"),
+    ("checkpoint.every_steps", -1, "must be an integer >= 0"),
+    ("checkpoint.keep", 0, "must be an integer >= 1"),
 ])
 def test_validate_config_table(field, value, match):
     c = quickstart.get_config()
@@ -97,7 +95,7 @@ def test_validate_config_table(field, value, match):
     for p in path:
         node = node[p]
     node[last] = value
-    with pytest.raises(ConfigError, match=match) as e:
+    with pytest.raises(ConfigError, match=re.escape(match)) as e:
         validate_config(c)
     assert f"config.{field}" in str(e.value) and "\n" not in str(e.value)
 

@@ -6,6 +6,7 @@ float64 and in float32), on ordinary logits and the edge cases: one class per ba
 mode mas and replaces the logit-KD term, logit standardization reaches every logit-level KL, the warm-ups read
 the step's epoch.  Training: every new method with every student mode through the smoke config on 2 devices
 (``slow``)."""
+import math
 import os
 import shutil
 import zlib
@@ -28,6 +29,9 @@ from mgd_jax.stages import student as S
 
 F32_RTOL = 1e-5  # float32 against the float64 reference
 F64_RTOL = 1e-10  # float64 against the float64 reference: the same formula up to rounding
+# ReviewKD's and OFD's BatchNorms take their batch statistics in float32 also for float64 inputs (models/layers.py):
+# measured 2e-8 relative; 1e-6 leaves a 50x margin.
+F64_BN_RTOL = 1e-6
 
 
 # --- numpy references of the published formulas ------------------------------------------------------------------
@@ -217,8 +221,301 @@ def test_dkd_masks_the_target_as_its_authors():
     np.testing.assert_allclose(got, nckd, rtol=F64_RTOL)
 
 
+# --- ReviewKD and OFD: the whole loss of given features and parameters against numpy ------------------------------
+def np_adaptive_pool(x, h, w):
+    """NHWC; PyTorch's adaptive_avg_pool2d bins [floor(i H / h), ceil((i + 1) H / h))."""
+    H, W = x.shape[1:3]
+    out = np.zeros((x.shape[0], h, w, x.shape[3]))
+    for i in range(h):
+        for j in range(w):
+            r0, r1 = (i * H) // h, -((-(i + 1) * H) // h)
+            c0, c1 = (j * W) // w, -((-(j + 1) * W) // w)
+            out[:, i, j] = x[:, r0:r1, c0:c1].mean(axis=(1, 2))
+    return out
+
+
+def np_nearest(x, h, w):
+    rows = [int(np.floor(i * x.shape[1] / h)) for i in range(h)]
+    cols = [int(np.floor(j * x.shape[2] / w)) for j in range(w)]
+    return x[:, rows][:, :, cols]
+
+
+def np_bn_train(x, p, eps=1e-5):
+    mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    return (x - mean) / np.sqrt(var + eps) * np.asarray(p["scale"]) + np.asarray(p["bias"])
+
+
+def np_conv(x, kernel, pad, bias=None):
+    """NHWC x HWIO, stride 1, zero padding."""
+    kh, kw = kernel.shape[:2]
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    H, W = x.shape[1] + 2 * pad - kh + 1, x.shape[2] + 2 * pad - kw + 1
+    out = sum(xp[:, i:i + H, j:j + W] @ kernel[i, j] for i in range(kh) for j in range(kw))
+    return out if bias is None else out + bias
+
+
+def np_hcl(fs_list, ft_list):
+    """Chen et al. 2021's HCL as mdistiller: (MSE + sum_l 2^-k MSE of the l x l pools, l in 4, 2, 1 below the map's
+    height) / (1 + sum of those weights), summed over levels."""
+    total = 0.0
+    for fs, ft in zip(fs_list, ft_list):
+        loss, tot, cnt = ((fs - ft) ** 2).mean(), 1.0, 1.0
+        for size in (4, 2, 1):
+            if size >= fs.shape[1]:
+                continue
+            cnt /= 2
+            loss += ((np_adaptive_pool(fs, size, size) - np_adaptive_pool(ft, size, size)) ** 2).mean() * cnt
+            tot += cnt
+        total += loss / tot
+    return total
+
+
+def np_review(student_levels, teacher_levels, params):
+    """ABF from deep to shallow (1x1 conv + BN; fusion with the upsampled deeper level by a sigmoid attention over
+    the concatenation; nearest resize to the teacher's size; 3x3 conv + BN), then HCL; BN with batch statistics."""
+    n = len(student_levels)
+    outs, residual = [None] * n, None
+    for i in reversed(range(n)):
+        p = {k: jax.tree.map(np.asarray, v) for k, v in params[f"abf{i}"].items()}
+        x = np_bn_train(np_conv(student_levels[i], p["conv1"]["kernel"], 0), p["bn1"])
+        if i < n - 1:
+            r = np_nearest(residual, *x.shape[1:3])
+            z = 1 / (1 + np.exp(-np_conv(np.concatenate([x, r], -1), p["att_conv"]["kernel"], 0,
+                                         p["att_conv"]["bias"])))
+            x = x * z[..., :1] + r * z[..., 1:]
+        x = np_nearest(x, *teacher_levels[i].shape[1:3])
+        residual = x
+        outs[i] = np_bn_train(np_conv(x, p["conv2"]["kernel"], 1), p["bn2"])
+    return np_hcl(outs, teacher_levels)
+
+
+def np_margin(gamma, beta):
+    """Heo et al. 2019: E[x | x < 0] of N(beta, gamma^2), -3 |gamma| where P(x < 0) <= 0.001."""
+    out = []
+    for g, m in zip(np.abs(gamma), beta):
+        cdf = 0.5 * (1 + math.erf(-m / g / math.sqrt(2)))
+        out.append(-g * math.exp(-(m / g) ** 2 / 2) / math.sqrt(2 * math.pi) / cdf + m if cdf > 0.001 else -3 * g)
+    return np.asarray(out)
+
+
+def np_ofd(student_maps, teacher_maps, params, margins):
+    """Connector (1x1 conv + BN) on the student map, teacher map pooled to its size, partial L2 with the margin
+    (mdistiller's three cases), summed over C, H, W, batch mean, stage i of n weighed 2^-(n - 1 - i)."""
+    n, total = len(student_maps), 0.0
+    for i, (a, b) in enumerate(zip(student_maps, teacher_maps)):
+        p = {k: jax.tree.map(np.asarray, v) for k, v in params[f"layer{i}"].items()}
+        s = np_bn_train(np_conv(a, p["conv"]["kernel"], 0), p["bn"])
+        t = np_adaptive_pool(b, *s.shape[1:3])
+        m = margins[i]
+        loss = ((s - m) ** 2 * ((s > m) & (t <= m)) + (s - t) ** 2 * ((s > t) & (t > m) & (t <= 0))
+                + (s - t) ** 2 * (t > 0))
+        total += np.abs(loss).sum() / s.shape[0] / 2 ** (n - i - 1)
+    return total
+
+
+def _feature_outputs(seed, shapes, pooled, b=4):
+    """Outputs with random stage maps of ``shapes`` (H, C) and a pooled vector of width ``pooled``."""
+    rng = np.random.default_rng(seed)
+    maps = [rng.standard_normal((b, h, h, c)) for h, c in shapes]
+    return Outputs(jnp.zeros((b, 10)), [np.zeros((b, 8, 8, 3)), *maps, rng.standard_normal((b, pooled))])
+
+
+FEATURE_PAIRS = {  # (student maps, pooled), (teacher maps, pooled): equal sizes; the teacher's maps twice as large
+    "equal_sizes": (([(8, 4), (4, 8), (2, 16)], 16), ([(8, 6), (4, 12), (2, 24)], 24)),
+    "teacher_larger": (([(4, 4), (2, 8), (1, 16)], 16), ([(8, 6), (4, 12), (2, 24)], 24)),
+}
+
+
+def _cast_outputs(o, dtype):
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), o)
+
+
+# The whole losses with their modules compile their ops eagerly (~15 s of CPU each): slow.  The fast tier has the
+# pure pieces (HCL, the partial L2, the margin, the nearest resize) below.
+FEATURE_CASES = [(shapes, dtype) for shapes in FEATURE_PAIRS for dtype in (jnp.float32, jnp.float64)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shapes,dtype", FEATURE_CASES, ids=lambda x: getattr(x, "__name__", x))
+def test_review_loss_against_numpy(shapes, dtype):
+    (s_shapes, s_pool), (t_shapes, t_pool) = FEATURE_PAIRS[shapes]
+    s, t = _feature_outputs(1, s_shapes, s_pool), _feature_outputs(2, t_shapes, t_pool)
+    method = get_method("review")
+    ctx = jax.enable_x64(True) if dtype == jnp.float64 else jax.enable_x64(False)
+    with ctx:
+        sd, td = _cast_outputs(s, dtype), _cast_outputs(t, dtype)
+        v = method.init(jax.random.key(0), sd, td)
+        v = jax.tree.map(lambda a: jnp.asarray(a, dtype), v)
+        got, new_state = method.loss(v, sd, td, {"label": jnp.zeros(4, jnp.int32)}, True)
+        got = float(got)
+    levels = lambda o: [np.asarray(f, np.float64) for f in o.features[1:-1]] + [  # noqa: E731
+        np.asarray(o.features[-1], np.float64)[:, None, None, :]]
+    want = np_review(levels(s), levels(t), v["params"])
+    assert set(v["params"]) == {"abf0", "abf1", "abf2", "abf3"} and "att_conv" not in v["params"]["abf3"]
+    _close(got, want, F64_BN_RTOL if dtype == jnp.float64 else F32_RTOL)
+    assert set(new_state["batch_stats"]) == set(v["params"])
+
+
+def test_hcl_pyramid_levels():
+    """HCL's pyramid: an 8x8 map adds its 4x4, 2x2, 1x1 pools (weights 1/2, 1/4, 1/8 over a total of 15/8), a
+    2x2 map only the 1x1 (2/3 and 1/3 of 1 + 1/2), a 1x1 map none."""
+    from mgd_jax.methods.review import hcl
+
+    rng = np.random.default_rng(0)
+    for h in (8, 4, 2, 1):
+        fs, ft = rng.standard_normal((3, h, h, 5)), rng.standard_normal((3, h, h, 5))
+        _close(float(hcl([jnp.asarray(fs, jnp.float32)], [jnp.asarray(ft, jnp.float32)])), np_hcl([fs], [ft]),
+               F32_RTOL)
+    fs, ft = rng.standard_normal((3, 2, 2, 5)), rng.standard_normal((3, 2, 2, 5))
+    full, top = ((fs - ft) ** 2).mean(), ((fs.mean((1, 2)) - ft.mean((1, 2))) ** 2).mean()
+    _close(float(hcl([jnp.asarray(fs)], [jnp.asarray(ft)])), (full + top / 2) / 1.5, F32_RTOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shapes,dtype", FEATURE_CASES, ids=lambda x: getattr(x, "__name__", x))
+def test_ofd_loss_against_numpy(shapes, dtype):
+    (s_shapes, s_pool), (t_shapes, t_pool) = FEATURE_PAIRS[shapes]
+    s, t = _feature_outputs(3, s_shapes, s_pool), _feature_outputs(4, t_shapes, t_pool)
+    rng = np.random.default_rng(5)
+    margins = [-np.abs(rng.standard_normal(c)) for _, c in t_shapes]
+    method = get_method("ofd")
+    ctx = jax.enable_x64(True) if dtype == jnp.float64 else jax.enable_x64(False)
+    with ctx:
+        sd, td = _cast_outputs(s, dtype), _cast_outputs(t, dtype)
+        v = method.init(jax.random.key(0), sd, td)
+        v = jax.tree.map(lambda a: jnp.asarray(a, dtype), v)
+        v["state"]["margin"] = {f"layer{i}": jnp.asarray(m, dtype) for i, m in enumerate(margins)}
+        got, new_state = method.loss(v, sd, td, {"label": jnp.zeros(4, jnp.int32)}, True)
+        got = float(got)
+    want = np_ofd([np.asarray(f, np.float64) for f in s.features[1:-1]],
+                  [np.asarray(f, np.float64) for f in t.features[1:-1]], v["params"], margins)
+    _close(got, want, F64_BN_RTOL if dtype == jnp.float64 else F32_RTOL)
+    np.testing.assert_array_equal(np.asarray(new_state["margin"]["layer2"]), np.asarray(margins[2], np.float32)
+                                  if dtype == jnp.float32 else margins[2])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
+def test_ofd_partial_l2_against_numpy(dtype):
+    """mdistiller's three cases, teacher responses around the margin and zero included."""
+    from mgd_jax.methods.ofd import ofd_partial_l2
+
+    rng = np.random.default_rng(7)
+    src, tgt = rng.standard_normal((4, 3, 3, 5)), rng.standard_normal((4, 3, 3, 5))
+    margin = -np.abs(rng.standard_normal(5))
+    tgt[0, 0, 0] = margin  # t = m exactly
+    tgt[1, 0, 0] = 0.0
+    s_, t_ = src, tgt
+    want = (((s_ - margin) ** 2 * ((s_ > margin) & (t_ <= margin)) + (s_ - t_) ** 2 * ((s_ > t_) & (t_ > margin)
+             & (t_ <= 0)) + (s_ - t_) ** 2 * (t_ > 0)).sum() / 4)
+    got = _jax(ofd_partial_l2, dtype, src, tgt, margin)
+    _close(got, want, F64_RTOL if dtype == jnp.float64 else F32_RTOL)
+    # the partial L2 of Heo et al.: target max(t, m), counted where s > target or the target is positive
+    target = np.maximum(tgt, margin)
+    _close(got, (((src - target) ** 2) * ((src > target) | (target > 0))).sum() / 4,
+           F64_RTOL if dtype == jnp.float64 else F32_RTOL)
+
+
+def test_nearest_resize_and_adaptive_pool_against_numpy():
+    from mgd_jax.methods.common import adaptive_avg_pool, nearest_resize
+
+    x = np.random.default_rng(8).standard_normal((2, 6, 4, 3))
+    for h, w in ((3, 2), (12, 8), (5, 7), (1, 1)):
+        np.testing.assert_array_equal(np.asarray(nearest_resize(jnp.asarray(x, jnp.float32), h, w)),
+                                      np_nearest(x, h, w).astype(np.float32))
+        np.testing.assert_allclose(np.asarray(adaptive_avg_pool(jnp.asarray(x, jnp.float32), (h, w))),
+                                   np_adaptive_pool(x, h, w), rtol=1e-5, atol=1e-6)
+
+
+def test_ofd_margin_against_numpy():
+    from mgd_jax.methods.ofd import bn_margin
+
+    gamma = np.array([1.0, 0.5, -2.0, 0.3, 1.0, 4.0])
+    beta = np.array([0.0, 1.0, -1.0, 2.0, 3.2, -10.0])  # P(x < 0) of N(3.2, 1) < 0.001: -3 |gamma|
+    with jax.enable_x64(True):
+        got = np.asarray(bn_margin(jnp.asarray(gamma), jnp.asarray(beta)))
+    np.testing.assert_allclose(got, np_margin(gamma, beta), rtol=F64_RTOL)
+    assert got[4] == -3.0 and np.all(got < 0)
+    np.testing.assert_allclose(np.asarray(bn_margin(jnp.asarray(gamma, jnp.float32), jnp.asarray(beta, jnp.float32))),
+                               np_margin(gamma, beta), rtol=F32_RTOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("t_arch,s_arch", [("resnet14", "resnet8"), ("wrn_16_2", "wrn_16_1"), ("vgg11", "vgg8"),
+                                           ("ResNet50", "resnet8"), ("resnet18_imagenet", "resnet18_imagenet")])
+def test_ofd_margins_come_from_the_teachers_bn_before_relu(t_arch, s_arch):
+    """The student step's ctx carries the teacher: OFD's margins are those of the BatchNorms whose output (plus the
+    shortcut, in a residual block) the teacher's pre-ReLU stage maps are, one per stage map, of its width."""
+    from mgd_jax.methods.ofd import bn_margin
+
+    key, x = jax.random.key(0), jnp.zeros((2, 16, 16, 3))
+    t_model, s_model = get_model(t_arch, 10), get_model(s_arch, 10)
+    t_vars = t_model.init(key, x)
+    # distinct BN parameters, so that a margin taken from the wrong BatchNorm differs
+    t_vars = {**t_vars, "params": jax.tree_util.tree_map_with_path(
+        lambda p, a: a + 0.01 * (zlib.crc32(jax.tree_util.keystr(p).encode()) % 97) if p[-1].key in ("scale", "bias") else a,
+        t_vars["params"])}
+    s_out = Outputs(*s_model.apply(s_model.init(key, x), x, preact=True))
+    t_out = Outputs(*t_model.apply(t_vars, x, preact=True))
+    v = get_method("ofd").init(key, s_out, t_out, {"teacher_model": t_model, "teacher_variables": t_vars})
+    margins = v["state"]["margin"]
+    n = min(len(s_out.features) - 2, len(t_out.features) - 2)
+    assert len(margins) == n
+    p = t_vars["params"]
+    expect = {"resnet14": lambda: [p["layer1_1"]["bn2"], p["layer2_1"]["bn2"], p["layer3_1"]["bn2"]],
+              "wrn_16_2": lambda: [p["block2"]["layer_0"]["bn1"], p["block3"]["layer_0"]["bn1"], p["bn1"]],
+              "vgg11": lambda: [p["block1_1"], p["block2_4"], p["block3_4"], p["block4_4"]],
+              "ResNet50": lambda: [p["layer2_3"]["bn3"], p["layer3_5"]["bn3"], p["layer4_2"]["bn3"]],  # last 3 of 4
+              "resnet18_imagenet": lambda: [p[f"layer{s}_1"]["bn2"] for s in (1, 2, 3, 4)]}[t_arch]()
+    for i, bn in enumerate(expect):
+        np.testing.assert_allclose(np.asarray(margins[f"layer{i}"]), np.asarray(bn_margin(bn["scale"], bn["bias"])))
+        assert margins[f"layer{i}"].shape == (t_out.features[1:-1][len(t_out.features) - 2 - n + i].shape[-1],)
+
+
+def test_review_and_ofd_refuse_the_pairs_they_cannot_serve():
+    """One line each, naming method, pair and reason: ReviewKD needs as many stage maps in both networks; OFD a
+    teacher whose stage ReLUs follow one BatchNorm each."""
+    x = jnp.zeros((2, 32, 32, 3))
+
+    def outs(arch, preact):
+        m = get_model(arch, 100)
+        return Outputs(*jax.eval_shape(lambda: m.apply(m.init(jax.random.key(0), x), x, preact=preact)))
+
+    with pytest.raises(MethodPairError, match=r"^method 'review' cannot pair vgg13 -> resnet20: the teacher has 4 "
+                                              r"stage maps but the student 3$"):
+        get_method("review").check_pair("resnet20", "vgg13", outs("resnet20", False), outs("vgg13", True))
+    for teacher in ("ShuffleV2", "MobileNetV2"):
+        with pytest.raises(MethodPairError, match=rf"^method 'ofd' cannot pair {teacher} -> resnet20: no single "
+                                                  r"BatchNorm before the teacher's stage ReLUs to take the margin from$"):
+            get_method("ofd").check_pair("resnet20", teacher, outs("resnet20", True), outs(teacher, True))
+    c = cifar100.get_config("vgg13,resnet20,review,mas")
+    validate_config(c)
+    with pytest.raises(MethodPairError, match="^method 'review' cannot pair vgg13 -> resnet20"):
+        S.check_pairs(c, 100, (32, 32, 3))
+
+
+@pytest.mark.parametrize("pair,weight", [(("resnet56", "resnet20"), 0.6), (("resnet110", "resnet32"), 1.0),
+                                         (("resnet32x4", "resnet8x4"), 5.0), (("wrn_40_2", "wrn_16_2"), 5.0),
+                                         (("resnet32x4", "ShuffleV2"), 8.0), (("vgg13", "vgg8"), 1.0)])
+def test_review_weight_per_pair(pair, weight):
+    """The authors' CIFAR-100 script's --kd-loss-weight per pair (mdistiller's default 1 elsewhere); logit KD 1 under
+    the MG scripts' protocol like every feature method, none in 'baseline'."""
+    c = _cifar100_config(*pair, methods=("review",))
+    for run in c.students.values():
+        assert run.weights.method == weight and run.weights.ce == 1.0
+        assert run.weights.logit_kd == (0.0 if run.protocol == "repdistiller" else 1.0)
+        assert dict(run.method_options) == {"warmup_epochs": 20}
+
+
+def test_ofd_weights():
+    c = _cifar100_config("resnet32x4", "resnet8x4", methods=("ofd",))
+    for run in c.students.values():
+        assert (run.weights.ce, run.weights.method) == (1.0, 1e-3)
+        assert run.weights.logit_kd == (0.0 if run.protocol == "repdistiller" else 1.0)
+        assert dict(run.method_options) == {"connector_kernel": 1}
+
+
 # --- the student objective: targets, standardization, warm-up ----------------------------------------------------
-NEW_METHODS = ("dkd", "dist")
+NEW_METHODS = ("dkd", "dist", "review", "ofd")
 LOGIT_METHODS = ("dkd", "dist")
 GRANS = parse_granularities([(16, 2.0), (32, 8.0)])
 

@@ -267,6 +267,9 @@ def main(argv=None) -> int:
     from mgd_jax.train import cpu, distributed, preemption, supervisor
 
     try:
+        from mgd_jax.config_validation import validate_config
+
+        validate_config(config)  # before the devices, jax.distributed or the workdir: a mistake costs nothing
         if supervisor.needed(config.get("distributed", None)):  # several processes: a lost peer is one line
             sys.exit(supervisor.run(config.get("distributed", None), _EARLY_SIGTERM))  # and 75 (its module)
         cpu.configure_host_devices(config.get("cpu_devices", None))  # before XLA starts (reads XLA_FLAGS)

@@ -157,6 +157,33 @@ def _check_data(data) -> None:
                                                "stratified over 10 classes)")
 
 
+def _check_distributed(dist) -> None:
+    """The multi-host block's values that are set (None: from the launcher or JAX_* environment variables)."""
+    if dist is None:
+        return
+    for field, low, what in (("num_processes", 1, "an integer >= 1"), ("process_id", 0, "an integer >= 0"),
+                             ("timeout_seconds", 1, "an integer >= 1 (seconds)"),
+                             ("heartbeat_timeout_seconds", 1, "an integer >= 1 (seconds)")):
+        v = dist.get(field, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            _fail(f"distributed.{field}", v, f"must be None or {what}")
+
+
+def check_data_sizes(config, train_examples: int, test_examples: int) -> None:
+    """After the data is loaded: splits that are empty, or a batch no epoch can fill (``drop_remainder``)."""
+    if train_examples < 1 or test_examples < 1:
+        which = "training" if train_examples < 1 else "test"
+        raise ConfigError(f"config.data (name={config.data.name!r}): the {which} split holds no examples")
+    if config.get("drop_remainder", False):
+        stages = ["teacher", "analyzer", "student"] + (["mutual"] if config.get("mutual", None) is not None else [])
+        for stage in stages:
+            b = config[stage].batch_size
+            if b > train_examples:
+                _fail(f"{stage}.batch_size", b, f"larger than the {train_examples} training examples with "
+                                                f"config.drop_remainder=True: no epoch has a full batch, nothing would "
+                                                f"train")
+
+
 def validate_config(config) -> None:
     """ConfigError (one line, naming the field and the value) for a config that cannot work."""
     try:
@@ -191,6 +218,7 @@ def _validate(config) -> None:
             _fail("checkpoint.every_steps", every, "must be an integer >= 0 (0: at the end of each epoch only)")
         if isinstance(keep, bool) or not (isinstance(keep, int) and keep >= 1):
             _fail("checkpoint.keep", keep, "must be an integer >= 1 (latest checkpoints kept per stage)")
+    _check_distributed(config.get("distributed", None))
     cpu_devices = config.get("cpu_devices", None)
     if not (cpu_devices is None or (isinstance(cpu_devices, int) and cpu_devices >= 0)):
         _fail("cpu_devices", cpu_devices, "must be None (one per core), a count, or 0 (XLA's default)")

@@ -17,7 +17,7 @@ import os
 
 import jax
 
-from mgd_jax.config_validation import validate_config
+from mgd_jax.config_validation import check_data_sizes, validate_config
 from mgd_jax.data import load_dataset
 from mgd_jax.errors import ConfigError
 from mgd_jax.stages import analyzer as analyzer_stage
@@ -77,6 +77,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
                               f"divisible by the {ndev} devices of the mesh")
     ds = load_dataset(config.data)
     student_stage.check_pairs(config, ds.num_classes, ds.image_shape)
+    check_data_sizes(config, len(ds.train_labels), len(ds.test_labels))
     if jax.process_index() == 0:  # what was run, for evaluation tools and people: only once every check passed
         write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
     print(f"data: {ds.name} train {ds.train_images.shape} test {ds.test_images.shape}; "

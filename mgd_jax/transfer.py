@@ -92,6 +92,8 @@ def transfer(workdir: str, stage: str, config: ml_collections.ConfigDict, device
     # the recipe is checked before the (slower) restore: the backbone's architecture is the run config's
     tcfg = recipe(config, run.config.teacher.arch if stage == "teacher" else run.config.student.arch)
     validate_transfer_config(tcfg)
+    if not os.access(run.workdir, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir={run.workdir}: not writable (the transfer writes into <workdir>/transfer/)")
     backbone = run.backbone(stage)
     if not tcfg.data.get("data_dir", None) and run.config.data.get("data_dir", None):
         tcfg.data.data_dir = run.config.data.data_dir

@@ -110,6 +110,11 @@ TRAIN_CASES = [
     ([SMOKE, "--config.data.train_limit=-5"], "config.data.train_limit=-5"),
     ([SMOKE, "--config.checkpoint.every_steps=-1"], "config.checkpoint.every_steps=-1"),
     ([SMOKE, "--config.checkpoint.keep=0"], "config.checkpoint.keep=0"),
+    ([SMOKE, "--config.distributed.num_processes=0"], "config.distributed.num_processes=0: must be None or an integer"),
+    ([SMOKE, "--config.distributed.timeout_seconds=-1"], "config.distributed.timeout_seconds=-1"),
+    ([SMOKE, "--config.distributed.num_processes=2"], "2 processes need a coordinator address"),
+    ([SMOKE, "--config.drop_remainder=True", "--config.teacher.batch_size=1024"],
+     "config.teacher.batch_size=1024: larger than the 192 training examples with config.drop_remainder=True"),
     # milestones the user set that do not fit: the fix named exactly
     ([SMOKE, "--config.teacher.optimizer.milestones=(1,5)"],
      "a milestone lies at or beyond the last epoch (2 epochs): set milestones below it, e.g. "
@@ -194,6 +199,21 @@ def test_short_epochs_scale_the_default_milestones(train, capsys, tmp_path):
     assert train(cifar, "--config.student.epochs=100", "--config.student.optimizer.milestones=(50,)",
                  "--print_config") == 0
     assert _printed(capsys.readouterr().out)["student.optimizer.milestones"] == "(50,)"
+
+
+def test_data_sizes_after_loading():
+    from mgd_jax.config_validation import ConfigError, check_data_sizes
+
+    c = smoke.get_config()
+    check_data_sizes(c, 192, 100)
+    for n_train, n_test, message in [(0, 100, "the training split holds no examples"),
+                                     (192, 0, "the test split holds no examples")]:
+        with pytest.raises(ConfigError, match=message):
+            check_data_sizes(c, n_train, n_test)
+    c.drop_remainder = True
+    c.student.batch_size = 256
+    with pytest.raises(ConfigError, match=r"config.student.batch_size=256: larger than the 192 training examples"):
+        check_data_sizes(c, 192, 100)
 
 
 def test_scale_milestones():

@@ -224,9 +224,10 @@ def import_to_workdir(arch: str, teacher_path: str, workdir: str, num_classes: i
                                             f"--workdir or delete {os.path.dirname(os.path.dirname(d))}")
     ck = load_torch_file(teacher_path)
     sd = ck.get("model", ck) if isinstance(ck, dict) else ck
-    if not isinstance(sd, dict):
-        raise CheckpointImportError(f"{teacher_path}: holds a {type(sd).__name__}, not a state_dict (a dict of "
-                                    f"tensors) or {{'model': state_dict}}")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
+        what = type(sd).__name__ if not isinstance(sd, dict) else "dict with keys that are not names"
+        raise CheckpointImportError(f"{teacher_path}: holds a {what}, not a state_dict (a dict of tensors by "
+                                    f"name) or {{'model': state_dict}}")
     variables = convert_backbone(arch, sd, num_classes, where=teacher_path)
     tube_params, grans = {}, None
     if tubes:

@@ -450,14 +450,21 @@ def test_tool_mistakes(work, capsys, monkeypatch):
 
 
 def test_import_torch_refuses_files_that_are_not_checkpoints(tmp_path, capsys):
-    need("torch")
     from mgd_jax import import_torch
 
+    torch = need("torch")
     for name, blob in [("text.pth", b"hello world\n"), ("empty.pth", b""), ("random.pth", os.urandom(3000))]:
         (tmp_path / name).write_bytes(blob)
         code = run_cli(import_torch.main, ["--arch=resnet8", f"--teacher={tmp_path / name}",
                                            f"--workdir={tmp_path / 'w'}"])
         assert_one_line(capsys, code, f"{name}: refused, it is not a weights-only PyTorch checkpoint")
+    for name, obj, expected in [("tensor.pth", torch.zeros(3), "holds a Tensor, not a state_dict"),
+                                ("int_keys.pth", {0: torch.zeros(3)}, "holds a dict with keys that are not names"),
+                                ("foreign.pth", {"a": torch.zeros(3)}, "key 'a' has no place in this architecture")]:
+        torch.save(obj, tmp_path / name)
+        code = run_cli(import_torch.main, ["--arch=resnet8", f"--teacher={tmp_path / name}",
+                                           f"--workdir={tmp_path / 'w'}"])
+        assert_one_line(capsys, code, expected)
     assert not (tmp_path / "w").exists()
 
 

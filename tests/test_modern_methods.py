@@ -506,6 +506,24 @@ def test_review_weight_per_pair(pair, weight):
         assert dict(run.method_options) == {"warmup_epochs": 20}
 
 
+@pytest.mark.parametrize("method,option,value,message", [
+    ("dkd", "temperature", 0.0, "dkd: temperature must be > 0, got 0.0"),
+    ("dkd", "nckd_beta", -1.0, "dkd: alpha and nckd_beta must be >= 0, got 1.0 and -1.0"),
+    ("dkd", "warmup_epochs", -2, "dkd: warmup_epochs must be an integer >= 0 (0: none), got -2"),
+    ("dist", "tau", -4.0, "dist: tau must be > 0, got -4.0"),
+    ("review", "warmup_epochs", -1, "review: warmup_epochs must be an integer >= 0 (0: none), got -1"),
+    ("ofd", "connector_kernel", 2, "ofd: connector_kernel must be an odd integer >= 1 (the map keeps its size), got 2"),
+])
+def test_bad_method_options_are_one_line_config_errors(method, option, value, message):
+    from mgd_jax.errors import ConfigError
+
+    c = cifar100.get_config(f"resnet56,resnet20,{method},mas")
+    c.students[f"{method}_mas"].method_options[option] = value
+    with pytest.raises(ConfigError) as e:
+        validate_config(c)
+    assert str(e.value) == f"config.students.{method}_mas.method_options: {message}"
+
+
 def test_ofd_weights():
     c = _cifar100_config("resnet32x4", "resnet8x4", methods=("ofd",))
     for run in c.students.values():
@@ -715,3 +733,16 @@ def test_new_method_trains_every_mode(method, smoke_workdir, tmp_path):
             want |= {"granularity/16d_T2", "granularity/32d_T8"}
         assert terms == want, (student, terms)
         assert all(np.isfinite(v) for k, v in line.items() if isinstance(v, float)), line
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", NEW_METHODS)
+def test_new_method_steps_in_bfloat16_with_device_resident_data(name):
+    """test_methods_train's step test in mode mas, which runs with the accelerator defaults: bfloat16 compute, the
+    training set resident on the 2 devices (rows gathered inside the step), donated state; finite losses and
+    gradients, the method's own parameters trained."""
+    import test_methods_train
+    from mgd_jax.train import mesh as mesh_lib
+
+    test_methods_train.test_method_trains(name, "mas", mesh_lib.make_mesh(jax.devices()[:2]))

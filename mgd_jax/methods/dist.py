@@ -54,6 +54,13 @@ class DIST(Method):
     config_options = ("inter_weight", "intra_weight", "tau")
     logit_method = True
 
+    def __post_init__(self):
+        if not self.tau > 0:
+            raise ValueError(f"dist: tau must be > 0, got {self.tau}")
+        if not (self.inter_weight >= 0 and self.intra_weight >= 0):
+            raise ValueError(f"dist: inter_weight and intra_weight must be >= 0, got {self.inter_weight} and "
+                             f"{self.intra_weight}")
+
     def loss_weights(self, protocol: str) -> dict[str, float]:
         super().loss_weights(protocol)  # checks the protocol's name
         return dict(ce=1.0, logit_kd=0.0, method=self.beta)  # DIST replaces the logit-KD term under every protocol

@@ -69,6 +69,14 @@ class DKD(Method):
     logit_method = True
     logit_kl = True
 
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"dkd: temperature must be > 0, got {self.temperature}")
+        if not (self.alpha >= 0 and self.nckd_beta >= 0):
+            raise ValueError(f"dkd: alpha and nckd_beta must be >= 0, got {self.alpha} and {self.nckd_beta}")
+        if not (isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0):
+            raise ValueError(f"dkd: warmup_epochs must be an integer >= 0 (0: none), got {self.warmup_epochs!r}")
+
     def loss_weights(self, protocol: str) -> dict[str, float]:
         super().loss_weights(protocol)  # checks the protocol's name
         return dict(ce=1.0, logit_kd=0.0, method=self.beta)  # DKD replaces the logit-KD term under every protocol

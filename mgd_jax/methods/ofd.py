@@ -113,6 +113,11 @@ class OFD(Method):
     beta = 1e-3  # mdistiller OFD.LOSS.FEAT_WEIGHT (CE_WEIGHT 1)
     config_options = ("connector_kernel",)
 
+    def __post_init__(self):
+        k = self.connector_kernel
+        if not (isinstance(k, int) and k >= 1 and k % 2):
+            raise ValueError(f"ofd: connector_kernel must be an odd integer >= 1 (the map keeps its size), got {k!r}")
+
     def check_pair(self, s_arch, t_arch, s, t):
         if not isinstance(get_model(t_arch, 1), MARGIN_FAMILIES):
             raise MethodPairError(f"method 'ofd' cannot pair {t_arch} -> {s_arch}: no single BatchNorm before the "

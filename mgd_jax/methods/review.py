@@ -93,6 +93,12 @@ class ReviewKD(Method):
     beta = DEFAULT_WEIGHT  # mdistiller REVIEWKD_WEIGHT's default; per CIFAR-100 pair: pair_beta
     config_options = ("warmup_epochs",)
 
+    def __post_init__(self):
+        if not (isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0):
+            raise ValueError(f"review: warmup_epochs must be an integer >= 0 (0: none), got {self.warmup_epochs!r}")
+        if not (isinstance(self.max_mid_channels, int) and self.max_mid_channels >= 1):
+            raise ValueError(f"review: max_mid_channels must be an integer >= 1, got {self.max_mid_channels!r}")
+
     def pair_beta(self, teacher_arch: str, student_arch: str) -> float:
         return CIFAR100_WEIGHTS.get((teacher_arch, student_arch), DEFAULT_WEIGHT)
 

@@ -449,6 +449,18 @@ def test_tool_mistakes(work, capsys, monkeypatch):
     assert sorted(os.listdir(work)) == before, "a refused tool wrote something"
 
 
+def test_a_refused_sweep_leaves_no_folders(tmp_path, capsys, monkeypatch):
+    """The sweep's first run refused after its folders were made (the dataset is not built): none is left."""
+    from mgd_jax import sweep
+
+    monkeypatch.chdir(ROOT)
+    code = run_cli(sweep.main, ["--config=configs/smoke.py", "--pairs=resnet8,resnet8", "--methods=kd", "--modes=mas",
+                                f"--root={tmp_path / 'sw'}", "--set", "data.name=cifar100", "--set",
+                                f"data.data_dir={tmp_path / 'tfds'}"])
+    assert_one_line(capsys, code, "dataset 'cifar100' is not built in")
+    assert not (tmp_path / "sw").exists()
+
+
 def test_import_torch_refuses_files_that_are_not_checkpoints(tmp_path, capsys):
     from mgd_jax import import_torch
 

@@ -313,6 +313,7 @@ def main(argv=None) -> int:
         # the stages closed their checkpoints and metrics on the way out; skip interpreter teardown, where a
         # failed save's background threads (orbax, after a full disk) would print their own tracebacks
         os._exit(2)
+    return 0
 
 
 if __name__ == "__main__":

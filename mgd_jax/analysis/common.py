@@ -1,10 +1,14 @@
-"""What the analysis tools (``evaluate``, ``analysis.robustness``, ``analysis.cka``, ``transfer``) share.
+"""What the command-line tools (``evaluate``, ``analysis.robustness``, ``analysis.cka``, ``transfer``, ``export``,
+``export_torch``, ``predict``, ``import_torch``, ``sweep``, ``summarize``) share.
 
-* Command line: ``tool_parser`` (``--workdir`` and, where a tool takes one, ``--stage``), ``cli`` (a user
-  error, ``mgd_jax.errors.USER_ERRORS``, is one line on stderr and exit status 2, not a stack trace).
-* A finished run: ``Run(workdir)`` holds its ``config.json``; ``run.dataset`` is its data, ``run.restore_best``
-  a stage's best checkpoint and ``run.backbone(stage)`` a teacher's or student's backbone as the run computed it
-  (its ``config.precision``).
+* Command line: ``ToolParser`` (argparse whose usage mistakes are one line ``error: ...``, exit status 2),
+  ``tool_parser`` (``--workdir`` and, where a tool takes one, ``--stage``), ``cli`` (a user error,
+  ``mgd_jax.errors.USER_ERRORS``, is one line on stderr and exit status 2, not a stack trace),
+  ``check_out_folder`` / ``write_outputs`` (an output folder refused before the work, a failed write in one line).
+* A finished run: ``Run(workdir)`` holds its ``config.json``; ``check_stage`` names a mistyped ``--stage`` and
+  lists the workdir's stages (``stages_of``); ``run.dataset`` is its data, ``run.restore_best`` a stage's best
+  checkpoint and ``run.backbone(stage)`` a teacher's or student's backbone as the run computed it (its
+  ``config.precision``).
 * ``evaluate_split``: a jitted function's exact sums over a whole split.
 * Config files given by path (``configs/transfer.py:stl10``, the sweep's ``configs/cifar100.py``):
   ``ConfigFile`` / ``load_config_file`` (the file's refusal of its argument in one line), ``override`` and

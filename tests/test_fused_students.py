@@ -13,6 +13,7 @@ import pytest
 
 from configs import smoke
 from mgd_jax import pipeline
+from mgd_jax.stages import student as student_stage
 from mgd_jax.train import checkpoint as ckpt_lib
 from mgd_jax.train import faults
 
@@ -44,20 +45,39 @@ def _crd_config(group_size):
     return c
 
 
-def test_fused_students_equal_their_separate_runs(smoke_workdir, tmp_path):
+def test_fused_students_equal_their_separate_runs(smoke_workdir, tmp_path, monkeypatch):
     """One group of five (kd none / mag / mas, CRD with its own indices, AB with the teacher's pre-activation
-    features and an init stage) against the same students one after another, from the same teacher."""
+    features and an init stage) against the same students one after another, from the same teacher.  The fused
+    run builds one group step of the five and trains with it; the separate run builds none."""
     import shutil
 
     src, _ = smoke_workdir
+    real_group_step, groups = student_stage.make_group_train_step, []
+
+    def group_step(members, *args):  # -> [members, times traced]: jit traces a step the first time it runs
+        fused, seen = real_group_step(members, *args), [sorted(members), 0]
+        groups.append(seen)
+
+        def step(*a):
+            seen[1] += 1
+            return fused(*a)
+        return step
+
+    monkeypatch.setattr(student_stage, "make_group_train_step", group_step)
     runs = {}
     for size in (0, 1):
         work = str(tmp_path / f"size{size}")
         for stage in ("teacher", "analyzer"):
             shutil.copytree(os.path.join(src, stage), os.path.join(work, stage))
         c = _crd_config(size)
+        groups.clear()
         summary = pipeline.train_and_evaluate(c, work, devices=jax.devices()[:2])
         runs[size] = (work, summary, list(c.students))
+        if size == 0:  # one group step of the five, and it ran
+            assert [g for g, _ in groups] == [sorted(f"student/{n}" for n in c.students)] and len(c.students) == 5
+            assert groups[0][1] >= 1, groups
+        else:  # group_size=1: each student alone, no group step
+            assert groups == [], groups
     (fused, s_fused, names), (alone, s_alone, _) = runs[0], runs[1]
     a, b = _students(fused, names), _students(alone, names)
     chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)  # float32 noise at most (bitwise on most runs here)

@@ -250,12 +250,12 @@ def main(argv=None) -> int:
     try:
         fv = parse_flags(argv)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2
     if not flags.FLAGS.is_parsed():  # absl's own flags at their defaults, for libraries that read them
         flags.FLAGS.mark_as_parsed()
     logging.set_verbosity(logging.ERROR)  # orbax logs every save at INFO, tfds warns about empty folders
-    from mgd_jax.errors import USER_ERRORS, remove_if_unused
+    from mgd_jax.errors import USER_ERRORS, one_line, remove_if_unused
 
     config, workdir = fv.config, fv.workdir
     for line in fit_schedules(fv):
@@ -305,10 +305,10 @@ def main(argv=None) -> int:
         where = os.path.abspath(os.path.expanduser(workdir))
         if not os.path.exists(os.path.join(where, "config.json")):  # refused before training: nothing to tear down
             remove_if_unused(where, existed)
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
             supervisor.settle()
             return 2
-        os.write(checkpoint.real_stderr_fd(), f"error: {e}\n".encode())
+        os.write(checkpoint.real_stderr_fd(), f"error: {one_line(e)}\n".encode())
         supervisor.settle()  # several processes: process 0 exits last (its peers' own error, not a lost peer)
         # the stages closed their checkpoints and metrics on the way out; skip interpreter teardown, where a
         # failed save's background threads (orbax, after a full disk) would print their own tracebacks

@@ -38,6 +38,13 @@ class AnalysisError(ValueError):
     """An analysis tool's input (workdir, stage, option) that cannot work."""
 
 
+def one_line(e: BaseException) -> str:
+    """An error's message as the one line a command prints after ``error: `` (a message that spans lines, e.g.
+    one quoting a library's, joined with '; ')."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return "; ".join(lines) if lines else type(e).__name__
+
+
 def remove_if_unused(folder: str, existed: bool) -> None:
     """After a refusal: a folder this run created (``existed`` False) that holds nothing but empty folders (and the
     XLA compilation cache's, ``.jax_cache``) is removed, so that a failed attempt leaves no empty workdir."""

@@ -271,11 +271,11 @@ def main(argv=None):
     p.add_argument("--workdir", required=True)
     a = p.parse_args(argv)
     tubes = {k: v for k, v in ((64, a.tube64), (256, a.tube256)) if v}
-    from mgd_jax.errors import USER_ERRORS
+    from mgd_jax.errors import USER_ERRORS, one_line
     try:
         import_to_workdir(a.arch, a.teacher, a.workdir, a.num_classes, tubes or None)
     except (CheckpointImportError, *USER_ERRORS) as e:  # this module's class too: `python -m` runs it as __main__
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     print(f"imported {a.arch} into {a.workdir}")
     return 0

@@ -461,6 +461,18 @@ def test_a_refused_sweep_leaves_no_folders(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "sw").exists()
 
 
+def test_a_message_of_several_lines_is_printed_as_one(capsys):
+    from mgd_jax.analysis.common import cli
+    from mgd_jax.errors import ConfigError
+
+    @cli
+    def main(argv):
+        raise ConfigError("--config.x=1: the library says\n  what it says\n")
+
+    assert main([]) == 2
+    assert capsys.readouterr().err == "error: --config.x=1: the library says; what it says\n"
+
+
 def test_import_torch_refuses_files_that_are_not_checkpoints(tmp_path, capsys):
     from mgd_jax import import_torch
 

@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 
 from mgd_jax import precision
 from mgd_jax.data import load_dataset
-from mgd_jax.errors import USER_ERRORS, AnalysisError, ConfigError
+from mgd_jax.errors import USER_ERRORS, AnalysisError, ConfigError, one_line
 from mgd_jax.models import classifier_name, get_model
 from mgd_jax.stages.common import apply_backbone
 from mgd_jax.train import mesh as mesh_lib
@@ -85,7 +85,7 @@ def cli(main: Callable[[Any], int]) -> Callable[[Any], int]:
         try:
             return main(argv)
         except USER_ERRORS as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
             return 2
 
     return run

@@ -101,20 +101,66 @@ def test_one_cpu_device_per_core_unless_xla_flags_says_otherwise():
     assert set_n is None and devices == 1
 
 
-def test_device_resident_data_trains_like_the_host_path(smoke_workdir, tmp_path):
-    """data.on_device=True (rows gathered inside the jitted step) reproduces the host data path's run."""
+def _final_states(workdir):
+    """Every stage's latest (final) checkpointed state, as written."""
+    import orbax.checkpoint as ocp
+
+    from mgd_jax.train import checkpoint as ckpt_lib
+
+    out = {}
+    for stage in ("teacher", "analyzer", "students/mas_kd"):
+        ck = ckpt_lib.StageCheckpoints(os.path.join(workdir, stage, "checkpoints"))
+        try:
+            step = ck.latest.latest_step()
+            out[stage] = (step, ck.latest.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+                          ["state"])
+        finally:
+            ck.close()
+    return out
+
+
+def test_device_resident_data_trains_like_the_host_path(smoke_workdir, tmp_path, monkeypatch):
+    """data.on_device=True (rows gathered inside the jitted step) reproduces the host data path's run: every step
+    gets row indices (no images), and each stage ends with the host run's parameters (float32 noise at most) and
+    summary."""
     from configs import smoke
     from mgd_jax import pipeline
+    from mgd_jax.data import load_dataset
+    from mgd_jax.train import loop
 
-    _, host = smoke_workdir
+    host_work, host = smoke_workdir
     config = smoke.get_config()
     config.data.on_device = True
+    real_gather, batches = loop.gather_rows, []
+
+    def gather_rows(step):  # the loop's device-resident steps, recording what each is fed
+        gathered = real_gather(step)
+
+        def fed_rows(state, frozen, batch, key, data):
+            batches.append((sorted(batch), np.asarray(jax.device_get(batch[loop.ROWS]))))
+            return gathered(state, frozen, batch, key, data)
+        return fed_rows
+
+    monkeypatch.setattr(loop, "gather_rows", gather_rows)
     resident = pipeline.train_and_evaluate(config, str(tmp_path / "w"), devices=jax.devices()[:1])
+    n = len(load_dataset(config.data).train_labels)
+    steps = {stage: step for stage, (step, _) in _final_states(host_work).items()}
+    assert len(batches) == sum(steps.values()) > 0, (len(batches), steps)  # every step of every stage
+    for keys, rows in batches:
+        assert keys == [loop.ROWS] and rows.dtype == np.int32 and len(set(rows.tolist())) == len(rows) > 0
+        assert 0 <= rows.min() and rows.max() < n
+    got, want = _final_states(str(tmp_path / "w")), _final_states(host_work)
+    for stage in want:
+        assert got[stage][0] == want[stage][0], stage
+        for a, b in zip(jax.tree.leaves(got[stage][1]), jax.tree.leaves(want[stage][1])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=stage)
     assert [r["stage"] for r in resident["rows"]] == [r["stage"] for r in host["rows"]]
     for a, b in zip(resident["rows"], host["rows"]):
         for k, v in b.items():
             if isinstance(v, float):
                 np.testing.assert_allclose(a[k], v, rtol=1e-4, atol=1e-4, err_msg=f"{b['stage']} {k}")
+            else:
+                assert a[k] == v, (b["stage"], k)  # best_epoch, the stage's name
 
 
 def test_gather_rows_step_equals_the_row_step():

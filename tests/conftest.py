@@ -66,7 +66,43 @@ _SLOW_FIRST = ("test_reliability.py::test_kill_at_each_save_boundary", "test_mul
                "test_sweep.py::test_sweep_runs", "test_imagenet_multihost.py::", "test_pods.py::test_preempted")
 
 
+# The tiers (docs/testing.md): `pytest -m "not slow"` is the edit loop, a few minutes on 2 cores; the full suite is
+# what CI runs.  A test is slow when it trains: it reads a trained run (the fixtures below), or it is named here
+# (it trains, or starts train.py processes, by itself); a test can also say so with @pytest.mark.slow.
+_TRAINING_FIXTURES = {"smoke_workdir", "reference_run", "full_run"}
+_SLOW = (
+    "test_fused_students.py::test_a_kill", "test_imagenet_data_train.py::", "test_imagenet_multihost.py::",
+    "test_import_torch.py::test_cli_imports_into_workdir", "test_import_torch.py::test_teacher_of_another_class_count",
+    "test_methods_train.py::test_method_trains", "test_methods_train.py::test_kdsvd_on_two_devices",
+    "test_multihost.py::", "test_mutual.py::test_mutual_learning_runs", "test_pipeline.py::test_crd_and_init_stage",
+    "test_pods.py::test_preempted", "test_pods.py::test_a_notice_during_start_up", "test_reliability.py::test_non_finite",
+    "test_sweep.py::test_sweep_runs", "test_tfds_pipeline.py::test_cifar100_config_runs_all_stages",
+    "test_transfer.py::test_transfer[", "test_transfer.py::test_transfer_recipe", "test_transfer.py::test_transfer_never",
+    "test_init_stage.py::test_init_stage_lr_is_the_students", "test_sharding.py::test_four_devices_equal_one_device",
+    "test_sharding.py::test_crd_memory_four_devices",
+    # no training, but compiles much (many architectures, whole steps) or starts processes: tens of seconds each
+    "test_models.py::test_family_initialisations", "test_models.py::test_preact_features_relate_to_features",
+    "test_models.py::test_analyzer_any_number_of_granularities", "test_transfer.py::test_transfer_command_line",
+    "test_performance_options.py::test_bfloat16_step", "test_performance_options.py::test_fusion_fence",
+    "test_performance_options.py::test_one_cpu_device_per_core", "test_init_stage.py::test_init_stage_params_are_inits",
+    "test_init_stage.py::test_init_stage_trains_feature_modules_only", "test_sharding.py::test_teacher_is_frozen",
+    "test_modern_methods.py::test_review_loss_against_numpy", "test_modern_methods.py::test_dist_edge_rows",
+    "test_modern_methods.py::test_ofd_loss_against_numpy", "test_modern_methods.py::test_ofd_margins_come_from",
+    "test_export.py::test_every_architecture_exports", "test_imagenet_torch.py::test_torchvision_resnet_imports",
+    "test_imagenet_torch.py::test_cli_teacher_round_trip", "test_imagenet_torch.py::test_mobilenetv1_initialisation",
+    "test_imagenet_torch.py::test_torchvision_models_helper", "test_imagenet_torch.py::test_initialisation_is_torch",
+    "test_imagenet_data.py::test_grain_worker_processes", "test_analysis.py::test_corruptions",
+    "test_cli_mistakes.py::test_train_py_from_outside_the_checkout", "test_cli_mistakes.py::test_tfds_default_location",
+    "test_imagenet_methods.py::test_every_method_on_imagenet_pairs", "test_imagenet_methods.py::test_student_step_traces",
+    "test_bad_inputs.py::test_train_py_one_line_errors", "test_bad_inputs.py::test_missing_cifar_message",
+    "test_baselines_reference.py::test_kdsvd_canonical_sign",
+)
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())) or any(s in item.nodeid for s in _SLOW):
+            item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: next((i for i, s in enumerate(_SLOW_FIRST) if s in item.nodeid), len(_SLOW_FIRST)))
 
 

@@ -57,10 +57,21 @@ def _random_variables(model, rng):
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
+# One architecture of each family (each building block and stem): the others of a family differ only in depth and
+# width, which the conversion does not see (every one of the zoo's 29 architectures converted when this was chosen).
+EXPORT_SAMPLE = ("resnet8", "ResNet50", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2",
+                 "resnet18_imagenet", "resnet50_imagenet", "mobilenetv1_imagenet")
+
+
+def test_the_sample_covers_every_family():
+    families = {get_model(a, 10).__class__ for a in ARCHITECTURES}
+    assert {get_model(a, 10).__class__ for a in EXPORT_SAMPLE} == families
+
+
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", EXPORT_SAMPLE)
 def test_every_architecture_exports(ort, jax2onnx, arch):
-    """The ONNX graph of every architecture (ShuffleNet's channel shuffle and pooled shortcut, MobileNet's depthwise
+    """The ONNX graph of each family's architecture (ShuffleNet's channel shuffle and pooled shortcut, MobileNet's depthwise
     convs, VGG's and the ImageNet stems' max pools) gives the flax model's logits in onnxruntime, for batch 3 and
     batch 1 of one artifact taking uint8 NHWC images; the StableHLO artifact likewise, deserialized."""
     rng = np.random.default_rng(0)

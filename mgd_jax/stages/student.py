@@ -7,7 +7,7 @@ logits (MAS).  The teacher (backbone + analyzer) is an argument of the step, run
 are taken w.r.t. the student's parameters only.
 
 A logit method (DKD, DIST; ``Method.logit_method``) distils towards the same target: its loss reads the target
-where its formula has the teacher's logits; its config weights replace the KD term (``w_div`` 0).  With
+where its formula has the teacher's logits; its config weights replace the KD term (``w_logit_kd`` 0).  With
 ``logit_standardization`` (config ``student.logit_standardization``; Sun et al., CVPR 2024) every logit-level KL
 of the objective (the KD / stable-excitation term and a ``logit_kl`` method's loss, DKD) reads z-scored logits of
 the student and of the target.  The granularity terms (KLs of encodings, not logits) are left as they are.

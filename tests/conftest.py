@@ -30,33 +30,46 @@ _absl_logging.set_verbosity(_absl_logging.WARNING)
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def smoke_workdir(tmp_path_factory, worker_id):
-    """configs/smoke.py trained once per test run (1 device) for the tests that only read a finished workdir.
-
-    One xdist worker trains it (a file lock in the run's shared base folder); every worker gets its own copy, so a
-    test that writes beside the checkpoints (evaluate's eval_test.json, say) never races another worker."""
+def once_per_test_run(tmp_path_factory, worker_id, name: str, build) -> pathlib.Path:
+    """``build(folder)`` once per test run, shared by the xdist workers (a file lock in the run's base folder): the
+    folder it filled, its name ``name``.  A build that failed is redone by the next caller."""
     import fcntl
-    import pickle
     import shutil
 
     base = tmp_path_factory.getbasetemp()
     root = base if worker_id == "master" else base.parent  # xdist: one base folder per worker below it
-    shared, done = root / "smoke_shared" / "w", root / "smoke_shared" / "summary.pickle"
-    with open(root / "smoke_shared.lock", "w") as lock:
+    folder, done = root / name / "w", root / name / "done"
+    with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done.exists():
-            import jax
+            shutil.rmtree(folder, ignore_errors=True)
+            build(folder)
+            done.touch()
+    return folder
 
-            from configs import smoke
-            from mgd_jax import pipeline
 
-            shutil.rmtree(shared, ignore_errors=True)
-            summary = pipeline.train_and_evaluate(smoke.get_config(), str(shared), devices=jax.devices()[:1])
-            done.write_bytes(pickle.dumps(summary))
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory, worker_id):
+    """configs/smoke.py trained once per test run (1 device) for the tests that only read a finished workdir.
+
+    One xdist worker trains it; every worker gets its own copy, so a test that writes beside the checkpoints
+    (evaluate's eval_test.json, say) never races another worker."""
+    import pickle
+    import shutil
+
+    def train(folder):
+        import jax
+
+        from configs import smoke
+        from mgd_jax import pipeline
+
+        summary = pipeline.train_and_evaluate(smoke.get_config(), str(folder), devices=jax.devices()[:1])
+        (folder.parent / "summary.pickle").write_bytes(pickle.dumps(summary))
+
+    shared = once_per_test_run(tmp_path_factory, worker_id, "smoke_shared", train)
     work = tmp_path_factory.mktemp("smoke") / "w"
     shutil.copytree(shared, work, ignore=shutil.ignore_patterns(".jax_cache"))
-    return str(work), pickle.loads(done.read_bytes())
+    return str(work), pickle.loads((shared.parent / "summary.pickle").read_bytes())
 
 
 # The longest tests (child processes training the smoke config several times) start first, so that with
@@ -64,7 +77,6 @@ def smoke_workdir(tmp_path_factory, worker_id):
 _SLOW_FIRST = ("test_reliability.py::test_kill_at_each_save_boundary", "test_multihost.py::",
                "test_reliability.py::test_sigkill_at_random_moments", "test_fused_students.py::test_a_kill",
                "test_sweep.py::test_sweep_runs", "test_imagenet_multihost.py::", "test_pods.py::test_preempted")
-
 
 # The tiers (docs/testing.md): `pytest -m "not slow"` is the edit loop, a few minutes on 2 cores; the full suite is
 # what CI runs.  A test is slow when it trains: it reads a trained run (the fixtures below), or it is named here

@@ -1,5 +1,4 @@
 """Preemption and failure: SIGKILL at random moments, corrupted checkpoints, non-finite losses."""
-import fcntl
 import json
 import os
 import shutil
@@ -14,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, once_per_test_run
 from configs import smoke
 from mgd_jax import pipeline
 from mgd_jax.train import checkpoint as ckpt_lib
@@ -65,18 +64,12 @@ def _assert_same_run(ref, work):
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory, worker_id):
     """The smoke config trained once, uninterrupted, by train.py in its own process: once per test session,
-    shared by the xdist workers (a file lock in the session's base folder)."""
-    base = tmp_path_factory.getbasetemp()
-    root = base if worker_id == "master" else base.parent  # xdist: one base folder per worker below it
-    ref, done = root / "reference_run" / "w", root / "reference_run" / "done"
-    with open(root / "reference_run.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.exists():
-            shutil.rmtree(ref, ignore_errors=True)
-            cmd, env = _cmd(str(ref))
-            subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
-            done.touch()
-    return str(ref)
+    shared by the xdist workers (conftest.once_per_test_run)."""
+    def train(folder):
+        cmd, env = _cmd(str(folder))
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+
+    return str(once_per_test_run(tmp_path_factory, worker_id, "reference_run", train))
 
 
 # One kill at each save boundary, in order, each in a fresh process resuming the previous one's workdir.

@@ -19,7 +19,7 @@ images ``[batch, H, W, C]``, any batch size, normalised inside the graph with th
 logits ``[batch, classes]``.  Before anything is written every artifact runs on the whole test split in its own
 runtime (onnxruntime; the deserialized StableHLO) and is refused, with nothing written, when its logits differ from
 the JAX model's by more than ``atol + rtol * |JAX logit|`` anywhere or its top-1 differs on any image.  By default
-``atol = 1e-4`` and ``rtol = 0`` (the issue's rule: 1e-4 in float32).  ``--rtol`` allows a relative part for models
+``atol = 1e-4`` and ``rtol = 0`` (the default: 1e-4 in float32).  ``--rtol`` allows a relative part for models
 with large logits, where float32 rounding grows with the magnitude: the exported graph bakes the weights in as
 constants, which XLA compiles differently from the reference that passes them as arguments (the StableHLO's logits
 are bitwise those of ``jit`` of the same function with the weights baked in); on logits of ~3000 (a 1-epoch

@@ -1,6 +1,6 @@
-"""Transfer of a distilled student (SPEC §7, ``representation_transfer.py``, as intended): a new linear head on
-the pooled feature, trained on STL-10 or CIFAR-10 (tfds) with the backbone frozen; ``--full_finetune`` trains
-everything.  Works for every architecture (the reference silently trains nothing for VGG, ResNet50, MobileNetV2).
+"""Transfer of a distilled student (the paper's transfer experiment; the authors' ``representation_transfer.py`` as
+intended): a new linear head on the pooled feature, trained on STL-10 or CIFAR-10 (tfds) with the backbone frozen;
+``--full_finetune`` trains everything.  Works for every architecture (the reference silently trains nothing for VGG, ResNet50, MobileNetV2).
 
     python -m mgd_jax.transfer --workdir=runs/r56_r20 --stage=students/kd_mas --dataset=stl10
     python -m mgd_jax.transfer --workdir=runs/r56_r20 --stage=students/kd_mas --config=configs/transfer.py:cifar10 \

@@ -210,11 +210,11 @@ class _Pair:
     """train.py on the smoke config in 2 processes started by SLURM's variables, stdout and stderr logged apart;
     ``env``: extra variables per process."""
 
-    def __init__(self, workdir, logs, env=({}, {})):
+    def __init__(self, workdir, logs, env=({}, {}), devices=None):
         cmd, base = _cmd(workdir)
         cmd = cmd + [f"--config.distributed.heartbeat_timeout_seconds={HEARTBEAT}"]
         base = {k: v for k, v in base.items() if not k.startswith(LAUNCHER_VARS)}
-        base.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={cpu.num_cores() // 2}",  # the reference's
+        base.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={(devices or cpu.num_cores()) // 2}",  # the reference's
                     SLURM_JOB_ID=str(_slurm_port() - 61440), SLURM_NTASKS="2", SLURM_STEP_NODELIST="127.0.0.1",
                     SLURM_NODELIST="127.0.0.1")
         run = len({name.split("-")[0] for name in os.listdir(logs)})
@@ -276,18 +276,27 @@ def _latest_dir(work):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_a_peer_killed_mid_epoch_or_mid_save_stops_the_other_in_one_line_and_both_resume_bitwise(reference_run,
+def test_a_peer_killed_mid_epoch_or_mid_save_stops_the_other_in_one_line_and_both_resume_bitwise(request,
                                                                                                  tmp_path):
-    """Smoke config: 3 steps per epoch, the latest checkpoint every 2 steps and at each epoch's end."""
-    if cpu.num_cores() % 2:
-        pytest.skip("the reference has one device per core: two processes need an even count")
+    """Smoke config: 3 steps per epoch, the latest checkpoint every 2 steps and at each epoch's end.  The two
+    processes split the shared reference's devices (one per core) where their count is even; else one more device,
+    forced (XLA_FLAGS), and a reference of its own with that count."""
+    devices = None
+    if cpu.num_cores() % 2 == 0:
+        reference_run = request.getfixturevalue("reference_run")
+    else:
+        devices, reference_run = cpu.num_cores() + 1, str(tmp_path / "reference")
+        cmd, env = _cmd(reference_run)
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0 and f"mesh: {devices} x cpu" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
     work, logs = str(tmp_path / "w"), str(tmp_path / "logs")
     os.makedirs(logs)
 
     # 1. Both held after teacher step 4 (epoch 2, batch 1 of 3; before that step's checkpoint); process 1 is killed
     # (SIGKILL to the process that SLURM started: its worker goes with it).  Process 0 stops within the heartbeat
     # timeout with one line: the latest checkpoint is step 3, the end of epoch 1.
-    run = _Pair(work, logs, env=[{faults.HOLD_ENV: "teacher:4"}] * 2)
+    run = _Pair(work, logs, env=[{faults.HOLD_ENV: "teacher:4"}] * 2, devices=devices)
     run.wait_for("hold: teacher step 4")
     committed = _committed(work)
     run.procs[1].kill()
@@ -303,7 +312,7 @@ def test_a_peer_killed_mid_epoch_or_mid_save_stops_the_other_in_one_line_and_bot
 
     # 2. Restarted: both resume after epoch 1; process 0 (the coordinator, which commits orbax's writes) is killed
     # inside its write of step 4.  Process 1 stops in one line; step 4 stays half-written.
-    run = _Pair(work, logs, env=[{faults.ENV: "teacher:mid_write"}, {}])
+    run = _Pair(work, logs, env=[{faults.ENV: "teacher:mid_write"}, {}], devices=devices)
     codes, ended = run.finish()
     assert codes == [-signal.SIGKILL, preemption.EXIT_CODE], run.show()
     assert ended[1] - ended[0] < HEARTBEAT + 15, (ended[1] - ended[0], run.show())
@@ -319,7 +328,7 @@ def test_a_peer_killed_mid_epoch_or_mid_save_stops_the_other_in_one_line_and_bot
 
     # 3. Restarted again: the half-written step is removed, not restored (the run resumes after epoch 1 once more);
     # every stage's checkpoints and the summary are bitwise the uninterrupted run's.
-    run = _Pair(work, logs)
+    run = _Pair(work, logs, devices=devices)
     codes, _ = run.finish()
     assert codes == [0, 0], run.show()
     assert "[teacher] resuming after epoch 1/2" in run.out(0) and run.err(0) == run.err(1) == "", run.show()

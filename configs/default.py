@@ -96,6 +96,8 @@ def set_students(c, method: str, mode: str):
     """``config.students`` for ``method`` in ``mode`` (``all``: none, mag and mas, sharing one teacher)."""
     if method not in known_methods():
         raise ValueError(f"unknown method {method!r}; configs know: {', '.join(known_methods())}")
+    if mode != "all" and mode not in STUDENT_MODES:
+        raise ValueError(f"unknown student mode {mode!r}; known: {', '.join(STUDENT_MODES)}, all (none, mag and mas)")
     modes = ("none", "mag", "mas") if mode == "all" else (mode,)
     c.students = ml_collections.ConfigDict({f"{method}_{m}": student_run(method, m, student_arch=c.student.arch,
                                                                          teacher_arch=c.teacher.arch)

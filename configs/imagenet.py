@@ -98,6 +98,9 @@ def get_config(arg: str = "resnet34,resnet18,kd,mas"):
     c.teacher.arch, c.student.arch = imagenet_arch(teacher), imagenet_arch(student)
     if method not in default.known_methods():
         raise ValueError(f"unknown method {method!r}; configs know: {', '.join(default.known_methods())}")
+    if mode != "all" and mode not in default.STUDENT_MODES:
+        raise ValueError(f"unknown student mode {mode!r}; known: {', '.join(default.STUDENT_MODES)}, all (none, mag "
+                         "and mas)")
     modes = ("none", "mag", "mas") if mode == "all" else (mode,)
     c.students = ml_collections.ConfigDict({f"{method}_{m}": student_run(method, m, c.student.arch) for m in modes})
     return c

@@ -87,7 +87,8 @@ def _device_count(env_flags, code_prefix=""):
         env["XLA_FLAGS"] = env_flags
     code = (code_prefix + "from mgd_jax.train import cpu; n = cpu.configure_host_devices(); import jax; "
             "print(n, jax.local_device_count(), cpu.num_cores())")
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True,
+                         timeout=120)
     return [None if w == "None" else int(w) for w in out.stdout.split()]
 
 

@@ -243,6 +243,7 @@ def config_text(config) -> str:
 def main(argv=None) -> int:
     """train.py with ``argv`` (``sys.argv`` by default; ``argv[0]`` the program) -> its exit status (0; 2 for a
     user mistake, one line on stderr; 75 after a preemption notice)."""
+    own_command = argv is None  # else main() was called in-process: the supervisor's worker runs these arguments
     argv = _resolve_argv(sys.argv if argv is None else list(argv))
     if any(a in HELP_FLAGS for a in argv[1:]):
         sys.stdout.write(help_text(argv))
@@ -264,14 +265,16 @@ def main(argv=None) -> int:
         print(config_text(config), end="", flush=True)
         return 0
     existed = os.path.exists(os.path.abspath(os.path.expanduser(workdir)))
-    from mgd_jax.train import cpu, distributed, preemption, supervisor
+    from mgd_jax.train import cpu, distributed, faults, preemption, supervisor
 
+    faults.hold_start("main", lambda: bool(_EARLY_SIGTERM))  # tests only: MGD_JAX_HOLD_AT (train/faults.py)
     try:
         from mgd_jax.config_validation import validate_config
 
         validate_config(config)  # before the devices, jax.distributed or the workdir: a mistake costs nothing
         if supervisor.needed(config.get("distributed", None)):  # several processes: a lost peer is one line
-            sys.exit(supervisor.run(config.get("distributed", None), _EARLY_SIGTERM))  # and 75 (its module)
+            worker = None if own_command else [sys.executable, os.path.abspath(__file__), *argv[1:]]
+            return supervisor.run(config.get("distributed", None), _EARLY_SIGTERM, command=worker)  # 75 (its module)
         cpu.configure_host_devices(config.get("cpu_devices", None))  # before XLA starts (reads XLA_FLAGS)
         if distributed.maybe_initialize(config.get("distributed", None)) and _EARLY_SIGTERM:
             os.kill(os.getpid(), signal.SIGTERM)  # jax.distributed's handler is in place now: it tells every process

@@ -162,16 +162,18 @@ def _slurm_port() -> int:
 
 
 class _Run:
-    """train.py on the smoke config in ``n`` processes (SLURM's environment when n > 1), each logging to a file."""
+    """train.py on the smoke config in ``n`` processes (SLURM's environment when n > 1), each logging to a file;
+    ``devices`` CPU devices in all (train.py's default: one per core)."""
 
-    def __init__(self, workdir, logs, n, hold=None):
+    def __init__(self, workdir, logs, n, hold=None, devices=None):
         cmd, env = _cmd(workdir)
         cmd = cmd + ["--config.checkpoint.every_steps=1000"]  # only the preemption saves inside an epoch
         env = {k: v for k, v in env.items() if not k.startswith(LAUNCHER_VARS)}
         if hold:
             env[faults.HOLD_ENV] = hold
-        if n > 1:  # the reference's devices (one per core), split over the processes
-            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={cpu.num_cores() // n}"
+        if devices or n > 1:  # the reference's devices, split over the processes
+            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={(devices or cpu.num_cores()) // n}"
+        if n > 1:
             env.update(SLURM_JOB_ID=str(_slurm_port() - 61440), SLURM_NTASKS=str(n), SLURM_STEP_NODELIST="127.0.0.1",
                        SLURM_NODELIST="127.0.0.1")
         run = len({name.split("-")[0] for name in os.listdir(logs)})
@@ -248,20 +250,28 @@ def _preempt(run, at, signalled):
 
 
 @pytest.mark.timeout(600)
-def test_preempted_on_one_then_on_two_slurm_processes_resumes_bitwise(reference_run, tmp_path):
+def test_preempted_on_one_then_on_two_slurm_processes_resumes_bitwise(request, tmp_path):
     """One workdir preempted mid-epoch on 1 process, then on 2 processes that SLURM's variables alone started, resumed
     each time; every stage ends bitwise the uninterrupted run's.  The 2 processes: SIGTERM to one of them, the notice
     reaches the other through JAX's preemption sync (the harder case; SIGTERM to both takes the same path and was
-    tried by hand: a 2-process launch more costs ~50 s of CI's time)."""
-    if cpu.num_cores() % 2:
-        pytest.skip("the reference has one device per core: two processes need an even count")
+    tried by hand: a 2-process launch more costs ~50 s of CI's time).  Every run has the same device count: the
+    shared reference's (one per core) where that is even; else the largest even count up to the cores (2 on one
+    core), forced (XLA_FLAGS), and a reference of its own with that count."""
     work, logs = str(tmp_path / "w"), str(tmp_path / "logs")
     os.makedirs(logs)
+    devices = None  # train.py's default, one per core: the shared reference's
+    if cpu.num_cores() % 2 == 0:
+        reference = request.getfixturevalue("reference_run")
+    else:  # two processes need an even count
+        devices, reference = max(2, cpu.num_cores() - 1), str(tmp_path / "reference")
+        run = _Run(reference, logs, 1, devices=devices)
+        assert run.finish() == [0], run.text(0)[-3000:]
+        assert f"mesh: {devices} x cpu" in run.text(0), run.text(0)[-3000:]
 
-    saved, _ = _preempt(_Run(work, logs, 1, hold="teacher:4"), "teacher step 4", [0])
+    saved, _ = _preempt(_Run(work, logs, 1, hold="teacher:4", devices=devices), "teacher step 4", [0])
     assert saved == "4 (epoch 2, batch 1 of 3)"  # held after step 4: saved there
 
-    run = _Run(work, logs, 2, hold="teacher:5")
+    run = _Run(work, logs, 2, hold="teacher:5", devices=devices)
     run.wait_for("[teacher] resuming at epoch 2, pass 1, batch 1")
     for i in range(2):
         assert f"distributed (SLURM): process {i} of 2, coordinator 127.0.0.1:" in run.text(i)
@@ -269,19 +279,23 @@ def test_preempted_on_one_then_on_two_slurm_processes_resumes_bitwise(reference_
     assert "SIGTERM caught" not in outs[0] and "released by a preemption notice" in outs[0], outs[0]
     assert saved == "5 (epoch 2, batch 2 of 3)", outs  # JAX's sync point: the first check after the notice
 
-    run = _Run(work, logs, 1)
+    run = _Run(work, logs, 1, devices=devices)
     assert run.finish() == [0], run.text(0)[-3000:]
-    _assert_same_run(reference_run, work)
+    _assert_same_run(reference, work)
 
 
 @pytest.mark.timeout(200)
 def test_a_notice_during_start_up_is_kept_and_saves_at_the_first_step(tmp_path):
-    """SIGTERM while train.py is still importing (before the run's handler is in place) is not a dead process:
-    the notice is kept, the teacher saves at its first step and the run exits 75 (a requeueing script requeues)."""
+    """SIGTERM during train.py's start-up (held at its start-up point ``main``: the config loaded, only train.py's
+    early handler in place, not the run's) is not a dead process: the early handler keeps the notice, the teacher
+    saves at its first step and the run exits 75 (a requeueing script requeues)."""
     logs = tmp_path / "logs"
     logs.mkdir()
-    run = _Run(str(tmp_path / "w"), str(logs), 1)
-    time.sleep(0.8)  # the interpreter is up (the handler is train.py's first statement), the imports are not done
+    run = _Run(str(tmp_path / "w"), str(logs), 1, hold="start-up:main")
+    run.wait_for("hold: start-up main\n")
     run.procs[0].send_signal(signal.SIGTERM)
     assert run.finish(timeout=180) == [preemption.EXIT_CODE], run.text(0)[-3000:]
-    assert "preempted: [teacher] saved the latest checkpoint at step 1" in run.text(0), run.text(0)[-3000:]
+    out = run.text(0)
+    # the notice arrived at the start-up point, and was kept by the early handler (the hold ends on it alone)
+    assert "hold: start-up main released by a preemption notice" in out, out[-3000:]
+    assert "preempted: [teacher] saved the latest checkpoint at step 1 " in out, out[-3000:]

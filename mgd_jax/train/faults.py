@@ -18,6 +18,11 @@ is pending, then goes on.  So a test sends SIGTERM mid-epoch at a known step ins
 Pending means: this process got SIGTERM under ``preemption.watch()``; or, with jax.distributed's preemption sync
 manager (whose notices Python does not see), every process has reported its call counter to the coordination
 service, i.e. the sync point is being fixed at the next call (XLA's key name, ``PREEMPTION_CURRENT_COUNTER/``).
+
+``MGD_JAX_HOLD_AT="start-up:<point>"`` holds train.py at a start-up point (``main``: the config loaded, the devices
+and jax.distributed not set up yet, only train.py's early SIGTERM handler in place, not the run's): it prints ``hold:
+start-up <point>`` and waits (at most ``HOLD_SECONDS``) until that handler has kept a notice.  So a test sends
+SIGTERM during start-up for certain, not racing the imports.
 """
 from __future__ import annotations
 
@@ -74,6 +79,21 @@ def hold(stage: str, step: int) -> None:
                 state.client is not None and state.preemption_sync_manager is not None
                 and len(state.client.key_value_dir_get(_SYNC_COUNTERS)) >= state.num_processes):
             print(f"hold: {stage} step {step} released by a preemption notice", flush=True)
+            return
+        time.sleep(0.01)
+    print(f"hold: no preemption notice within {HOLD_SECONDS} s, going on", file=sys.stderr, flush=True)
+
+
+def hold_start(point: str, pending) -> None:
+    """Hold at start-up point ``point`` while ``MGD_JAX_HOLD_AT`` is ``start-up:<point>``, until ``pending()`` (a
+    notice kept by the caller's own handler) or ``HOLD_SECONDS``."""
+    if os.environ.get(HOLD_ENV) != f"start-up:{point}":
+        return
+    print(f"hold: start-up {point}", flush=True)
+    deadline = time.time() + HOLD_SECONDS
+    while time.time() < deadline:
+        if pending():
+            print(f"hold: start-up {point} released by a preemption notice", flush=True)
             return
         time.sleep(0.01)
     print(f"hold: no preemption notice within {HOLD_SECONDS} s, going on", file=sys.stderr, flush=True)

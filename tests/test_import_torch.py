@@ -13,6 +13,8 @@ from mgd_jax.analyzer import Tube
 from mgd_jax.import_torch import CheckpointImportError, convert_backbone, convert_tube, load_torch_file, main
 from mgd_jax.models import get_model
 
+from _requires import need
+
 try:
     import torch
 except ImportError:
@@ -21,10 +23,9 @@ except ImportError:
 
 @pytest.fixture(autouse=True)
 def _needs_torch():
-    """A failure, not a skip: the import path is tested on the authors' files or not at all (each test of this
-    file fails; the rest of the suite still runs and reports)."""
-    if torch is None:
-        pytest.fail("needs torch: pip install torch==2.13.0 (CI's .ci/run installs it)", pytrace=False)
+    """torch (tests/_requires.py): a skip where it is not installed, a failure of each test where MGD_JAX_REQUIRE
+    names it (CI's Python 3.11 venv, which has the CPU torch: the import path is tested on the authors' files)."""
+    need("torch")
 TORCH = FIXTURES / "torch"
 SHAPES = json.loads((TORCH / "torch_state_dict_shapes.json").read_text())
 

@@ -273,7 +273,9 @@ def test_non_finite_gradient_norms_of_every_stage_are_found():
 
 # --- errors keep their cause and do not swallow programming errors (item 6) ---------------------------------------
 def test_import_torch_keeps_the_cause_and_lets_bugs_through(tmp_path, monkeypatch):
-    import torch
+    from _requires import need
+
+    torch = need("torch")
 
     from mgd_jax import import_torch
 

@@ -444,7 +444,7 @@ def export_stage(workdir: str, stage: str, formats=FORMATS, out: str | None = No
     """Exports ``stage``'s best backbone in ``formats``, checks each in its runtime on the whole test split, and
     only then writes them and ``model.json`` into ``out`` (default ``<workdir>/<stage>/export``).  -> the
     metadata written."""
-    from mgd_jax.analysis.common import Run
+    from mgd_jax.analysis.common import Run, check_out_folder
 
     formats = tuple(dict.fromkeys(formats))
     unknown = [f for f in formats if f not in FORMATS]
@@ -466,7 +466,7 @@ def export_stage(workdir: str, stage: str, formats=FORMATS, out: str | None = No
     model = read_stage(run, stage)
     stage = model.stage
     out = out or os.path.join(run.stage_dir(stage), "export")
-    _check_out(out)
+    check_out_folder(out)  # before the long check
     images, labels = run.split("test")
     log(f"{stage}: {model.arch}, {model.num_classes} classes, input {'x'.join(map(str, model.image_shape))} uint8; "
         f"{len(labels)} test images")
@@ -513,20 +513,6 @@ def export_stage(workdir: str, stage: str, formats=FORMATS, out: str | None = No
     for name in blobs:
         log(f"wrote {os.path.join(out, name)}")
     return metadata
-
-
-def _check_out(out: str) -> None:
-    """Refuses, before the long check, an ``out`` that is a file or cannot be created: its nearest existing
-    ancestor must be a folder this process can write in."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise AnalysisError(f"--out={out} is a file, not a folder")
-    path = os.path.abspath(out)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        raise AnalysisError(f"--out={out}: cannot create it, {path} is a file")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise AnalysisError(f"--out={out}: cannot create or write it, {path} is not writable")
 
 
 def _versions(formats) -> dict:

@@ -1,9 +1,10 @@
 """configs/imagenet.py end to end on a small image folder: teacher, analyzer and a MAS+CRD student (ResNet-18s at
-16x16; CRD's sampler and memory read the rows' indices), streamed from the files; interrupted in the middle of the
-student's epoch, the resumed run is bitwise the uninterrupted one."""
+16x16; CRD's sampler and memory read the rows' indices), streamed from the files; interrupted in the middle of each
+stage's epoch and resumed, the run is bitwise the uninterrupted one.  One epoch of three steps each: what is checked
+is that every stage runs on the streamed data and updates its parameters, not that it learns (its accuracy stays at
+chance; the methods' learning is tested on the in-memory datasets)."""
 import json
 import os
-import shutil
 
 import chex
 import jax
@@ -42,16 +43,24 @@ def _config(folder):
     return c
 
 
-def _restore(workdir, stage, which):
+def _restore(workdir, stage, which, step=None):
     ck = ckpt_lib.StageCheckpoints(os.path.join(workdir, stage, "checkpoints"))
     mngr = getattr(ck, which)
-    step = mngr.latest_step()
+    step = mngr.latest_step() if step is None else step
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     ck.close()
     return step, out
 
 
-def test_imagenet_config_trains_all_stages_from_a_folder_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+def _latest_steps(workdir, stage):
+    ck = ckpt_lib.StageCheckpoints(os.path.join(workdir, stage, "checkpoints"))
+    try:
+        return ck.latest_steps()
+    finally:
+        ck.close()
+
+
+def test_imagenet_config_runs_every_stage_from_a_folder_and_each_resumes_exactly(tmp_path, monkeypatch, capsys):
     folder = _write_folder(str(tmp_path / "images"), np.random.default_rng(0), per_class=8, val_per_class=4)
     config = _config(folder)  # 28 training images: 3 steps of 8 per epoch (the rest dropped), 12 test images
     devices = jax.devices()[:1]
@@ -59,28 +68,52 @@ def test_imagenet_config_trains_all_stages_from_a_folder_and_resumes_exactly(tmp
     summary = pipeline.train_and_evaluate(config, ref, devices=devices)
     assert [r["stage"].split()[0] for r in summary["rows"]] == ["teacher", "analyzer", "analyzer", "student"]
     assert all(0 <= r["best_acc1"] <= 1 for r in summary["rows"])
-    with open(os.path.join(ref, "teacher", "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    assert len(rows) == 1 and all(np.isfinite(r["train/loss"]) for r in rows)
+    # every stage trained: one epoch each, finite losses and gradients, and its last steps moved every parameter
+    # array (the two newest latest checkpoints: steps 2 and 3; the analyzer's 4 and 6, in its second granularity's
+    # pass)
+    for stage, steps, trained in (("teacher", [2, 3], ("params",)), ("analyzer", [4, 6], ("32d_T8", "params")),
+                                  ("students/crd_mas", [2, 3], ("params",))):
+        with open(os.path.join(ref, stage, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        losses = [v for k, v in rows[0].items() if k.startswith("train/loss")]
+        norms = [v for k, v in rows[0].items() if k.startswith("train/grad_norm")]
+        assert len(rows) == 1 and losses and np.all(np.isfinite(losses)), (stage, rows)
+        assert norms and np.all(np.isfinite(norms)) and min(norms) > 0, (stage, rows)  # gradients, not weight decay
+        assert _latest_steps(ref, stage) == steps, stage
+        before, after = (_restore(ref, stage, "latest", step)[1] for step in steps)
+        for key in trained:
+            before, after = before[key], after[key]
+        moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
+        assert moved and all(moved), (stage, np.mean(moved))  # every parameter array
+        assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(after)), stage
 
-    # the same run interrupted in the middle of the student's epoch (after its mid-epoch checkpoint at step 2; its
-    # teacher and analyzer finished: the reference's), then resumed
+    # the same run interrupted in the middle of each stage's epoch, right after a mid-epoch checkpoint (every 2
+    # steps): the teacher's at step 2, the analyzer's at step 4 (its second pass, the second granularity's), the
+    # student's at step 2; each rerun resumes the stage it stopped in, finishes it and goes on to the next stop
     work = str(tmp_path / "work")
-    for stage in ("teacher", "analyzer"):
-        shutil.copytree(os.path.join(ref, stage), os.path.join(work, stage))
-    real_point = faults.point
+    real_point, stop = faults.point, []
 
     def point(stage, name):
         real_point(stage, name)
-        if (stage, name) == ("student/crd_mas", "after_mid"):
-            raise _Interrupted(f"{stage}:{name}")
+        if name == "after_mid" and stop and stage == stop[0][0]:
+            stop[0][1] -= 1
+            if stop[0][1] == 0:
+                raise _Interrupted(f"{stage}:{name}")
 
     monkeypatch.setattr(faults, "point", point)
-    with pytest.raises(_Interrupted):
-        pipeline.train_and_evaluate(config, work, devices=devices)
-    monkeypatch.setattr(faults, "point", real_point)
-    resumed = pipeline.train_and_evaluate(config, work, devices=devices)
-    assert "resuming at epoch 1, pass 1, batch 2" in capsys.readouterr().out
+    capsys.readouterr()
+    resumes = []
+    for stage, nth in (("teacher", 1), ("analyzer", 2), ("student/crd_mas", 1), (None, 0)):
+        stop[:] = [[stage, nth]] if stage else []
+        if stage:
+            with pytest.raises(_Interrupted, match=f"^{stage}:after_mid$"):
+                pipeline.train_and_evaluate(config, work, devices=devices)
+        else:
+            resumed = pipeline.train_and_evaluate(config, work, devices=devices)
+        resumes.append([ln for ln in capsys.readouterr().out.splitlines() if " resuming " in ln])
+    assert resumes == [[], ["[teacher] resuming at epoch 1, pass 1, batch 2"],
+                       ["[analyzer] resuming at epoch 1, pass 2, batch 1"],
+                       ["[student/crd_mas] resuming at epoch 1, pass 1, batch 2"]], resumes
     for stage in STAGES:
         for which in ("latest", "best"):
             s_ref, a = _restore(ref, stage, which)

@@ -51,7 +51,8 @@ def folder(tmp_path_factory):
 
 
 def _cfg(root, **kw):
-    return ml_collections.ConfigDict({**dict(name="imagenet2012", dir=root, image_size=24, workers=3, prefetch=2), **kw})
+    return ml_collections.ConfigDict({**dict(name="imagenet2012", dir=root, image_size=24, workers=3, prefetch=2),
+                                      **kw})
 
 
 def test_folder_classes_labels_and_conversions_to_rgb(folder):

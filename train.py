@@ -276,11 +276,18 @@ def main(argv=None) -> int:
             worker = None if own_command else [sys.executable, os.path.abspath(__file__), *argv[1:]]
             return supervisor.run(config.get("distributed", None), _EARLY_SIGTERM, command=worker)  # 75 (its module)
         cpu.configure_host_devices(config.get("cpu_devices", None))  # before XLA starts (reads XLA_FLAGS)
-        if distributed.maybe_initialize(config.get("distributed", None)) and _EARLY_SIGTERM:
+        several = distributed.maybe_initialize(config.get("distributed", None))
+        if several and _EARLY_SIGTERM:
             os.kill(os.getpid(), signal.SIGTERM)  # jax.distributed's handler is in place now: it tells every process
         import jax
         if not config.get("compilation_cache", True):
             jax.config.update("jax_compilation_cache_dir", None)
+        elif several and jax.default_backend() == "cpu":
+            # CPU processes joined by gloo: one that loads a step from the cache while another compiles it can hang
+            # in the step's first collective (jax 0.12), so each compiles its own
+            jax.config.update("jax_compilation_cache_dir", None)
+            if jax.process_index() == 0:
+                print("compilation cache: off for several CPU processes (each compiles its steps)", flush=True)
         elif not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # a cache shared by several runs wins (tests)
             # compiled steps are reused by a resumed or repeated run
             jax.config.update("jax_compilation_cache_dir",

@@ -1,4 +1,5 @@
 """Test setup: 4 virtual CPU devices (multi-device tests), quiet logs, fixture paths."""
+import inspect
 import os
 import pathlib
 import sys
@@ -111,10 +112,28 @@ _SLOW = (
 )
 
 
+# Tests that need PyTorch (marked `torch`): CI's venv of the newest stack has no torch (PyPI's torch for Python >= 3.12
+# is the CUDA build, several GB), so CI runs them in the venv of the oldest supported stack, with the CPU torch.
+_TORCH_MODULES = ("test_import_torch.py::", "test_imagenet_torch.py::")
+_TORCH_NEEDS = ('need("torch"', 'need("torchvision"')
+
+
+def _needs_torch(item) -> bool:
+    if any(s in item.nodeid for s in _TORCH_MODULES):
+        return True
+    try:
+        source = inspect.getsource(item.function)
+    except (AttributeError, OSError, TypeError):
+        return False
+    return any(s in source for s in _TORCH_NEEDS)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if _TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())) or any(s in item.nodeid for s in _SLOW):
             item.add_marker(pytest.mark.slow)
+        if _needs_torch(item):
+            item.add_marker(pytest.mark.torch)
     items.sort(key=lambda item: next((i for i, s in enumerate(_SLOW_FIRST) if s in item.nodeid), len(_SLOW_FIRST)))
 
 

@@ -57,7 +57,8 @@ _OPT = {  # the SGD block every stage has (configs/default.py: sgd)
 DESCRIPTIONS: dict[str, str] = {
     "seed": "seed of the initialisations, the data order and the augmentation (a run is a function of it)",
     "data.name": "dataset: `digits` (scikit-learn's, bundled), `cifar100`, `cifar10`, `stl10` (tfds), "
-                 "`imagenet2012` (tfds, streamed) or `image_folder` (streamed from `data.dir`)",
+                 "`imagenet2012` (tfds, streamed), `image_folder` (streamed from `data.dir`) or `synthetic_cifar` "
+                 "(random images of CIFAR-100's shapes made in memory, for timing: nothing to learn)",
     "data.data_dir": "tfds data directory (`None`: tfds' default, `$TFDS_DATA_DIR` or `~/tensorflow_datasets`)",
     "data.train_limit": "use only the first N training images (smoke runs and tests; `None`: all)",
     "data.test_limit": "use only the first N test images (`None`: all)",

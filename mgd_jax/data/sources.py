@@ -1,4 +1,5 @@
-"""Datasets as in-memory uint8 arrays: scikit-learn's bundled digits (offline quickstart) and tfds CIFAR.
+"""Datasets as in-memory uint8 arrays: scikit-learn's bundled digits (offline quickstart), tfds CIFAR, and
+random images of CIFAR's shapes made on the fly (``synthetic_cifar``: for timing, nothing to learn).
 
 CIFAR is read with ``tfds.data_source`` (ArrayRecord random access, decoded with PIL: no TensorFlow at train
 time).  TensorFlow is only needed once, to *build* the dataset from its archive (docs/cifar100.md).
@@ -49,10 +50,27 @@ def load_digits(image_size: int = 16, test_size: int = 360, split_seed: int = 0)
 
 
 _TFDS = {"cifar100": 100, "cifar10": 10, "stl10": 10}
+# random images made in memory with a dataset's shapes: (training images, test images, image shape, classes)
+SYNTHETIC = {"synthetic_cifar": (50_000, 10_000, (32, 32, 3), 100)}
 # streamed, never held in memory (mgd_jax/data/streaming.py): tfds imagenet2012, or an image folder
 # (``config.data.dir``; with it any name reads the folder, 'image_folder' says so)
 STREAMING = ("imagenet2012", "image_folder")
-DATASETS = ("digits", *_TFDS, *STREAMING)  # config.data.name
+DATASETS = ("digits", *_TFDS, *SYNTHETIC, *STREAMING)  # config.data.name
+
+
+def load_synthetic(name: str, train_limit: int | None = None, test_limit: int | None = None) -> ArrayDataset:
+    """CIFAR-100's shapes (50,000 training and 10,000 test images, 32x32x3 uint8, 100 classes) with uniformly
+    random pixels and labels, made in memory: the training loop end to end (evaluation and checkpoints included)
+    with no dataset on disk, for timing (benchmarks/gpu_check.sh).  Nothing to learn: accuracy stays at chance.
+    Deterministic (fixed seeds); with a limit only the first ``train_limit`` / ``test_limit`` images are made,
+    the same as the first images of the full set."""
+    n_train, n_test, shape, classes = SYNTHETIC[name]
+    n_train, n_test = min(n_train, train_limit or n_train), min(n_test, test_limit or n_test)
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(0).spawn(4)]
+    return ArrayDataset(name, rngs[0].integers(0, 256, (n_train, *shape), dtype=np.uint8),
+                        rngs[1].integers(0, classes, n_train).astype(np.int32),
+                        rngs[2].integers(0, 256, (n_test, *shape), dtype=np.uint8),
+                        rngs[3].integers(0, classes, n_test).astype(np.int32), classes)
 
 
 # the archives ``tfds build --manual_dir=DIR`` reads for each dataset
@@ -197,6 +215,8 @@ def load_dataset(cfg) -> ArrayDataset:
         return streaming.load_tfds_streaming(cfg)
     if cfg.name == "digits":
         ds = load_digits(cfg.get("image_size", 16), cfg.get("test_size", 360), cfg.get("split_seed", 0))
+    elif cfg.name in SYNTHETIC:
+        ds = load_synthetic(cfg.name, cfg.get("train_limit", None), cfg.get("test_limit", None))
     elif cfg.name in _TFDS:
         ds = load_tfds(cfg.name, cfg.get("data_dir", None))
         size = cfg.get("image_size", None)

@@ -162,9 +162,11 @@ def get_config():
     # Stage 3 (student.py / student_stable.py): 240 epochs, lr 0.05, x0.1 at 150/180/210.
     # group_size: the students of a run train fused, this many per group, sharing one teacher pass per batch (0: all
     # of them in one group; 1: one after another); each student's result is the same up to float32 noise.
+    # vmap: the students of one method in a group run as one vmapped program, each convolution one batched kernel
+    # ('on' / 'off'; 'auto': what measured faster on the backend, docs/speed.md "Fused students").
     # logit_standardization: z-score the logits of every logit-level KL of the objective (the KD / stable-excitation
     # term, DKD), Sun et al., CVPR 2024; off in the paper.  Their CIFAR KD recipe with it: T 2, CE 0.1, KD 9.
     c.student = dict(arch="resnet20", epochs=240, batch_size=64, optimizer=sgd(STUDENT_LR, STUDENT_MILESTONES),
-                     group_size=8, logit_standardization=False)
+                     group_size=8, vmap="auto", logit_standardization=False)
     c.students = {"kd_mas": student_run("kd", "mas")}
     return c

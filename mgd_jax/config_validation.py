@@ -228,6 +228,9 @@ def _validate(config) -> None:
     group_size = config.student.get("group_size", 0)
     if not (isinstance(group_size, int) and group_size >= 0):
         _fail("student.group_size", group_size, "must be an integer >= 0 (0: all students in one group)")
+    vmap = config.student.get("vmap", "auto")
+    if vmap not in ("auto", "on", "off"):
+        _fail("student.vmap", vmap, "must be auto, on or off")
     try:
         parse_granularities(config.granularities)
     except (ValueError, TypeError) as e:

@@ -126,7 +126,7 @@ SEED_OFFSETS = {"teacher": 0, "analyzer": 1, "student": 2, "mutual": 2}
 # Config fields that do not change a stage's numbers (where the data lives, how it reaches the devices, how many
 # students train fused).
 _NOT_RESULT_FIELDS = ("data.data_dir", "data.dir", "data.on_device", "data.workers", "data.prefetch", "data.loader",
-                      "data.processes", "student.group_size")
+                      "data.processes", "student.group_size", "student.vmap")
 
 
 def stage_config(config, stage: str, student: str | None = None) -> dict:

@@ -194,25 +194,163 @@ def make_train_step(s: StudentModules, t: TeacherModules, objective: Objective, 
 
 GROUP_SEP = "::"  # a group's batch carries each student's extra arrays (CRD's indices) as '<name>::<key>'
 
+# ``config.student.vmap``: whether a fused group's compatible students run as one vmapped program.  'auto' picks per
+# backend what measured faster (docs/speed.md "Fused students"): on XLA:CPU the unrolled loop; elsewhere (GPU, TPU:
+# small launch-bound kernels) vmapped, not yet measured there.
+VMAP_CHOICES = ("auto", "on", "off")
+VMAP_AUTO = {"cpu": False}  # backend -> vmapped; a backend not named here: True
 
-def make_group_train_step(members: dict, t: TeacherModules, aug_cfg):
+
+def vmap_students(setting: str = "auto", backend: str | None = None) -> bool:
+    """``config.student.vmap`` ('auto' | 'on' | 'off') on ``backend`` (default: JAX's) -> run vmapped or not."""
+    if setting not in VMAP_CHOICES:
+        raise ValueError(f"student.vmap must be one of {', '.join(VMAP_CHOICES)}, got {setting!r}")
+    if setting != "auto":
+        return setting == "on"
+    return VMAP_AUTO.get(backend or jax.default_backend(), True)
+
+
+def _compatible(a, b) -> bool:
+    """Two group members ``(StudentModules, Objective, tx)`` can share one vmapped program: the same backbone,
+    method (options included), optimizer object, temperature and logit standardization; their modes and weights may
+    differ (per-member data), a mode-'none' student's missing encoders are padded with zeros.  A contrastive method
+    (CRD: a memory bank per student, per-student batch extras) always runs alone."""
+    (sa, oa, ta), (sb, ob, tb) = a, b
+    return (sa.backbone == sb.backbone and sa.method == sb.method and not sa.method.needs_contrast and ta is tb
+            and (sa.analyzer is None or sb.analyzer is None or sa.analyzer == sb.analyzer)
+            and (oa.granularities, oa.temperature, oa.logit_standardization, oa.steps_per_epoch)
+            == (ob.granularities, ob.temperature, ob.logit_standardization, ob.steps_per_epoch))
+
+
+def vmap_subgroups(members: dict) -> list[list[str]]:
+    """``members`` ({name: (StudentModules, Objective, tx)}) split into runs of one program: lists of names, in
+    first-member order (the paper table's 8 methods x 3 modes: 8 subgroups of 3)."""
+    groups = []
+    for name, m in members.items():
+        for g in groups:
+            if _compatible(members[g[0]], m):
+                g.append(name)
+                break
+        else:
+            groups.append([name])
+    return groups
+
+
+def _pad_like(tree, like):
+    """``tree`` with the structure of ``like``, whose paths include all of ``tree``'s: a leaf ``tree`` lacks (a
+    mode-'none' student's encoders, their momentum) is zeros of ``like``'s."""
+    have = dict(jax.tree_util.tree_flatten_with_path(tree)[0])
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    return treedef.unflatten([have[p] if p in have else jnp.zeros_like(x) for p, x in leaves])
+
+
+def _crop_like(tree, like):
+    """``tree`` cut to the structure of ``like`` (the inverse of ``_pad_like``)."""
+    have = dict(jax.tree_util.tree_flatten_with_path(tree)[0])
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    return treedef.unflatten([have[p] for p, _ in leaves])
+
+
+_TERM_WEIGHTS = ("ce", "kd", "method", "granularity")
+
+
+def _vmapped_update(entries: list, states: dict, x, t_out: Outputs, batch):
+    """One optimizer step of the compatible students ``entries`` ([(name, StudentModules, Objective, tx)]) as one
+    vmapped program: their states stacked (a mode-'none' student's padded with zero encoders at granularity weight
+    0, its padding dropped after), each term's weight and the distillation target (MAS: stable excitation, else the
+    teacher's logits) per-member data.  -> ({name: state}, {name: metrics}), each member's metrics named as alone."""
+    full = next((e for e in entries if e[1].analyzer is not None), entries[0])
+    s, tx, ref = full[1], full[3], states[full[0]]
+    method, objective = s.method, full[2]
+    objs = [o for _, _, o, _ in entries]
+    rows = [[o.w_ce, o.w_logit_kd, o.w_method, o.w_granularity if o.mode != "none" else 0.0] for o in objs]
+    use = {k: any(r[i] for r in rows) for i, k in enumerate(_TERM_WEIGHTS)}
+    weights = jnp.asarray(rows, jnp.float32)
+    if any(o.mode == "mas" for o in objs):
+        mas = losses.stable_excitation_target(t_out.logits, list(t_out.decodings.values()))
+    targets = jnp.stack([mas if o.mode == "mas" else t_out.logits for o in objs])
+
+    def update(state, w, target):
+        b = batch
+        if objective.steps_per_epoch:
+            b = {**b, "epoch": (state.step // objective.steps_per_epoch + 1).astype(jnp.float32)}
+
+        def loss_fn(params):
+            s_out, new_bs = student_forward(s, params, state.batch_stats, x, train=True,
+                                            preact=method.student_preact)
+            s_in, t_in = s_out, t_out
+            if method.logit_method:
+                s_logits, t_logits = s_out.logits, target
+                if method.logit_kl and objective.logit_standardization:
+                    s_logits, t_logits = losses.standardize(s_logits), losses.standardize(t_logits)
+                s_in, t_in = s_out.replace(logits=s_logits), t_out.replace(logits=t_logits)
+            method_loss, method_state = method.loss(method_variables(state, params), s_in, t_in, b, True)
+            terms = {}  # objective_terms' order, every term some member weighs
+            if use["ce"]:
+                terms["ce"] = (w[0], losses.cross_entropy(s_out.logits, b["label"]))
+            if use["kd"]:
+                terms["kd"] = (w[1], losses.logit_kd(s_out.logits, target, objective.temperature,
+                                                     standardize=objective.logit_standardization))
+            if method_loss is not None and use["method"]:
+                terms["method"] = (w[2], method_loss)
+            if use["granularity"]:
+                for g in objective.granularities:
+                    terms[f"granularity/{g.name}"] = (w[3], losses.granularity_kl(
+                        s_out.encodings[g.name], t_out.encodings[g.name], g.temperature))
+            return total_loss(terms), ({k: v for k, (_, v) in terms.items()}, s_out.logits, new_bs, method_state)
+
+        (loss, (terms, logits, new_bs, method_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        new = state.apply_gradients(grads, tx, {"backbone": new_bs}, method_state if state.method_state else None)
+        return new, (loss, terms, logits, grads)
+
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[_pad_like(states[n], ref) for n, _, _, _ in entries])
+    new, (loss, terms, logits, grads) = jax.vmap(update)(stacked, weights, targets)
+    out_states, out_metrics = {}, {}
+    for i, (name, _, o, _) in enumerate(entries):
+        own = states[name]
+        out_states[name] = _crop_like(jax.tree.map(lambda a: a[i], new), own)
+        kd = "stable_excitation" if o.mode == "mas" else "logit_kd"
+        names = {"ce": "ce" if o.w_ce else None, "kd": kd if o.w_logit_kd else None,
+                 "method": "method" if o.w_method else None}
+        values = {}
+        for k, v in terms.items():
+            mine = names.get(k, k if o.mode != "none" and o.w_granularity else None)
+            if mine is not None:
+                values[mine] = v[i]
+        out_metrics[name] = train_metrics(loss[i], values, logits[i], batch["label"],
+                                          _crop_like(jax.tree.map(lambda a: a[i], grads), own.params))
+    return out_states, out_metrics
+
+
+def make_group_train_step(members: dict, t: TeacherModules, aug_cfg, vmap: bool = False):
     """One step of several students on one batch: the teacher (backbone + tubes) runs once per batch (twice when
     some student reads its pre-activation features, as AB), then every student takes its own step.
-    ``members``: {name: (StudentModules, Objective, tx)}; the state is {name: TrainState}, in lockstep."""
+    ``members``: {name: (StudentModules, Objective, tx)}; the state is {name: TrainState}, in lockstep.  ``vmap``:
+    the students that can share one program (``vmap_subgroups``: same method and options, any mode) take their steps
+    as one vmapped program, each convolution one batched kernel; else one after another."""
     decode = any(objective.mode == "mas" for _, objective, _ in members.values())
     preacts = sorted({s.method.teacher_preact for s, _, _ in members.values()})
     first = next(iter(members))
+    subgroups = vmap_subgroups(members) if vmap else [[name] for name in members]
 
     def group_step(states, teacher, batch, base_key):
         x = augment.train_transform(batch["image"], step_key(base_key, states[first].step), aug_cfg)
         t_outs = {p: teacher_forward(t, teacher, x, decode=decode, preact=p) for p in preacts}
         shared = {k: v for k, v in batch.items() if GROUP_SEP not in k}
         new, metrics = {}, {}
-        for name, (s, objective, tx) in members.items():
+        for names in subgroups:
+            t_out = t_outs[members[names[0]][0].method.teacher_preact]
+            if len(names) > 1:  # compatible members never carry batch extras (no contrastive method)
+                n, m = _vmapped_update([(k, *members[k]) for k in names], states, x, t_out, shared)
+                new.update(n)
+                metrics.update(m)
+                continue
+            name = names[0]
+            s, objective, tx = members[name]
             own = {k.split(GROUP_SEP, 1)[1]: v for k, v in batch.items() if k.startswith(name + GROUP_SEP)}
-            new[name], metrics[name] = _update(s, objective, tx, states[name], x, t_outs[s.method.teacher_preact],
-                                               {**shared, **own})
-        return new, metrics
+            new[name], metrics[name] = _update(s, objective, tx, states[name], x, t_out, {**shared, **own})
+        return {k: new[k] for k in members}, {k: metrics[k] for k in members}
 
     return group_step
 
@@ -345,11 +483,13 @@ def _group_extras(students: list):
 
 def run_all(run: StageRun, teacher: Teacher) -> dict:
     """Every student of ``config.students``, fused in groups of ``config.student.group_size`` (0: all) that share
-    one teacher pass per batch; each keeps its own checkpoints, metrics and best epoch, as if run alone.  A group
-    killed between its members' saves resumes together from the newest step all of them saved (``lockstep_groups``).
+    one teacher pass per batch (students of one method as one vmapped program where ``config.student.vmap`` says
+    so); each keeps its own checkpoints, metrics and best epoch, as if run alone.  A group killed between its
+    members' saves resumes together from the newest step all of them saved (``lockstep_groups``).
     -> {name: (export, result)}, in config order."""
     names = list(run.config.students)
     size = int(run.config.student.get("group_size", 0) or 0) or len(names)
+    vmap = vmap_students(run.config.student.get("vmap", "auto"))
     t_modules, t_inputs = TeacherModules.of(teacher), teacher_inputs(teacher)
     out = {}
     for start in range(0, len(names), size):
@@ -364,8 +504,10 @@ def run_all(run: StageRun, teacher: Teacher) -> dict:
                                         jax.device_get(export_variables(st.state)))
                 out[st.name] = (export, result)
                 continue
-            members = {st.spec.name: (st.modules, st.objective, st.tx) for st in group}
-            step = jax.jit(make_group_train_step(members, t_modules, run.config.augment), donate_argnums=0)
+            # one optimizer object: every student's is run.sgd of the same config.student.optimizer (a vmapped
+            # subgroup shares its members' optimizer)
+            members = {st.spec.name: (st.modules, st.objective, group[0].tx) for st in group}
+            step = jax.jit(make_group_train_step(members, t_modules, run.config.augment, vmap), donate_argnums=0)
             states = {st.spec.name: st.state for st in group}
             likes = {st.spec.name: jax.device_get(export_variables(st.state)) for st in group}
             _, exports, results = fit_group([st.spec for st in group], [("students", step)], states, t_inputs,

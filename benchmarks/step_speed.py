@@ -4,6 +4,7 @@
     python benchmarks/step_speed.py --pairs=readme        # teacher / analyzer / MAS+KD student of each README pair
     python benchmarks/step_speed.py --teacher=resnet32x4 --student=resnet8x4 --steps=20 --json=out.json
     python benchmarks/step_speed.py --fused=1,3,8         # fused students: per-student images/s by group size
+    python benchmarks/step_speed.py --fused=3,8 --vmap=on,off --rounds=4   # ... unrolled vs vmapped, alternating
 
 Arithmetic ceiling: the FLOP/s of a large float32 matmul (4096^2) measured in the same run; a step's FLOPs
 come from XLA's cost analysis of the whole (global-batch) step, so "% ceiling" = FLOPs / step time / matmul
@@ -141,14 +142,33 @@ class Bench:
         return time_step(step, state, lambda b: (teacher, b, self.base), self.batches, self.steps)
 
 
-def fused_students(b: "Bench", student_arch: str, sizes, batch: int, paper_students: int = 24) -> list[dict]:
+def _compiled(step, state, args, batches) -> tuple:
+    """-> (compiled step, state after one warm-up step, {compile_s, flops, xla_memory_mib})."""
+    lowered = step.lower(state, *args(batches[0]))
+    flops = (lowered.cost_analysis() or {}).get("flops")
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    mem_mb = None if mem is None else \
+        (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2 ** 20
+    state, m = compiled(state, *args(batches[0]))
+    jax.block_until_ready((state, m))
+    return compiled, state, {"compile_s": compile_s, "flops": flops, "xla_memory_mib": mem_mb,
+                             "convolutions": compiled.as_text().count("convolution(")}
+
+
+def fused_students(b: "Bench", student_arch: str, sizes, batch: int, paper_students: int = 24,
+                   vmaps=("off",), rounds: int = 1) -> list[dict]:
     """Per-student images/s of a fused group of n KD students (modes none / mag / mas in turn) sharing one teacher
     pass per batch, against the single MAS+KD student step; and the paper table's ``paper_students`` students of
     one pair (240 epochs x 782 steps), fused in groups of the largest size vs one after another, projected from
-    the measured step times (training steps only)."""
+    the measured step times (training steps only).  ``vmaps``: the group step unrolled ('off') and / or vmapped
+    ('on'), timed in ``rounds`` alternating rounds of ``b.steps`` steps each (the median round is reported)."""
     teacher = {"backbone": b.t_vars, "analyzer": mesh_lib.replicate(
         b.analyzer.init(b.key, jnp.zeros((1, b.feature_dim)))["params"], b.mesh)}
     t_mods = student_stage.TeacherModules(b.t_model, b.analyzer)
+    args = lambda x: (teacher, x, b.base)  # noqa: E731
     rows = []
     for n in sizes:
         members, states = {}, {}
@@ -160,22 +180,40 @@ def fused_students(b: "Bench", student_arch: str, sizes, batch: int, paper_stude
             objective = student_stage.Objective(mode, GRANS, w_ce=0.2, w_logit_kd=0.8)
             name = f"s{i}"
             members[name] = (s_mods, objective, b.tx)
-            states[name] = mesh_lib.replicate(student_stage.init_state(
-                s_mods, t_mods, jax.device_get(teacher), b.tx, jax.random.fold_in(b.key, i), b.sample), b.mesh)
-        step = jax.jit(student_stage.make_group_train_step(members, t_mods, AUG), donate_argnums=0)
-        r = time_step(step, states, lambda x: (teacher, x, b.base), b.batches, b.steps)
-        r.update(students=n, per_student_images_per_s=n * batch / (r["ms"] / 1000))
-        rows.append(r)
-        print(f"| {n} | {r['ms']:.1f} | {r['per_student_images_per_s']:.0f} | {r['compile_s']:.1f} | "
-              f"{r['xla_memory_mib']:.0f} |", flush=True)
-    one, big = rows[0], rows[-1]
-    steps = 240 * 782
-    alone_h = paper_students * one["ms"] / 1000 * steps / 3600
-    groups = -(-paper_students // big["students"])
-    fused_h = groups * big["ms"] / 1000 * steps / 3600
-    print(f"\nprojected training time of {paper_students} students (240 epochs x 782 steps, from the step times "
-          f"above): one after another {alone_h:.1f} h, fused in {groups} groups of {big['students']} "
-          f"{fused_h:.1f} h ({alone_h / fused_h:.2f}x)")
+            states[name] = student_stage.init_state(s_mods, t_mods, jax.device_get(teacher), b.tx,
+                                                    jax.random.fold_in(b.key, i), b.sample)
+        runs = {}
+        for v in vmaps:
+            step = jax.jit(student_stage.make_group_train_step(members, t_mods, AUG, v == "on"), donate_argnums=0)
+            fresh = mesh_lib.replicate(jax.device_get(states), b.mesh)  # own buffers: the step donates them
+            runs[v] = list(_compiled(step, fresh, args, b.batches)) + [[]]
+        for r in range(rounds):
+            for v in (vmaps if r % 2 == 0 else vmaps[::-1]):  # alternating: a load change hits both paths alike
+                compiled, state, _, times = runs[v]
+                t0 = time.perf_counter()
+                for i in range(b.steps):
+                    state, m = compiled(state, *args(b.batches[i % len(b.batches)]))
+                jax.block_until_ready((state, m))
+                times.append((time.perf_counter() - t0) / b.steps)
+                runs[v][1] = state
+        for v in vmaps:
+            _, _, info, times = runs[v]
+            ms = 1000 * float(np.median(times))
+            r = dict(info, students=n, vmap=v, ms=ms, rounds_ms=[1000 * t for t in times],
+                     per_student_images_per_s=n * batch / (ms / 1000))
+            rows.append(r)
+            print(f"| {n} | {v} | {ms:.1f} | {r['per_student_images_per_s']:.0f} | {r['compile_s']:.1f} | "
+                  f"{r['xla_memory_mib']:.0f} | {r['convolutions']} |", flush=True)
+    for v in vmaps:
+        mine = [r for r in rows if r["vmap"] == v]
+        one, big = mine[0], mine[-1]
+        steps = 240 * 782
+        alone_h = paper_students * one["ms"] / 1000 * steps / 3600
+        groups = -(-paper_students // big["students"])
+        fused_h = groups * big["ms"] / 1000 * steps / 3600
+        print(f"\nvmap={v}: projected training time of {paper_students} students (240 epochs x 782 steps, from the "
+              f"step times above): one after another {alone_h:.1f} h, fused in {groups} groups of "
+              f"{big['students']} {fused_h:.1f} h ({alone_h / fused_h:.2f}x)")
     return rows
 
 
@@ -205,7 +243,10 @@ def main():
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--fused", default="", help="group sizes, e.g. 1,3,8: per-student images/s of fused students")
+    p.add_argument("--vmap", default="off", help="fused groups unrolled and / or vmapped: off, on or on,off")
+    p.add_argument("--rounds", type=int, default=1, help="fused: alternating timing rounds of --steps steps each")
     a = p.parse_args()
+    load0 = os.getloadavg()
     devs = jax.devices()[:a.devices or None]
     mesh = mesh_lib.make_mesh(devs)
     dtype = None if a.precision == "float32" else jnp.dtype(a.precision)
@@ -216,13 +257,20 @@ def main():
     rows = []
     if a.fused:
         print(f"{a.teacher} -> {a.student}, fused KD students (none / mag / mas in turn)\n")
-        print("| students | ms/step | images/s per student | compile s | XLA memory MiB |\n|---|---|---|---|---|")
+        print("| students | vmap | ms/step | images/s per student | compile s | XLA memory MiB | convolutions |\n"
+              "|---|---|---|---|---|---|---|")
         b = Bench(a.teacher, mesh, a.batch, a.steps, dtype)
-        rows = fused_students(b, a.student, [int(n) for n in a.fused.split(",")], a.batch)
+        vmaps = tuple(a.vmap.split(","))
+        if not set(vmaps) <= {"on", "off"}:
+            p.error(f"--vmap={a.vmap}: on, off or on,off")
+        rows = fused_students(b, a.student, [int(n) for n in a.fused.split(",")], a.batch, vmaps=vmaps,
+                              rounds=a.rounds)
         if a.json:
             with open(a.json, "w") as f:
-                json.dump({"batch": a.batch, "device": devs[0].device_kind, "devices": len(devs), "rows": rows}, f,
-                          indent=1)
+                json.dump({"batch": a.batch, "steps_per_round": a.steps, "rounds": a.rounds, "jax": jax.__version__,
+                           "device": devs[0].device_kind, "devices": len(devs), "load_average_start": load0,
+                           "load_average_end": os.getloadavg(),
+                           "rows": rows}, f, indent=1)
         return
     print(HEADER)
     if a.pairs:

@@ -1,7 +1,13 @@
-"""Where a step's time goes on XLA:CPU: thunk times from a jax.profiler trace, grouped by what the op does.
+"""Where a step's time goes: op times from a jax.profiler trace, grouped by what the op does.
 
     python benchmarks/profile_step.py                      # MAS+KD student step, resnet56 -> resnet20, batch 64
     python benchmarks/profile_step.py --stage=teacher --teacher=resnet56
+    python benchmarks/profile_step.py --stage=teacher --teacher=resnet110 --precision=bfloat16   # on a GPU
+
+On a GPU or TPU the trace's device plane is read instead: the top ``--top`` kernels by time per step (with the
+HLO op each ran for, where the trace names it), the same time by category, and how much of the step's wall time
+the device had a kernel running (the rest: the host launching work, or waiting); many short kernels and a
+low busy share mean a launch-bound step.  On XLA:CPU:
 
 Categories: convolution forward / input gradient (dgrad) / weight gradient (wgrad, XLA writes it as a
 convolution whose "batch" is the input channels and whose window is the whole feature map), the transposes
@@ -30,7 +36,9 @@ import jax  # noqa: E402
 
 from mgd_jax.train import mesh as mesh_lib  # noqa: E402
 
-_INST = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([0-9,]*)\]\S* ([\w\-]+)\(")
+# an instruction: name, element type and dimensions of its (first) output, opcode; a tuple output, such as
+# XLA:GPU's cuDNN convolution calls return, by its first element
+_INST = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = \(?(\w+)\[([0-9,]*)\].*? ([\w\-]+)\(")
 
 
 def _computations(hlo: str) -> dict[str, list[str]]:
@@ -83,6 +91,9 @@ def classify(hlo: str):
             return "other", 0
         called = re.search(r"calls=%([\w.\-]+)", line)
         body = [line] + (comps.get(called.group(1), []) if called else [])
+        gpu = _gpu_custom_call(" ".join(body))
+        if gpu:
+            return gpu, 0
         ops = [_INST.match(b).group(4) for b in body]
         if "convolution" in ops:
             conv = [b for b in body if _INST.match(b).group(4) == "convolution"][-1]
@@ -98,6 +109,90 @@ def classify(hlo: str):
         return "elementwise", 0
 
     return kind
+
+
+def _gpu_custom_call(text: str) -> str | None:
+    """The category of a library call of XLA:GPU (cuDNN convolutions, cuBLAS / Triton matmuls), else None."""
+    target = re.search(r'custom_call_target="([^"]+)"', text)
+    if target is None:
+        return None
+    t = target.group(1)
+    if "BackwardFilter" in t:
+        return "conv wgrad"
+    if "BackwardInput" in t:
+        return "conv dgrad"
+    if "conv" in t.lower():
+        return "conv forward"
+    if "gemm" in t.lower() or "matmul" in t.lower():
+        return "dot"
+    return None
+
+
+# lines of a device plane that aggregate the kernels of the stream lines (not kernels themselves)
+DERIVED_LINES = ("XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "Framework Ops", "Framework Name Scope",
+                 "Source code", "TensorFlow Ops", "TensorFlow Name Scope", "Launch Stats", "SparseCore")
+
+
+def _stats(ev) -> dict:
+    try:
+        return {k: v for k, v in ev.stats}
+    except Exception:  # noqa: BLE001 - a trace format without per-event stats: names only
+        return {}
+
+
+def device_kernels(planes, runs: int, wall_ms: float, kind=None, top: int = 15) -> list[str]:
+    """The lines that describe a GPU / TPU trace's device plane(s) (``planes``: the trace's planes; ``runs``: how
+    many steps the trace holds; ``wall_ms``: the step's wall time; ``kind``: ``classify``'s function, for
+    categories): the top kernels by time per step, time per category, and the device's busy share of the step.
+    Empty when the trace has no device plane (XLA:CPU)."""
+    times, calls, op_of, by_kind, spans = collections.Counter(), collections.Counter(), {}, collections.Counter(), []
+    for plane in planes:
+        if not plane.name.startswith(("/device:GPU", "/device:TPU")):
+            continue
+        for line in plane.lines:
+            if line.name in DERIVED_LINES:
+                continue
+            for ev in line.events:
+                if ev.duration_ns <= 0:
+                    continue
+                name = re.sub(r"\s+", " ", ev.name)
+                st = _stats(ev)
+                op = str(st.get("hlo_op", "") or "")
+                key = (name[:80], op)
+                times[key] += ev.duration_ns / 1e6 / runs
+                calls[key] += 1 / runs
+                spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+                k = "other"
+                if kind is not None and op:
+                    k = kind(op)[0]
+                elif "memcpy" in name.lower() or "memset" in name.lower():
+                    k = "copy"
+                by_kind[k] += ev.duration_ns / 1e6 / runs
+                op_of[key] = op
+    if not times:
+        return []
+    total = sum(times.values())
+    busy = 0
+    spans.sort()
+    lo, hi = spans[0]
+    for a, b in spans[1:]:
+        if a > hi:
+            busy, lo, hi = busy + hi - lo, a, b
+        else:
+            hi = max(hi, b)
+    busy = (busy + hi - lo) / 1e6 / runs
+    n = sum(calls.values())
+    out = [f"device: {n:.0f} kernels per step, {total:.2f} ms of kernel time per step (mean {1000 * total / n:.1f} us "
+           f"per kernel); a kernel running {busy:.2f} ms of the step's {wall_ms:.2f} ms wall time "
+           f"({100 * busy / wall_ms:.0f}%: the rest the device waits for the host)", "",
+           f"| kernel (top {top} by time) | HLO op | ms / step | calls / step | share of kernel time |",
+           "|---|---|---|---|---|"]
+    for key, t in times.most_common(top):
+        out.append(f"| {key[0]} | {op_of[key] or '-'} | {t:.3f} | {calls[key]:.0f} | {100 * t / total:.1f}% |")
+    out += ["", "| category | ms / step | share of kernel time |", "|---|---|---|"]
+    for k, t in by_kind.most_common():
+        out.append(f"| {k} | {t:.3f} | {100 * t / total:.1f}% |")
+    return out
 
 
 GAP_BUCKETS_US = (1, 10, 50, 200, 1000)
@@ -136,11 +231,16 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--devices", type=int, default=0, help="mesh size (0: all local devices)")
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--top", type=int, default=15, help="kernels in the device table (GPU / TPU)")
+    p.add_argument("--ceiling_size", type=int, default=4096,
+                   help="side of the float32 matmul that measures the ceiling (smaller: quicker, for a dry run)")
     a = p.parse_args()
     devs = jax.devices()[:a.devices or None]
     mesh = mesh_lib.make_mesh(devs)
-    ceiling = step_speed.matmul_ceiling()
-    b = step_speed.Bench(a.teacher, mesh, a.batch, a.steps)
+    ceiling = step_speed.matmul_ceiling(a.ceiling_size)
+    b = step_speed.Bench(a.teacher, mesh, a.batch, a.steps,
+                         None if a.precision == "float32" else step_speed.jnp.dtype(a.precision))
     captured = {}
     timer = step_speed.time_step
 
@@ -162,6 +262,13 @@ def main():
     times, flops, names = collections.Counter(), collections.Counter(), collections.Counter()
     busy = {}  # worker thread -> (busy ns, span ns, events): how much of the step a thread has work
     prof = jax.profiler.ProfileData.from_file(captured["xspace"])
+    device = device_kernels(prof.planes, captured["runs"], r["ms"], kind, a.top)
+    if device:  # GPU / TPU: the kernels of the device plane (the host threads only launch them)
+        shutil.rmtree(captured["tmp"], ignore_errors=True)
+        print(f"{a.stage} step, {a.teacher} -> {a.student}, batch {a.batch}, {a.precision}, {len(devs)} x "
+              f"{devs[0].device_kind}; {r['ms']:.2f} ms/step wall with the profiler on; jax {jax.__version__}\n")
+        print("\n".join(device))
+        return
     for plane in prof.planes:
         for line in plane.lines:
             if line.name == "python" or "Compil" in line.name or "codegen" in line.name:

@@ -30,7 +30,8 @@
 # and copy .whl along; the script installs .whl/*.whl into a temporary folder (nothing else) when it finds them.
 #
 # Environment: GPU_CHECK_DRY=1 (dry run), GPU_CHECK_RESULTS=FILE (instead of benchmarks/results/<card>.txt),
-# GPU_CHECK_CARD=NAME, GPU_CHECK_BUDGET=SECONDS, PYTHON=interpreter (default python3), OUT=folder for a copy.
+# GPU_CHECK_CARD=NAME, GPU_CHECK_BUDGET=SECONDS, GPU_CHECK_COMMIT=the commit to name (a copy without .git),
+# PYTHON=interpreter (default python3), OUT=folder for a copy of the results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 t_start=$(date +%s)
@@ -157,8 +158,12 @@ PY
 )
 say "versions: ${versions:-(python could not report versions)}"
 say "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD -- mgd_jax benchmarks configs train.py 2>/dev/null || commit="$commit with uncommitted changes"
+if [ -n "${GPU_CHECK_COMMIT:-}" ]; then  # a copy of the tree without .git: the caller names the commit
+  commit=$GPU_CHECK_COMMIT
+else
+  commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+  git diff --quiet HEAD -- mgd_jax benchmarks configs train.py 2>/dev/null || commit="$commit with uncommitted changes"
+fi
 say "commit: $commit"
 say "time budget: ${budget} s; part limits: their share plus what earlier parts left"
 copy_out

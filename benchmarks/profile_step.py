@@ -146,29 +146,28 @@ def device_kernels(planes, runs: int, wall_ms: float, kind=None, top: int = 15) 
     categories): the top kernels by time per step, time per category, and the device's busy share of the step.
     Empty when the trace has no device plane (XLA:CPU)."""
     times, calls, op_of, by_kind, spans = collections.Counter(), collections.Counter(), {}, collections.Counter(), []
-    for plane in planes:
-        if not plane.name.startswith(("/device:GPU", "/device:TPU")):
-            continue
-        for line in plane.lines:
-            if line.name in DERIVED_LINES:
+    device = [p for p in planes if p.name.startswith(("/device:GPU", "/device:TPU"))]
+    lines = [line for p in device for line in p.lines if line.name not in DERIVED_LINES]
+    if not any(ev.duration_ns > 0 for line in lines for ev in line.events):  # a TPU: its ops are the "XLA Ops" line
+        lines = [line for p in device for line in p.lines if line.name == "XLA Ops"]
+    for line in lines:
+        for ev in line.events:
+            if ev.duration_ns <= 0:
                 continue
-            for ev in line.events:
-                if ev.duration_ns <= 0:
-                    continue
-                name = re.sub(r"\s+", " ", ev.name)
-                st = _stats(ev)
-                op = str(st.get("hlo_op", "") or "")
-                key = (name[:80], op)
-                times[key] += ev.duration_ns / 1e6 / runs
-                calls[key] += 1 / runs
-                spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
-                k = "other"
-                if kind is not None and op:
-                    k = kind(op)[0]
-                elif "memcpy" in name.lower() or "memset" in name.lower():
-                    k = "copy"
-                by_kind[k] += ev.duration_ns / 1e6 / runs
-                op_of[key] = op
+            name = re.sub(r"\s+", " ", ev.name)
+            st = _stats(ev)
+            op = str(st.get("hlo_op", "") or "")
+            key = (name[:80], op)
+            times[key] += ev.duration_ns / 1e6 / runs
+            calls[key] += 1 / runs
+            spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+            k = "other"
+            if kind is not None and op:
+                k = kind(op)[0]
+            elif "memcpy" in name.lower() or "memset" in name.lower():
+                k = "copy"
+            by_kind[k] += ev.duration_ns / 1e6 / runs
+            op_of[key] = op
     if not times:
         return []
     total = sum(times.values())

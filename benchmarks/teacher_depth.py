@@ -11,14 +11,13 @@ timer affect all alike; the table gives the median and the spread of the rounds.
 
 Columns: weight layers (convolutions + the classifier: the depth), the step's ms (median, min - max of the
 rounds), ms per layer and its ratio to the shallowest network's, XLA's FLOPs of the step and the rate they run
-at, and the optimized HLO's top-level instructions by kind: on a GPU, roughly one kernel launch each (fusions,
-library calls such as cuDNN convolutions, copies and transposes); ``conditional`` and ``while`` count control
-flow, which on a GPU waits for the host.
+at, and the optimized HLO's instructions that run as work of their own (``hlo_counts``: on a GPU roughly one
+kernel launch each; fusions, library calls such as cuDNN convolutions, copies and transposes); ``conditional``
+and ``while`` count control flow, which on a GPU waits for the host.
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import re
@@ -35,28 +34,37 @@ import numpy as np  # noqa: E402
 from mgd_jax.stages import teacher as teacher_stage  # noqa: E402
 from mgd_jax.train import mesh as mesh_lib  # noqa: E402
 
-_ENTRY_INST = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = [^=]*? ([a-z][\w\-]*)\(")
+_INST = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = [^=]*? ([a-z][\w\-]*)\((.*)$")
+_COMP = re.compile(r"^(ENTRY )?%([\w.\-]+) \(")
+_NOT_WORK = ("parameter", "get-tuple-element", "tuple", "constant", "bitcast", "call")
 
 
 def hlo_counts(hlo: str) -> dict[str, int]:
-    """Top-level instructions of the optimized HLO's entry computation by kind (fusion, custom-call, copy, ...),
-    and ``conditional`` / ``while`` anywhere in the module."""
-    counts, entry = collections.Counter(), False
+    """The optimized HLO's instructions that run as work of their own (about one kernel launch each on a GPU), by
+    kind: those of every computation except the bodies of fusions and the reducers of reductions, i.e. of the
+    entry, of command buffers and of control flow (``conditional`` and ``while`` are counted too)."""
+    comps, cur, inner = {}, None, set()
     for line in hlo.splitlines():
-        if line.startswith("ENTRY "):
-            entry = True
+        m = _COMP.match(line)
+        if m:
+            cur = comps.setdefault(m.group(2), [])
             continue
-        if entry and line.startswith("}"):
-            entry = False
-        m = _ENTRY_INST.match(line)
-        if m is None:
+        m = _INST.match(line)
+        if m is None or cur is None:
             continue
-        op = m.group(1)
-        if entry and op not in ("parameter", "get-tuple-element", "tuple", "constant", "bitcast"):
-            counts[op] += 1
-        elif not entry and op in ("conditional", "while"):
-            counts[op] += 1
-    return dict(counts)
+        op, rest = m.group(1), m.group(2)
+        cur.append(op)
+        for key, name in re.findall(r"\b(calls|to_apply)=%([\w.\-]+)", rest):
+            if (key == "calls" and op == "fusion") or (key == "to_apply" and op != "call"):
+                inner.add(name)
+    counts = {}
+    for name, ops in comps.items():
+        if name in inner:
+            continue
+        for op in ops:
+            if op not in _NOT_WORK:
+                counts[op] = counts.get(op, 0) + 1
+    return counts
 
 
 def layers(arch: str) -> int:

@@ -107,6 +107,16 @@ def test_teacher_depth_hlo_counts_top_level_instructions():
            "  %gte = f32[2]{0} get-tuple-element(%cc), index=0\n  %copy.3 = f32[2]{0} copy(%gte)\n"
            "  ROOT %t = (f32[2]{0}) tuple(%copy.3)\n}\n")
     assert td.hlo_counts(hlo) == {"fusion": 2, "custom-call": 1, "copy": 1, "conditional": 1}
+    # XLA:GPU's command buffers: the kernels sit in a called computation; fusion bodies and reducers do not count
+    hlo = ("HloModule m\n\n%fused_add (a: f32[2]) -> f32[2] {\n  %a = f32[2]{0} parameter(0)\n"
+           "  %add = f32[2]{0} add(%a, %a)\n  ROOT %neg = f32[2]{0} negate(%add)\n}\n\n"
+           "%sum (x: f32[], y: f32[]) -> f32[] {\n  ROOT %s = f32[] add(%x, %y)\n}\n\n"
+           "%command_buffer (p: f32[2]) -> f32[2] {\n  %p = f32[2]{0} parameter(0)\n"
+           "  %loop_fusion = f32[2]{0} fusion(%p), kind=kLoop, calls=%fused_add\n"
+           "  ROOT %r = f32[] reduce(%loop_fusion, %c), dimensions={0}, to_apply=%sum\n}\n\n"
+           "ENTRY %main (p0: f32[2]) -> f32[] {\n  %p0 = f32[2]{0} parameter(0)\n"
+           "  ROOT %call = f32[] call(%p0), to_apply=%command_buffer\n}\n")
+    assert td.hlo_counts(hlo) == {"fusion": 1, "reduce": 1}
     assert td.layers("resnet110") == 110
 
 
@@ -133,7 +143,14 @@ def test_fused_summary_and_readme_table_from_a_results_file():
 versions: python 3.12.3; jax 0.11.2
 date: 2027-01-01 00:00 UTC
 
-## a. MAS+KD step
+## a. MAS+KD step resnet56 -> resnet20: the authors' PyTorch step (eager, torch.compile) against ours
+
+### summary (medians)
+
+| batch | precision | PyTorch eager ms/step | PyTorch eager images/s | torch.compile ms/step | \
+torch.compile images/s | ours ms/step | ours images/s | ours vs eager | ours vs torch.compile |
+|---|---|---|---|---|---|---|---|---|---|
+| 64 | float32 | 99.00 | 646 | 99.00 | 646 | 99.00 | 646 | 1.00x | 1.00x |
 
 ### a. summary (medians of both runs)
 
@@ -196,6 +213,47 @@ def test_torch_reference_step_runs_in_float32_and_autocast():
                                                    f"runs on gpu: the PyTorch rows are skipped")
 
 
+def check_dry_run_results(text: str, results_path: str) -> None:
+    """What the dry run's results file must hold: each part's rows, no failure or time-limit line."""
+    import re
+    assert "failed (exit status" not in text and "stopped by its time limit" not in text and "skipped:" not in text
+    for head in ("card: ", "versions: python ", "date: ", "commit: ", "## end: "):
+        assert head in text, head
+    sections = {k: re.search(rf"^## {k}\..*?(?=^## |\Z)", text, re.S | re.M).group(0) for k in "abcd"}
+    # a: one row per batch size and precision; PyTorch's cells filled where torch is installed
+    rows = [line for line in sections["a"].splitlines() if line.startswith("row: ")]
+    assert [r.split("|")[1:3] for r in rows] == [[" 8 ", " bfloat16 "], [" 16 ", " float32 "]]
+    try:
+        import torch  # noqa: F401
+        for r in rows:
+            cells = [c.strip() for c in r.split("|")[3:-1]]
+            assert "-" not in cells and all(c.rstrip("x").replace(".", "").isdigit() for c in cells), r
+    except ImportError:
+        assert sections["a"].count("PyTorch is not installed here") == 2
+    combined = sections["a"].split("### a. summary")[1]
+    assert [line.split("|")[1:3] for line in combined.splitlines() if line.startswith("| ")][1:] == \
+        [[" 8 ", " bfloat16 "], [" 16 ", " float32 "]]  # after the header
+    # b: the summary of groups of 1 and 2, unrolled and vmapped
+    summary = sections["b"].split("### b. summary")[1]
+    for n in (1, 2):
+        row = [line for line in summary.splitlines() if line.startswith(f"| {n} |")]
+        assert len(row) == 1 and "-" not in [c.strip() for c in row[0].split("|")[2:6]], summary
+    # c: the per-depth table and the two profiles
+    assert "| resnet8 | 8 |" in sections["c"] and "| resnet14 | 14 |" in sections["c"]
+    assert sections["c"].count("| category |") == 2
+    # d: every epoch's seconds and the projection
+    for row in ("| teacher | 1/1 |", "| student/kd_mas | 1/2 |", "| student/kd_mas | 2/2 |"):
+        assert row in sections["d"], row
+    assert "projected 240-epoch student stage: " in sections["d"]
+    table = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_report.py"), "readme",
+                            results_path], capture_output=True, text=True, check=True).stdout
+    assert "| MAS+KD step resnet8 -> resnet8, batch 8, bfloat16 |" in table
+    assert "| MAS+KD step resnet8 -> resnet8, batch 16, float32 |" in table
+    assert "| resnet8 -> resnet8 student stage, 240 epochs" in table
+    assert "| fused group of 8" not in table  # the dry run's groups: 1 and 2
+    assert "min | | | | <= 10 min |" in table
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_gpu_check_dry_run_writes_every_parts_rows(tmp_path):
@@ -209,33 +267,4 @@ def test_gpu_check_dry_run_writes_every_parts_rows(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = results.read_text()
     assert (out / "cpu_dry.txt").read_text() == text
-    assert "failed (exit status" not in text and "stopped by its time limit" not in text and "skipped:" not in text
-    for head in ("card: ", "versions: python ", "date: ", "commit: ", "## end: "):
-        assert head in text, head
-    sections = {k: text.split(f"## {k}.")[1].split("\n## ")[0] for k in "abcd"}
-    # a: one row per batch size and precision; PyTorch's cells filled where torch is installed
-    rows = [line for line in sections["a"].splitlines() if line.startswith("row: ")]
-    assert [r.split("|")[1:3] for r in rows] == [[" 8 ", " bfloat16 "], [" 16 ", " float32 "]]
-    try:
-        import torch  # noqa: F401
-        for r in rows:
-            cells = [c.strip() for c in r.split("|")[3:-1]]
-            assert "-" not in cells and all(c.rstrip("x").replace(".", "").isdigit() for c in cells), r
-    except ImportError:
-        assert sections["a"].count("PyTorch is not installed here") == 2
-    assert "| 8 | bfloat16 |" in sections["a"].split("### a. summary")[1]
-    # b: the summary of groups of 1 and 2, unrolled and vmapped
-    summary = sections["b"].split("### b. summary")[1]
-    for n in (1, 2):
-        row = [line for line in summary.splitlines() if line.startswith(f"| {n} |")]
-        assert len(row) == 1 and "-" not in row[0].split("|")[2:6], summary
-    # c: the per-depth table and the two profiles
-    assert "| resnet8 | 8 |" in sections["c"] and "| resnet14 | 14 |" in sections["c"]
-    assert sections["c"].count("| category |") == 2
-    # d: every epoch's seconds and the projection
-    for row in ("| teacher | 1/1 |", "| student/kd_mas | 1/2 |", "| student/kd_mas | 2/2 |"):
-        assert row in sections["d"], row
-    assert "projected 240-epoch student stage: " in sections["d"]
-    table = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_report.py"), "readme",
-                            str(results)], capture_output=True, text=True, check=True).stdout
-    assert "| MAS+KD step resnet56 -> resnet20, batch 8, bfloat16 |" in table and "min | | | | <= 10 min |" in table
+    check_dry_run_results(text, str(results))

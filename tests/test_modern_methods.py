@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import test_methods_train
 from configs import cifar100, default, smoke
 from mgd_jax import losses, optim
 from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities
@@ -737,12 +738,12 @@ def test_new_method_trains_every_mode(method, smoke_workdir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", NEW_METHODS)
+@pytest.mark.parametrize("name", [n for n in NEW_METHODS if dict(test_methods_train.MATRIX)[n] != "mas"])
 def test_new_method_steps_in_bfloat16_with_device_resident_data(name):
     """test_methods_train's step test in mode mas, which runs with the accelerator defaults: bfloat16 compute, the
     training set resident on the 2 devices (rows gathered inside the step), donated state; finite losses and
-    gradients, the method's own parameters trained."""
-    import test_methods_train
+    gradients, the method's own parameters trained.  For the new methods its rotation of modes gives another mode
+    (a method it already runs in mode mas is not run twice)."""
     from mgd_jax.train import mesh as mesh_lib
 
     test_methods_train.test_method_trains(name, "mas", mesh_lib.make_mesh(jax.devices()[:2]))

@@ -38,7 +38,7 @@ SECTIONS = {
     "eval_batch_size": "batch size of every evaluation",
     "granularities": "the analyzer's tubes: ((encoding dim, temperature), ...)",
     "progress": "progress bars on a terminal",
-    "compilation_cache": "persistent XLA compilation cache in <workdir>/.jax_cache",
+    "compilation_cache": "persistent XLA compilation cache in <workdir>/.jax_cache (off for several CPU processes)",
     "cpu_devices": "CPU only: XLA devices to split a batch over (None: one per core)",
     "precision": "compute dtype of the backbones: float32 or bfloat16",
     "checkpoint": "checkpoint frequency and how many to keep",

@@ -140,7 +140,8 @@ def get_config():
     c.eval_batch_size = 500
     c.granularities = PAPER_GRANULARITIES
     c.progress = True
-    # persistent XLA compilation cache in <workdir>/.jax_cache, or $JAX_COMPILATION_CACHE_DIR when set (train.py)
+    # persistent XLA compilation cache in <workdir>/.jax_cache, or $JAX_COMPILATION_CACHE_DIR when set (train.py);
+    # off for several CPU processes
     c.compilation_cache = True
     # CPU only: None = one XLA device per core, the batch split over them (mgd_jax/train/cpu.py); a count; or 0
     # for XLA's single CPU device.  Ignored when XLA_FLAGS sets a device count.

@@ -94,7 +94,8 @@ DESCRIPTIONS: dict[str, str] = {
                      "256-d at T=8)",
     "progress": "a progress bar while an epoch trains (on a terminal only)",
     "compilation_cache": "persistent XLA compilation cache in `<workdir>/.jax_cache` (or "
-                         "`$JAX_COMPILATION_CACHE_DIR`): a resumed or repeated run skips compiling",
+                         "`$JAX_COMPILATION_CACHE_DIR`): a resumed or repeated run skips compiling; off for a run of "
+                         "several CPU processes (each compiles its own steps)",
     "cpu_devices": "CPU only: XLA devices the batch is split over (`None`: one per core; 0: XLA's single CPU "
                    "device); ignored when `XLA_FLAGS` sets a device count",
     "precision": "compute dtype of the backbones: `float32` (the paper's) or `bfloat16` (float32 parameters, "

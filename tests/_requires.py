@@ -1,5 +1,5 @@
 """Optional packages in the tests: a test that needs one skips where it is not installed, unless the environment
-variable MGD_JAX_REQUIRE names it (comma-separated; CI sets MGD_JAX_REQUIRE=torch,torchvision,jax2onnx,onnxruntime):
+variable MGD_JAX_REQUIRE names it (comma-separated; CI names what each of its environments installed, .ci/run):
 there a missing package fails the test that needs it, with a message naming the package, instead of a skip that
 hides it.  Per test, not per module: the tests of a module that need nothing, or less, still run."""
 from __future__ import annotations

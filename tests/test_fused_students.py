@@ -1,5 +1,6 @@
-"""Fused students (issue #13): the students of a run share one teacher pass per batch; each ends as if it ran
-alone (float32 noise at most), and a kill between two members' saves resumes bitwise exactly."""
+"""Fused students: the students of a run share one teacher pass per batch, unrolled or (config.student.vmap) those
+of one method as one vmapped program; each ends as if it ran alone (float32 noise at most), and a kill between two
+members' saves resumes bitwise exactly."""
 import json
 import os
 import subprocess
@@ -45,17 +46,38 @@ def _crd_config(group_size):
     return c
 
 
+def _best_steps(workdir, names):
+    out = {}
+    for name in names:
+        ck = ckpt_lib.StageCheckpoints(os.path.join(workdir, "students", name, "checkpoints"))
+        try:
+            out[name] = ck.best.latest_step()
+        finally:
+            ck.close()
+    return out
+
+
+def _metric_rows(workdir, name):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "students", name, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if k not in ("epoch_seconds", "host_rss_mib")} for r in rows]
+
+
+@pytest.mark.timeout(900)
 def test_fused_students_equal_their_separate_runs(smoke_workdir, tmp_path, monkeypatch):
     """One group of five (kd none / mag / mas, CRD with its own indices, AB with the teacher's pre-activation
-    features and an init stage) against the same students one after another, from the same teacher.  The fused
-    run builds one group step of the five and trains with it; the separate run builds none."""
+    features and an init stage), unrolled (vmap off) and vmapped (vmap on: the three KD students one program, CRD
+    and AB each their own), against the same students one after another, from the same teacher.  Each fused run
+    builds one group step of the five and trains with it; the separate run builds none.  Every student ends as
+    alone (float32 noise at most), with its own metrics (the same terms, the same values up to noise) and best
+    epoch."""
     import shutil
 
     src, _ = smoke_workdir
     real_group_step, groups = student_stage.make_group_train_step, []
 
-    def group_step(members, *args):  # -> [members, times traced]: jit traces a step the first time it runs
-        fused, seen = real_group_step(members, *args), [sorted(members), 0]
+    def group_step(members, t, aug, vmap=False):  # -> [members, times traced, subgroups]: jit traces on first run
+        fused = real_group_step(members, t, aug, vmap)
+        seen = [sorted(members), 0, student_stage.vmap_subgroups(members) if vmap else None]
         groups.append(seen)
 
         def step(*a):
@@ -65,52 +87,72 @@ def test_fused_students_equal_their_separate_runs(smoke_workdir, tmp_path, monke
 
     monkeypatch.setattr(student_stage, "make_group_train_step", group_step)
     runs = {}
-    for size in (0, 1):
-        work = str(tmp_path / f"size{size}")
+    for size, vmap in ((0, "off"), (0, "on"), (1, "on")):
+        work = str(tmp_path / f"size{size}_{vmap}")
         for stage in ("teacher", "analyzer"):
             shutil.copytree(os.path.join(src, stage), os.path.join(work, stage))
         c = _crd_config(size)
+        c.student.vmap = vmap
         groups.clear()
         summary = pipeline.train_and_evaluate(c, work, devices=jax.devices()[:2])
-        runs[size] = (work, summary, list(c.students))
+        runs[size, vmap] = (work, summary, list(c.students))
         if size == 0:  # one group step of the five, and it ran
-            assert [g for g, _ in groups] == [sorted(f"student/{n}" for n in c.students)] and len(c.students) == 5
+            assert [g for g, _, _ in groups] == [sorted(f"student/{n}" for n in c.students)] and len(c.students) == 5
             assert groups[0][1] >= 1, groups
+            if vmap == "on":
+                assert sorted(map(sorted, groups[0][2])) == [["student/abound_mag"], ["student/crd_mas"], [
+                    "student/kd_mag", "student/kd_mas", "student/kd_none"]], groups
         else:  # group_size=1: each student alone, no group step
             assert groups == [], groups
-    (fused, s_fused, names), (alone, s_alone, _) = runs[0], runs[1]
-    a, b = _students(fused, names), _students(alone, names)
-    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)  # float32 noise at most (bitwise on most runs here)
-    assert [r["stage"] for r in s_fused["rows"]] == [r["stage"] for r in s_alone["rows"]]
-    for name in names:  # each member's own metrics file, one row per epoch
-        rows = [json.loads(line) for line in open(os.path.join(fused, "students", name, "metrics.jsonl"))]
-        assert [r["epoch"] for r in rows] == [1, 2]
+    alone, s_alone, names = runs[1, "on"]
+    b = _students(alone, names)
+    for vmap in ("off", "on"):
+        fused, s_fused, _ = runs[0, vmap]
+        a = _students(fused, names)
+        # float32 noise at most (unrolled: bitwise on most runs here; vmapped: XLA's batched convolutions sum in
+        # another order)
+        chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(_students(fused, names, "best"), _students(alone, names, "best"), rtol=1e-5,
+                                    atol=1e-6)
+        assert _best_steps(fused, names) == _best_steps(alone, names)
+        assert [r["stage"] for r in s_fused["rows"]] == [r["stage"] for r in s_alone["rows"]]
+        for name in names:  # each member's own metrics file, one row per epoch, the terms it logs alone
+            mine, its = _metric_rows(fused, name), _metric_rows(alone, name)
+            assert [r["epoch"] for r in mine] == [1, 2]
+            assert [sorted(r) for r in mine] == [sorted(r) for r in its], name
+            chex.assert_trees_all_close(mine, its, rtol=1e-4, atol=1e-6)
 
 
-def _train(workdir, kill=None):
+def _train(workdir, kill=None, vmap="off"):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", faults.ENV)}
     if kill:
         env[faults.ENV] = kill
-    return subprocess.run([sys.executable, "train.py", f"--config=configs/smoke.py:{ARG}", f"--workdir={workdir}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "train.py", f"--config=configs/smoke.py:{ARG}", f"--workdir={workdir}",
+                           f"--config.student.vmap={vmap}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
-@pytest.mark.timeout(600)
-def test_a_kill_between_members_saves_resumes_the_group_exactly(tmp_path):
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("vmap", ["off", "on"])
+def test_a_kill_between_members_saves_resumes_the_group_exactly(tmp_path, vmap):
     """Killed after the first member saved a mid-epoch step and before the next one did: the restart resumes all
-    three from the step they all have, and ends bitwise equal to an uninterrupted fused run."""
+    three from the step they all have, and ends bitwise equal to an uninterrupted fused run (unrolled, and the
+    three as one vmapped program).  Unrolled, the second kill lets the first member finish: the other two resume as
+    a group of two, still bitwise (each member's update is its own).  Vmapped, a group of two is another program
+    (float32 noise, docs/speed.md), so the second kill comes before any member's last save: the three resume."""
     ref, work = str(tmp_path / "ref"), str(tmp_path / "killed")
-    assert _train(ref).returncode == 0
+    assert _train(ref, vmap=vmap).returncode == 0
     import shutil
 
     for stage in ("teacher", "analyzer"):  # the kills are in the students' stage: theirs are the reference's
         shutil.copytree(os.path.join(ref, stage), os.path.join(work, stage))
     names = sorted(smoke.get_config(ARG).students)
-    second = f"student/{names[1]}"
-    for kill in (f"{second}:before_mid:2", f"{second}:before_latest"):  # the 2nd mid save; then the last epoch end
-        r = _train(work, kill)
+    first, second = f"student/{names[0]}", f"student/{names[1]}"
+    last = second if vmap == "off" else first  # the 2nd mid save; then the last epoch end
+    for kill in (f"{second}:before_mid:2", f"{last}:before_latest"):
+        r = _train(work, kill, vmap)
         assert r.returncode == -9, (kill, r.stderr[-2000:])
-    r = _train(work)
+    r = _train(work, vmap=vmap)
     assert r.returncode == 0, r.stderr[-3000:]
     for which in ("latest", "best"):
         chex.assert_trees_all_equal(_students(ref, names, which), _students(work, names, which))
@@ -142,3 +184,116 @@ def test_lockstep_groups_never_send_a_student_with_checkpoints_back_to_the_start
     assert got == [(["d"], None), (["c"], 0), (["a", "b"], 2)]
     got = [([s.name for s in group], step) for group, step in lockstep_groups([e, f])]
     assert got == [(["e"], 4), (["f"], 2)]
+
+
+# --- students of one method as one vmapped program (config.student.vmap) -------------------------------------------
+def _tiny_group(method="dkd"):
+    """Three students of one method in modes none / mag / mas, each with its own weights, on a resnet8 teacher;
+    8x8 grey images, two steps per epoch (DKD's warm-up reads the epoch)."""
+    import jax.numpy as jnp
+    import ml_collections
+
+    from mgd_jax import optim
+    from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities
+    from mgd_jax.methods import get_method
+    from mgd_jax.models import get_model
+
+    S, nc, key = student_stage, 10, jax.random.key(0)
+    grans = parse_granularities(((16, 2.0), (32, 8.0)))
+    sample = jnp.zeros((2, 8, 8, 1))
+    t_model = get_model("resnet8", nc)
+    t_vars = t_model.init(key, sample)
+    t_an = GranularityAnalyzer(grans, nc)
+    teacher = {"backbone": t_vars, "analyzer": t_an.init(jax.random.key(1), jnp.zeros((1, 64)))["params"]}
+    t_mods = S.TeacherModules(t_model, t_an)
+    tx = optim.sgd(ml_collections.ConfigDict(dict(lr=0.1, momentum=0.9, weight_decay=5e-4, milestones=(1,),
+                                                  gamma=0.1)), 2)
+    members, states = {}, {}
+    for i, (mode, w) in enumerate([("none", dict(w_method=2.0)), ("mag", dict(w_ce=0.2, w_logit_kd=0.0)),
+                                   ("mas", dict(w_logit_kd=0.8, w_granularity=0.5))]):
+        s = S.StudentModules(get_model("resnet8", nc), None if mode == "none" else
+                             GranularityAnalyzer(grans, nc, False), get_method(method))
+        name = f"{method}_{mode}"
+        members[name] = (s, S.Objective(mode, grans, steps_per_epoch=2, **w), tx)
+        states[name] = S.init_state(s, t_mods, teacher, tx, jax.random.fold_in(key, i), sample, {"num_train": 32})
+    rng = np.random.default_rng(0)
+    batches = [{"image": rng.integers(0, 256, (8, 8, 8, 1), dtype=np.uint8),
+                "label": rng.integers(0, nc, 8).astype(np.int32)} for _ in range(3)]
+    aug = smoke.get_config().augment
+    return members, states, t_mods, teacher, batches, aug
+
+
+def test_a_vmapped_group_step_holds_one_students_convolutions_and_equals_the_loop():
+    """vmap on: the optimized HLO of a group step of 3 same-method students (DKD, a logit method: the MAS member
+    distils towards the stable-excitation target, the others the teacher's logits) holds the convolutions of a
+    group of one, the unrolled step about 3x theirs; 3 steps of either end within float32 noise of each other,
+    each student with its own state structure (mode 'none': no encoders) and the metrics it logs alone."""
+    members, states, t_mods, teacher, batches, aug = _tiny_group()
+    base = jax.random.key(2)
+    one = {k: members[k] for k in list(members)[2:]}
+    convs, ends = {}, {}
+    for label, group, vmap in (("one", one, False), ("off", members, False), ("on", members, True)):
+        step = jax.jit(student_stage.make_group_train_step(group, t_mods, aug, vmap))
+        start = {k: states[k] for k in group}
+        convs[label] = step.lower(start, teacher, batches[0], base).compile().as_text().count("convolution(")
+        if label != "one":
+            history = []
+            for b in batches:
+                start, metrics = step(start, teacher, b, base)
+                history.append(jax.device_get(metrics))
+            ends[label] = (jax.device_get(start), history)
+    assert convs["on"] == convs["one"] and convs["off"] >= 2 * convs["one"], convs
+    (s_off, m_off), (s_on, m_on) = ends["off"], ends["on"]
+    for name in members:
+        assert jax.tree.structure(s_on[name]) == jax.tree.structure(states[name])
+        assert "analyzer" not in s_on["dkd_none"].params
+        chex.assert_trees_all_close(s_on[name], s_off[name], rtol=1e-5, atol=2e-6)
+        for a, b in zip(m_off, m_on):
+            assert sorted(a[name]) == sorted(b[name]), (name, sorted(a[name]), sorted(b[name]))
+            chex.assert_trees_all_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+        assert int(s_on[name].step) == 3
+    assert {k for k in m_on[0]["dkd_mas"] if k.startswith("loss/")} == {
+        "loss/ce", "loss/stable_excitation", "loss/method", "loss/granularity/16d_T2", "loss/granularity/32d_T8"}
+    assert {k for k in m_on[0]["dkd_mag"] if k.startswith("loss/")} == {
+        "loss/ce", "loss/method", "loss/granularity/16d_T2", "loss/granularity/32d_T8"}  # logit KD weighs 0
+    assert {k for k in m_on[0]["dkd_none"] if k.startswith("loss/")} == {"loss/ce", "loss/logit_kd", "loss/method"}
+
+
+def test_which_students_share_one_vmapped_program():
+    """The paper table's methods x 3 modes: one subgroup of 3 per method; CRD (a memory bank and batch extras per
+    student) one by one; another temperature, method option or optimizer: another program.  'auto' per backend."""
+    import optax
+
+    from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities
+    from mgd_jax.methods import get_method
+    from mgd_jax.models import get_model
+
+    S, grans, tx = student_stage, parse_granularities(((16, 2.0),)), optax.sgd(0.1)
+    methods = ["kd", "hint", "attention", "similarity", "rkd", "pkt", "crd", "dkd"]
+
+    def member(method, mode, t=4.0, opt=tx, **options):
+        an = None if mode == "none" else GranularityAnalyzer(grans, 10, False)
+        return (S.StudentModules(get_model("resnet8", 10), an, get_method(method, **options)),
+                S.Objective(mode, grans, temperature=t), opt)
+
+    members = {f"{m}_{mode}": member(m, mode) for m in methods for mode in ("none", "mag", "mas")}
+    groups = S.vmap_subgroups(members)
+    assert groups == [[f"{m}_{mode}" for mode in ("none", "mag", "mas")] for m in methods if m != "crd"
+                      ][:6] + [["crd_none"], ["crd_mag"], ["crd_mas"], ["dkd_none", "dkd_mag", "dkd_mas"]]
+    odd = {"a": member("kd", "mas"), "b": member("kd", "mag", t=2.0), "c": member("kd", "none", opt=optax.sgd(0.1)),
+           "d": member("dkd", "mas"), "e": member("dkd", "mag", nckd_beta=4.0), "f": member("kd", "none")}
+    assert S.vmap_subgroups(odd) == [["a", "f"], ["b"], ["c"], ["d"], ["e"]]
+    assert [S.vmap_students(v, b) for v, b in [("on", "cpu"), ("off", "gpu"), ("auto", "gpu"), ("auto", "tpu")]] == [
+        True, False, True, True]
+    assert S.vmap_students("auto", "cpu") is S.VMAP_AUTO["cpu"]
+
+
+def test_a_bad_vmap_setting_is_one_line():
+    from mgd_jax.config_validation import validate_config
+    from mgd_jax.errors import ConfigError
+
+    c = smoke.get_config()
+    c.student.vmap = "yes"
+    with pytest.raises(ConfigError) as e:
+        validate_config(c)
+    assert str(e.value) == "config.student.vmap='yes': must be auto, on or off"

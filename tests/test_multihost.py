@@ -50,9 +50,14 @@ def test_two_processes_with_two_devices_each_equal_one_device(smoke_workdir, tmp
     one, _ = smoke_workdir
     two = str(tmp_path / "two")
     port = _free_port()
+    # a cache of their own that would take every step (no minimum compile time): several CPU processes must not
+    # use it (a process that loaded a step from it while the other compiled it could hang, jax 0.12)
+    cache = tmp_path / "cache"
+    cache.mkdir()
     procs = [subprocess.Popen(cmd + [f"--workdir={two}", "--config.distributed.timeout_seconds=120"], cwd=ROOT,
                               env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                                       JAX_PROCESS_ID=str(i)),
+                                       JAX_PROCESS_ID=str(i), JAX_COMPILATION_CACHE_DIR=str(cache),
+                                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
         outs = [p.communicate(timeout=280)[0] for p in procs]
@@ -62,6 +67,8 @@ def test_two_processes_with_two_devices_each_equal_one_device(smoke_workdir, tmp
                 p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "mesh: 4 x cpu" in outs[0]
+    assert "compilation cache: off for several CPU processes" in outs[0]
+    assert not os.listdir(cache), os.listdir(cache)
     ref = _final(one)
     chex.assert_trees_all_close(ref, _final(two, like=ref), atol=1e-5, rtol=1e-5)
 

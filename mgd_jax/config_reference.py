@@ -124,8 +124,8 @@ DESCRIPTIONS: dict[str, str] = {
     "student.group_size": "stage 3: students trained fused, this many per group, sharing one teacher pass per "
                           "batch (0: all in one group; 1: one after another)",
     "student.vmap": "stage 3: in a fused group, the students of one method (any mode) run as one vmapped program, "
-                    "each convolution one batched kernel: `on`, `off` or `auto` (vmapped on GPU / TPU, unrolled on "
-                    "CPU: docs/speed.md)",
+                    "each convolution one batched kernel: `on`, `off` or `auto` (vmapped where it measured faster; "
+                    "unrolled on CPU, where it is slower, and on GPU / TPU until measured there: docs/speed.md)",
     "student.logit_standardization": "stage 3: z-score the logits of every logit-level KL of the objective (the KD "
                                      "/ stable-excitation term, DKD) before the temperature (Sun et al., CVPR "
                                      "2024); off in the paper",

@@ -198,7 +198,7 @@ GROUP_SEP = "::"  # a group's batch carries each student's extra arrays (CRD's i
 # backend what measured faster (docs/speed.md "Fused students"): on XLA:CPU the unrolled loop; elsewhere (GPU, TPU:
 # small launch-bound kernels) vmapped, not yet measured there.
 VMAP_CHOICES = ("auto", "on", "off")
-VMAP_AUTO = {"cpu": False}  # backend -> vmapped; a backend not named here: True
+VMAP_AUTO = {"cpu": False}  # backend -> vmapped, where measured (docs/speed.md); a backend not named: unrolled
 
 
 def vmap_students(setting: str = "auto", backend: str | None = None) -> bool:
@@ -207,7 +207,7 @@ def vmap_students(setting: str = "auto", backend: str | None = None) -> bool:
         raise ValueError(f"student.vmap must be one of {', '.join(VMAP_CHOICES)}, got {setting!r}")
     if setting != "auto":
         return setting == "on"
-    return VMAP_AUTO.get(backend or jax.default_backend(), True)
+    return VMAP_AUTO.get(backend or jax.default_backend(), False)
 
 
 def _compatible(a, b) -> bool:

@@ -161,10 +161,21 @@ say "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
 if [ -n "${GPU_CHECK_COMMIT:-}" ]; then  # a copy of the tree without .git: the caller names the commit
   commit=$GPU_CHECK_COMMIT
 else
-  commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-  git diff --quiet HEAD -- mgd_jax benchmarks configs train.py 2>/dev/null || commit="$commit with uncommitted changes"
+  if commit=$(git rev-parse --short HEAD 2>/dev/null); then
+    git diff --quiet HEAD -- mgd_jax benchmarks configs train.py 2>/dev/null || commit="$commit with uncommitted changes"
+  else
+    commit="unknown (no .git here: set GPU_CHECK_COMMIT)"
+  fi
 fi
 say "commit: $commit"
+if [ -z "$dry" ]; then  # without the CUDA plugin jax runs on the CPU: its rows would not be GPU numbers
+  backend=$(timeout 120 "$py" -c 'import jax; print(jax.default_backend())' 2>/dev/null || echo unknown)
+  if [ "$backend" != gpu ]; then
+    say "stopped: jax runs on '$backend', not on a GPU (jax[cuda] is needed where this runs): no GPU numbers"
+    copy_out
+    exit 1
+  fi
+fi
 say "time budget: ${budget} s; part limits: their share plus what earlier parts left"
 copy_out
 
@@ -172,9 +183,9 @@ say ""
 say "## a. MAS+KD step $T -> $S: the authors' PyTorch step (eager, torch.compile) against ours"
 say ""
 part a64 "${SH[0]}" "$(later 0)" "$py" benchmarks/vs_pytorch.py --teacher=$T --student=$S --batch=$B64 \
-  --precision=$P64 --compile --compile_backend=$CBACKEND --steps=$STEPS --rounds=$ROUNDS "${A_EXTRA[@]}"
+  --precision=$P64 --compile --compile_backend=$CBACKEND --steps=$STEPS --rounds=$ROUNDS ${A_EXTRA[@]+"${A_EXTRA[@]}"}
 part a256 "${SH[1]}" "$(later 1)" "$py" benchmarks/vs_pytorch.py --teacher=$T --student=$S --batch=$B256 \
-  --precision=$P256 --compile --compile_backend=$CBACKEND --steps=$STEPS --rounds=$ROUNDS "${A_EXTRA[@]}"
+  --precision=$P256 --compile --compile_backend=$CBACKEND --steps=$STEPS --rounds=$ROUNDS ${A_EXTRA[@]+"${A_EXTRA[@]}"}
 # one summary table of both runs (batch 64 and 256), for the README table
 $py - "$results" <<'PY' | tee -a "$results"
 import re, sys
@@ -197,7 +208,7 @@ else
   say "(this checkout's step_speed.py has no --vmap: unrolled groups only)"
 fi
 part b "${SH[2]}" "$(later 2)" "$py" benchmarks/step_speed.py --teacher=$T --student=$S --fused=$FUSED \
-  --steps=$F_STEPS --precision=bfloat16 "${vm[@]}"
+  --steps=$F_STEPS --precision=bfloat16 ${vm[@]+"${vm[@]}"}
 say ""
 say "### b. summary (bfloat16, batch 64)"
 say ""
@@ -209,9 +220,9 @@ say ""
 part c-depth "${SH[3]}" "$(later 3)" "$py" benchmarks/teacher_depth.py --archs=$DEPTHS --batch=$B64 \
   --steps=$D_STEPS --rounds=$D_ROUNDS --precision=$D_PREC
 part c-profile-small "${SH[4]}" "$(later 4)" "$py" benchmarks/profile_step.py --stage=teacher --teacher=$PROF_SMALL \
-  --batch=$B64 --steps=$P_STEPS --precision=bfloat16 --top=12 "${C_EXTRA[@]}"
+  --batch=$B64 --steps=$P_STEPS --precision=bfloat16 --top=12 ${C_EXTRA[@]+"${C_EXTRA[@]}"}
 part c-profile-big "${SH[5]}" "$(later 5)" "$py" benchmarks/profile_step.py --stage=teacher --teacher=$PROF_BIG \
-  --batch=$B64 --steps=$P_STEPS --precision=bfloat16 --top=12 "${C_EXTRA[@]}"
+  --batch=$B64 --steps=$P_STEPS --precision=bfloat16 --top=12 ${C_EXTRA[@]+"${C_EXTRA[@]}"}
 
 say ""
 say "## d. train.py end to end: 50,000 in-memory images (synthetic_cifar), teacher and analyzer 1 epoch, student 2"

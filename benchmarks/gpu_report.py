@@ -126,10 +126,8 @@ def run_e2e(workdir: str, train_args: list[str]) -> int:
     except KeyboardInterrupt:
         status = None
         print("\n(stopped by the time limit)", flush=True)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        proc.kill()  # at once: the script's SIGKILL follows its SIGTERM within seconds, and the report comes first
+        proc.wait()
     wall = time.monotonic() - t0
     print("\n" + "\n".join(e2e_report(epoch_intervals(lines), _metrics(workdir), wall, status)), flush=True)
     return 0 if status == 0 else 1

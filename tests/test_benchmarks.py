@@ -271,3 +271,19 @@ def test_gpu_check_dry_run_writes_every_parts_rows(tmp_path):
     text = results.read_text()
     assert (out / "cpu_dry.txt").read_text() == text
     check_dry_run_results(text, str(results))
+
+
+def test_gpu_check_stops_in_one_line_where_jax_has_no_gpu(tmp_path):
+    """Not a dry run, on a machine whose jax runs on the CPU: the script stops before any part, saying why, rather
+    than writing CPU timings under a GPU's name (and it is valid bash throughout: `bash -n`)."""
+    script = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True, text=True).returncode == 0
+    results = tmp_path / "card.txt"
+    env = dict(os.environ, GPU_CHECK_RESULTS=str(results), OUT=str(tmp_path / "out"), PYTHON=sys.executable,
+               JAX_PLATFORMS="cpu")
+    env.pop("GPU_CHECK_DRY", None)
+    proc = subprocess.run(["bash", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = results.read_text()
+    assert "stopped: jax runs on 'cpu', not on a GPU" in text, text
+    assert "[a64]" not in text and "row:" not in text, text

@@ -213,11 +213,17 @@ def compare(a, t_dev, batch, prec, ceiling) -> dict:
         if a.compile:
             contestants["compile"] = torch_step_fn(a.teacher, a.student, batch, device=t_dev, precision=prec,
                                                    compile_mode=a.compile_mode, compile_backend=a.compile_backend)
-    for name, fn in contestants.items():  # warm-up; the first calls of the compiled step compile it
+    for name, fn in list(contestants.items()):  # warm-up; the first calls of the compiled step compile it
         t0 = time.perf_counter()
-        for i in range(2):
-            fn(i)
-        _sync(t_dev)
+        try:
+            for i in range(2):
+                fn(i)
+            _sync(t_dev)
+        except Exception as e:  # e.g. inductor without a working compiler: the other rows are still measured
+            print(f"{name}: dropped, its first steps failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                  flush=True)
+            del contestants[name]
+            continue
         compile_s[name] = time.perf_counter() - t0
 
     def torch_round(fn):

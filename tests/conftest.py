@@ -4,9 +4,29 @@ import os
 import pathlib
 import sys
 
+# Fast compiles: XLA:CPU's LLVM backend without optimization (the HLO passes still run).  Compiling is most of the
+# suite's time (small models, a few steps each): these flags halve it.  Child processes get the same flags
+# (``xla_flags``), so a test never compares a run compiled one way with a run compiled the other.
+# MGD_JAX_TEST_FULL_OPT=1: XLA's default optimization, what users run (docs/testing.md).
+FAST_COMPILE_FLAGS = () if os.environ.get("MGD_JAX_TEST_FULL_OPT") else (
+    "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+
+
+def xla_flags(devices: int | None = None) -> str:
+    """XLA_FLAGS for a child process of a test: the suite's compile flags, and ``devices`` CPU devices if given
+    (else train.py's default, one per core)."""
+    flags = list(FAST_COMPILE_FLAGS)
+    if devices:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return " ".join(flags)
+
+
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=4").strip()
+    _flags += " --xla_force_host_platform_device_count=4"
+if "xla_backend_optimization_level" not in _flags:
+    _flags += " " + " ".join(FAST_COMPILE_FLAGS)
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the whole suite: the xdist workers and the train.py processes the tests
 # start inherit it (the controller loads this file first, and removes the folder at the end).  The random-SIGKILL
@@ -17,6 +37,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 
     _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mgd-jax-test-xla-cache-")
+# Every program is cached, not only those that took a second to compile (jax's default): the suite starts train.py
+# processes and builds the same small models and steps many times, and eager initializers (a random draw per
+# parameter shape) compile again in each process otherwise.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `configs` is a top-level folder of the repository, not of the package

@@ -7,14 +7,14 @@ import sys
 import jax
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 from configs import quickstart
 from mgd_jax import pipeline
 from mgd_jax.config_validation import ConfigError, validate_config
 
 
 def _train(*args, workdir):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags()}
     r = subprocess.run([sys.executable, "train.py", f"--workdir={workdir}", *args], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     return r.returncode, r.stdout, r.stderr

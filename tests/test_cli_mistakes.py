@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from _requires import need
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 
 from configs import smoke
 
@@ -227,7 +227,7 @@ def test_scale_milestones():
 
 def test_train_py_from_outside_the_checkout(tmp_path):
     """`python path/to/train.py` from another folder: configs/... (and the default config) resolve beside train.py."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags()}
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config=configs/smoke.py", "--print_config"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -282,7 +282,8 @@ def test_tfds_datasets_not_built_or_not_readable(tmp_path):
 def test_tfds_default_location_under_another_home(tmp_path):
     """No data_dir, no ~/tensorflow_datasets: tensorflow-datasets 4.9.10 raises KeyError('... splits is empty')
     from data_source; train.py says where it looked and how to build it, and creates nothing."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TFDS_DATA_DIR")}
+    env = {k: v for k, v in os.environ.items() if k != "TFDS_DATA_DIR"}
+    env["XLA_FLAGS"] = xla_flags()
     env["HOME"] = str(tmp_path / "home")
     (tmp_path / "home").mkdir()
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config=configs/cifar100.py:resnet8,resnet8,kd,mas",

@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import smoke
+from conftest import xla_flags
 from mgd_jax import pipeline
 from mgd_jax.stages import student as student_stage
 from mgd_jax.train import checkpoint as ckpt_lib
@@ -124,7 +125,8 @@ def test_fused_students_equal_their_separate_runs(smoke_workdir, tmp_path, monke
 
 
 def _train(workdir, kill=None, vmap="off"):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", faults.ENV)}
+    env = {k: v for k, v in os.environ.items() if k != faults.ENV}
+    env["XLA_FLAGS"] = xla_flags()
     if kill:
         env[faults.ENV] = kill
     return subprocess.run([sys.executable, "train.py", f"--config=configs/smoke.py:{ARG}", f"--workdir={workdir}",

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from conftest import xla_flags
 from mgd_jax import optim
 from mgd_jax.analyzer import GranularityAnalyzer, parse_granularities
 from mgd_jax.data.contrast import ContrastSampler
@@ -237,7 +238,7 @@ def test_kdsvd_on_two_devices_does_not_deadlock():
         "    v, g = f(gs, gt)\n"
         "    jax.block_until_ready(g)\n"
         "print('ok', float(v))\n")
-    env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**__import__("os").environ, "XLA_FLAGS": xla_flags(2)}
     try:
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=90)
     except subprocess.TimeoutExpired:

@@ -8,7 +8,7 @@ import chex
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 from mgd_jax.train import checkpoint as ckpt_lib
 
 STAGES = ["teacher", "analyzer", "students/mas_kd"]
@@ -23,7 +23,7 @@ def _free_port():
 def _env(devices, **extra):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("JAX_") or k in ("JAX_PLATFORMS", "JAX_COMPILATION_CACHE_DIR")}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env.update(extra)
     return env
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 from mgd_jax.train import checkpoint as ckpt_lib
 from mgd_jax.train import cpu, faults, preemption, supervisor
 from test_pods import LAUNCHER_VARS, _assert_same_run, _slurm_port
@@ -214,7 +214,7 @@ class _Pair:
         cmd, base = _cmd(workdir)
         cmd = cmd + [f"--config.distributed.heartbeat_timeout_seconds={HEARTBEAT}"]
         base = {k: v for k, v in base.items() if not k.startswith(LAUNCHER_VARS)}
-        base.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={(devices or cpu.num_cores()) // 2}",  # the reference's
+        base.update(XLA_FLAGS=xla_flags((devices or cpu.num_cores()) // 2),  # the reference's
                     SLURM_JOB_ID=str(_slurm_port() - 61440), SLURM_NTASKS="2", SLURM_STEP_NODELIST="127.0.0.1",
                     SLURM_NODELIST="127.0.0.1")
         run = len({name.split("-")[0] for name in os.listdir(logs)})
@@ -287,7 +287,7 @@ def test_a_peer_killed_mid_epoch_or_mid_save_stops_the_other_in_one_line_and_bot
     else:
         devices, reference_run = cpu.num_cores() + 1, str(tmp_path / "reference")
         cmd, env = _cmd(reference_run)
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = xla_flags(devices)
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0 and f"mesh: {devices} x cpu" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
     work, logs = str(tmp_path / "w"), str(tmp_path / "logs")

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 from mgd_jax.errors import ConfigError
 from mgd_jax.train import checkpoint as ckpt_lib
 from mgd_jax.train import cpu, distributed, faults, loop, preemption
@@ -172,7 +172,7 @@ class _Run:
         if hold:
             env[faults.HOLD_ENV] = hold
         if devices or n > 1:  # the reference's devices, split over the processes
-            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={(devices or cpu.num_cores()) // n}"
+            env["XLA_FLAGS"] = xla_flags((devices or cpu.num_cores()) // n)
         if n > 1:
             env.update(SLURM_JOB_ID=str(_slurm_port() - 61440), SLURM_NTASKS=str(n), SLURM_STEP_NODELIST="127.0.0.1",
                        SLURM_NODELIST="127.0.0.1")

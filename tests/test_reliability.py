@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, once_per_test_run
+from conftest import ROOT, once_per_test_run, xla_flags
 from configs import smoke
 from mgd_jax import pipeline
 from mgd_jax.train import checkpoint as ckpt_lib
@@ -35,8 +35,9 @@ def _latest(workdir, stage, which="latest"):
 def _cmd(workdir, cache=True, shared_cache=True):
     """train.py on the smoke config; ``shared_cache``: the suite's compilation cache (conftest), else its own in
     the workdir (a process killed at a random moment may be writing an entry)."""
-    drop = ("XLA_FLAGS", faults.ENV) if shared_cache else ("XLA_FLAGS", faults.ENV, "JAX_COMPILATION_CACHE_DIR")
+    drop = (faults.ENV,) if shared_cache else (faults.ENV, "JAX_COMPILATION_CACHE_DIR")
     env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["XLA_FLAGS"] = xla_flags()
     # the default mesh of train.py on this machine: one CPU device per core
     return [sys.executable, "train.py", "--config=configs/smoke.py", f"--config.compilation_cache={cache}",
             f"--workdir={workdir}"], env

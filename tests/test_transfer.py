@@ -2,6 +2,7 @@
 its recipe from configs/transfer.py."""
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -10,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from configs import cifar100
 from configs import transfer as transfer_config
-from conftest import ROOT
+from conftest import ROOT, once_per_test_run
 from mgd_jax import pipeline
 from mgd_jax import transfer as T
 from mgd_jax.analysis.common import override
@@ -20,18 +21,24 @@ from mgd_jax.models import LOW_LR_ARCHITECTURES
 CONFIG = str(ROOT / "configs" / "transfer.py")
 
 
-@pytest.fixture(scope="module")
-def cifar_workdir(tmp_path_factory):
-    work = str(tmp_path_factory.mktemp("cifar"))
-    c = cifar100.get_config("resnet8,vgg8,kd,mas")  # a VGG student: the reference's probe trains nothing there
-    c.progress = False
-    c.teacher.epochs = c.analyzer.epochs = c.student.epochs = 1
-    for s in (c.teacher, c.analyzer, c.student):
-        s.batch_size = 32
-        s.optimizer.milestones = ()
-    with tfds.testing.mock_data(num_examples=64):
-        pipeline.train_and_evaluate(c, work, devices=jax.devices()[:1])
-    return work
+@pytest.fixture(scope="session")
+def cifar_workdir(tmp_path_factory, worker_id):
+    """A one-epoch CIFAR-100 run on tfds mock data, trained once per test run (conftest.once_per_test_run, shared by
+    the xdist workers); each worker reads its own copy (the tests write their transfer results into it)."""
+    def train(folder):
+        c = cifar100.get_config("resnet8,vgg8,kd,mas")  # a VGG student: the reference's probe trains nothing there
+        c.progress = False
+        c.teacher.epochs = c.analyzer.epochs = c.student.epochs = 1
+        for s in (c.teacher, c.analyzer, c.student):
+            s.batch_size = 32
+            s.optimizer.milestones = ()
+        with tfds.testing.mock_data(num_examples=64):
+            pipeline.train_and_evaluate(c, str(folder), devices=jax.devices()[:1])
+
+    shared = once_per_test_run(tmp_path_factory, worker_id, "transfer_cifar", train)
+    work = tmp_path_factory.mktemp("cifar") / "w"
+    shutil.copytree(shared, work, ignore=shutil.ignore_patterns(".jax_cache"))
+    return str(work)
 
 
 def config(dataset="stl10", **fields):

@@ -5,28 +5,28 @@ import pathlib
 import sys
 
 # Fast compiles: XLA:CPU's LLVM backend without optimization (the HLO passes still run).  Compiling is most of the
-# suite's time (small models, a few steps each): these flags halve it.  Child processes get the same flags
-# (``xla_flags``), so a test never compares a run compiled one way with a run compiled the other.
-# MGD_JAX_TEST_FULL_OPT=1: XLA's default optimization, what users run (docs/testing.md).
-FAST_COMPILE_FLAGS = () if os.environ.get("MGD_JAX_TEST_FULL_OPT") else (
+# suite's time (small models, a few steps each).  Child processes get the same flags (``xla_flags``), so a test
+# never compares a run compiled one way with a run compiled the other.  MGD_JAX_TEST_FULL_OPT=1: XLA's default
+# optimization, what users run (docs/testing.md); an optimization level already in XLA_FLAGS is kept.
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+FAST_COMPILE_FLAGS = () if os.environ.get("MGD_JAX_TEST_FULL_OPT") == "1" else (
     "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+_flags = os.environ.get("XLA_FLAGS", "").split()
+if not any(f.startswith("--xla_backend_optimization_level") for f in _flags):
+    _flags += FAST_COMPILE_FLAGS
+# the test process's flags without its device count: what every child process gets
+_CHILD_FLAGS = tuple(f for f in _flags if not f.startswith(DEVICE_COUNT_FLAG))
+if not any(f.startswith(DEVICE_COUNT_FLAG) for f in _flags):
+    _flags.append(f"{DEVICE_COUNT_FLAG}=4")
+os.environ["XLA_FLAGS"] = " ".join(_flags)
 
 
 def xla_flags(devices: int | None = None) -> str:
-    """XLA_FLAGS for a child process of a test: the suite's compile flags, and ``devices`` CPU devices if given
-    (else train.py's default, one per core)."""
-    flags = list(FAST_COMPILE_FLAGS)
-    if devices:
-        flags.append(f"--xla_force_host_platform_device_count={devices}")
-    return " ".join(flags)
+    """XLA_FLAGS for a child process of a test: the test process's flags (its compile options), with ``devices``
+    CPU devices if given (else train.py's default, one per core)."""
+    return " ".join(_CHILD_FLAGS + ((f"{DEVICE_COUNT_FLAG}={devices}",) if devices else ()))
 
 
-_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _flags:
-    _flags += " --xla_force_host_platform_device_count=4"
-if "xla_backend_optimization_level" not in _flags:
-    _flags += " " + " ".join(FAST_COMPILE_FLAGS)
-os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the whole suite: the xdist workers and the train.py processes the tests
 # start inherit it (the controller loads this file first, and removes the folder at the end).  The random-SIGKILL
@@ -37,10 +37,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 
     _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mgd-jax-test-xla-cache-")
-# Every program is cached, not only those that took a second to compile (jax's default): the suite starts train.py
-# processes and builds the same small models and steps many times, and eager initializers (a random draw per
-# parameter shape) compile again in each process otherwise.
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    # Every program is cached, not only those that took a second to compile (jax's default): the suite starts
+    # train.py processes and builds the same small models and steps many times, and eager initializers (a random
+    # draw per parameter shape) compile again in each process otherwise.  (Not in a cache the caller gave.)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `configs` is a top-level folder of the repository, not of the package
@@ -101,7 +101,9 @@ def smoke_workdir(tmp_path_factory, worker_id):
 # `pytest -n 2` they do not end up alone at the end of the run.
 _SLOW_FIRST = ("test_reliability.py::test_kill_at_each_save_boundary", "test_multihost.py::",
                "test_reliability.py::test_sigkill_at_random_moments", "test_fused_students.py::test_a_kill",
-               "test_sweep.py::test_sweep_runs", "test_imagenet_multihost.py::", "test_pods.py::test_preempted")
+               "test_sweep.py::test_sweep_runs", "test_imagenet_multihost.py::", "test_pods.py::test_preempted",
+               "test_peer_loss.py::test_a_peer_killed", "test_fused_students.py::test_fused_students_equal",
+               "test_imagenet_data_train.py::")
 
 # The tiers (docs/testing.md): `pytest -m "not slow"` is the edit loop, a few minutes on 2 cores; the full suite is
 # what CI runs.  A test is slow when it trains: it reads a trained run (the fixtures below), or it is named here

@@ -144,7 +144,8 @@ def test_a_kill_between_members_saves_resumes_the_group_exactly(reference_run, t
     three from the step they all have, and ends bitwise equal to an uninterrupted fused run (unrolled, and the
     three as one vmapped program).  Unrolled, a second kill lets the first member finish: the other two resume as
     a group of two, still bitwise (each member's update is its own).  Vmapped, a group of two is another program
-    (float32 noise, docs/speed.md): one kill, and the three resume.  The teacher and analyzer are the shared
+    (float32 noise, docs/speed.md): one kill, after the first member saved the end of epoch 1, and the three resume
+    from the step they all have, mid-epoch.  The teacher and analyzer are the shared
     reference run's (the same smoke config for those stages, checked by the workdir's fingerprints)."""
     import shutil
 
@@ -157,12 +158,21 @@ def test_a_kill_between_members_saves_resumes_the_group_exactly(reference_run, t
     assert "compiling the teacher step" not in r.stdout and "compiling the analyzer step" not in r.stdout, r.stdout
     names = sorted(smoke.get_config(ARG).students)
     first, second = f"student/{names[0]}", f"student/{names[1]}"
-    kills = [f"{second}:before_mid:2"] + ([f"{second}:before_latest"] if vmap == "off" else [])
+    # unrolled: killed in epoch 2 (the common step is 3), then before the second member's last save; vmapped: once,
+    # before the second member's save at the end of epoch 1 (the first has saved step 3 and its best, the others
+    # only step 2): the three resume as one group from step 2, in the middle of epoch 1
+    kills = [f"{second}:before_mid:2", f"{second}:before_latest"] if vmap == "off" else [f"{second}:before_latest"]
     for kill in kills:
         r = _train(work, kill, vmap)
         assert r.returncode == -9, (kill, r.stderr[-2000:])
     r = _train(work, vmap=vmap)
     assert r.returncode == 0, r.stderr[-3000:]
+    if vmap == "off":  # the first member finished; the other two resume from their mid-epoch step 4
+        want = [f"[student/{names[0]}] finished earlier (2 epochs)"] + [
+            f"[student/{n}] resuming at epoch 2, pass 1, batch 1" for n in names[1:]]
+    else:  # the three from step 2, mid-epoch 1
+        want = [f"[student/{n}] resuming at epoch 1, pass 1, batch 2" for n in names]
+    assert all(line in r.stdout for line in want), (want, r.stdout[-3000:])
     for which in ("latest", "best"):
         chex.assert_trees_all_equal(_students(ref, names, which), _students(work, names, which))
     assert json.load(open(os.path.join(ref, "summary.json"))) == json.load(open(os.path.join(work, "summary.json")))

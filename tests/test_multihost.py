@@ -89,3 +89,11 @@ def test_distributed_settings_from_config_and_environment(monkeypatch):
     assert distributed.settings({"process_id": 0})["process_id"] == 0  # config wins
     with pytest.raises(ConfigError, match="process_id=5 is outside"):
         distributed.settings({"process_id": 5})
+    monkeypatch.delenv("JAX_NUM_PROCESSES")  # an address or id without a count (no launcher): refused, not ignored
+    with pytest.raises(ConfigError, match="coordinator address '127.0.0.1:1234' is set .* but no process count"):
+        distributed.settings({})
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+    with pytest.raises(ConfigError, match="process id 1 is set .* but no process count"):
+        distributed.settings({})
+    monkeypatch.delenv("JAX_PROCESS_ID")
+    assert distributed.settings({}) is None

@@ -11,7 +11,9 @@ Which processes form the run, first match wins:
    the missing variable rather than a hang or a stack trace inside JAX; then JAX reads the process count, this
    process's id and the coordinator from it.  A coordinator address from the config or ``JAX_COORDINATOR_ADDRESS``
    still wins (``JAX_COORDINATOR_PORT`` changes only the port).  One task is one process.
-3. Otherwise one process: nothing is initialised.
+3. Otherwise one process: nothing is initialised.  A coordinator address or process id given without a process
+   count (and no launcher) is refused in one line: it means several processes, and each would otherwise train the
+   whole run alone.
 
 On CPU the cross-process collectives use gloo.
 
@@ -176,6 +178,12 @@ def plan(cfg, env: Mapping[str, str] | None = None) -> Plan | None:
         p = launcher(env, addr)
         if p is not None:
             return dataclasses.replace(p, kwargs={**p.kwargs, "initialization_timeout": timeout})
+    pid = pick("process_id", "JAX_PROCESS_ID", int)
+    if addr is not None or pid is not None:  # meant as one of several processes: never a silent lone run
+        given = f"coordinator address {addr!r}" if addr is not None else f"process id {pid}"
+        raise ConfigError(f"distributed: a {given} is set (config.distributed.* or JAX_*) but no process count and "
+                          f"no launcher; set JAX_NUM_PROCESSES (or --config.distributed.num_processes) on every "
+                          f"process, or unset it to run as one process")
     return None
 
 

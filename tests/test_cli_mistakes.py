@@ -352,6 +352,7 @@ def _tool_cases(root):
         # the analysis tools
         ("cka", [f"--workdir={w}", "--stage=student/x"], typo),
         ("cka", [f"--workdir={w}", "--stage=analyzer"], "stage 'analyzer' has no backbone"),
+        ("cka", [f"--workdir={w}", "--stage=teacher/"], "--stage=teacher: CKA compares a student with the teacher"),
         ("cka", [f"--workdir={w}", "--stage=students/mas_kd", "--examples=1"], "--examples=1: CKA needs at least 2"),
         ("cka", [f"--workdir={w}", "--stage=students/mas_kd", "--examples=abc"], "argument --examples: invalid int"),
         ("cka", [f"--workdir={w}", "--stage=students/mas_kd", f"--out={f}"], "a_file.txt is a file, not a folder"),

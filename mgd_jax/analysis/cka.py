@@ -33,6 +33,8 @@ def cka_matrix(workdir: str, student: str, examples: int = 500) -> dict:
     first ``examples`` test images."""
     run = Run(workdir)
     student = run.check_stage(student)
+    if student == "teacher":
+        raise AnalysisError("--stage=teacher: CKA compares a student with the teacher; give students/<name>")
     if int(examples) < 2:
         raise AnalysisError(f"--examples={examples}: CKA needs at least 2 examples")
     images, _ = run.split("test")

@@ -259,8 +259,11 @@ def main(argv=None) -> int:
     from mgd_jax.errors import USER_ERRORS, one_line, remove_if_unused
 
     config, workdir = fv.config, fv.workdir
+    from mgd_jax.train import supervisor
+
     for line in fit_schedules(fv):
-        print(line, flush=True)
+        if not supervisor.is_worker():  # a supervised worker's supervisor (the same command) printed it already
+            print(line, flush=True)
     if fv.print_config:
         print(config_text(config), end="", flush=True)
         return 0

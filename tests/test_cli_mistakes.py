@@ -20,6 +20,7 @@ from _requires import need
 from conftest import ROOT, xla_flags
 
 from configs import smoke
+from mgd_jax.train import supervisor
 
 
 def _load_train():
@@ -175,7 +176,7 @@ def _printed(out: str) -> dict:
     return dict(line.split(" = ", 1) for line in out.splitlines() if " = " in line)
 
 
-def test_short_epochs_scale_the_default_milestones(train, capsys, tmp_path):
+def test_short_epochs_scale_the_default_milestones(train, capsys, tmp_path, monkeypatch):
     """--config.<stage>.epochs below the file's milestones: the milestones are scaled (one line says so); the
     paper's schedule is untouched when the epochs are not overridden, and milestones the user sets are theirs."""
     cifar = "--config=configs/cifar100.py:resnet56,resnet20,kd,mas"
@@ -195,6 +196,12 @@ def test_short_epochs_scale_the_default_milestones(train, capsys, tmp_path):
     assert len(notes) == 2 and "config.student.optimizer.milestones: (150, 180, 210), set for 240 epochs, scaled to " \
         "() for --config.student.epochs=1 (a constant learning rate)" in notes[0]
     assert not (tmp_path / "w").exists()  # --print_config trains nothing
+    # a multi-process run's worker (started by train.py's supervisor with the same command): the supervisor said it
+    monkeypatch.setenv(supervisor.ENV, str(tmp_path / "status.json"))
+    assert train(cifar, "--config.student.epochs=1", "--print_config") == 0
+    out = capsys.readouterr().out
+    assert _printed(out)["student.optimizer.milestones"] == "()" and "scaled" not in out
+    monkeypatch.delenv(supervisor.ENV)
 
     assert train(cifar, "--config.student.epochs=100", "--config.student.optimizer.milestones=(50,)",
                  "--print_config") == 0

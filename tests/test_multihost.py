@@ -90,10 +90,13 @@ def test_distributed_settings_from_config_and_environment(monkeypatch):
     with pytest.raises(ConfigError, match="process_id=5 is outside"):
         distributed.settings({"process_id": 5})
     monkeypatch.delenv("JAX_NUM_PROCESSES")  # an address or id without a count (no launcher): refused, not ignored
-    with pytest.raises(ConfigError, match="coordinator address '127.0.0.1:1234' is set .* but no process count"):
+    with pytest.raises(ConfigError, match="JAX_COORDINATOR_ADDRESS='127.0.0.1:1234' is set but neither a process "
+                                          "count nor a launcher: .*JAX_NUM_PROCESSES=1"):
         distributed.settings({})
+    with pytest.raises(ConfigError, match="config.distributed.coordinator_address='h:1' is set"):
+        distributed.settings({"coordinator_address": "h:1"})
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
-    with pytest.raises(ConfigError, match="process id 1 is set .* but no process count"):
+    with pytest.raises(ConfigError, match="JAX_PROCESS_ID=1 is set but neither a process count nor a launcher"):
         distributed.settings({})
     monkeypatch.delenv("JAX_PROCESS_ID")
     assert distributed.settings({}) is None

@@ -65,6 +65,10 @@ def test_a_launchers_environment_starts_the_processes_it_names(no_launcher):
     no_launcher.delenv("JAX_NUM_PROCESSES")
     no_launcher.setenv("SLURM_NTASKS", "1")  # one task: one process, nothing initialised
     assert distributed.plan({}) is None
+    # a launcher's job of one process is one process, even with a coordinator or a process id set (outside any
+    # launcher they are refused: tests/test_multihost.py)
+    assert distributed.plan({"coordinator_address": "h:1", "process_id": 0}) is None
+    assert distributed.plan({"coordinator_address": "h:1"}, {"OMPI_COMM_WORLD_SIZE": "1"}) is None
     # Open MPI (mpirun): JAX finds the coordinator from the launcher's URI; Open MPI 5 has none, so it is given
     ompi = {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
     p = distributed.plan({}, {**ompi, "OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.0.0.1:34911"})

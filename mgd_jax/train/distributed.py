@@ -12,8 +12,8 @@ Which processes form the run, first match wins:
    process's id and the coordinator from it.  A coordinator address from the config or ``JAX_COORDINATOR_ADDRESS``
    still wins (``JAX_COORDINATOR_PORT`` changes only the port).  One task is one process.
 3. Otherwise one process: nothing is initialised.  A coordinator address or process id given without a process
-   count (and no launcher) is refused in one line: it means several processes, and each would otherwise train the
-   whole run alone.
+   count, outside any launcher's environment, is refused in one line: it means several processes, and each would
+   otherwise train the whole run alone.  (A launcher's job of one process is one process, whatever is set.)
 
 On CPU the cross-process collectives use gloo.
 
@@ -179,12 +179,24 @@ def plan(cfg, env: Mapping[str, str] | None = None) -> Plan | None:
         if p is not None:
             return dataclasses.replace(p, kwargs={**p.kwargs, "initialization_timeout": timeout})
     pid = pick("process_id", "JAX_PROCESS_ID", int)
-    if addr is not None or pid is not None:  # meant as one of several processes: never a silent lone run
-        given = f"coordinator address {addr!r}" if addr is not None else f"process id {pid}"
-        raise ConfigError(f"distributed: a {given} is set (config.distributed.* or JAX_*) but no process count and "
-                          f"no launcher; set JAX_NUM_PROCESSES (or --config.distributed.num_processes) on every "
-                          f"process, or unset it to run as one process")
+    if (addr is not None or pid is not None) and not _launcher_environment(env):
+        # meant as one of several processes (a launcher's job of one process is one process): never a silent lone run
+        key, var, value = ("coordinator_address", "JAX_COORDINATOR_ADDRESS", addr) if addr is not None else (
+            "process_id", "JAX_PROCESS_ID", pid)
+        given = f"config.distributed.{key}" if cfg.get(key, None) not in (None, "") else var
+        raise ConfigError(f"distributed: {given}={value!r} is set but neither a process count nor a launcher: set "
+                          f"JAX_NUM_PROCESSES (or --config.distributed.num_processes) on every process; "
+                          f"{_ONE_PROCESS}")
     return None
+
+
+def _launcher_environment(env) -> bool:
+    """A launcher's environment, also of a single process (which then coordinates nothing)."""
+    from jax._src.clusters import cloud_tpu_cluster as tpu
+
+    return ("OMPI_COMM_WORLD_SIZE" in env or ("SLURM_JOB_ID" in env and "SLURM_NTASKS" in env)
+            or (bool(env.get("KUBERNETES_SERVICE_HOST")) and "JOB_COMPLETION_INDEX" in env)
+            or bool(tpu.running_in_cloud_tpu_vm))
 
 
 def settings(cfg) -> dict | None:

@@ -68,6 +68,9 @@ DESCRIPTIONS: dict[str, str] = {
                        "streamed images are cropped to it",
     "data.test_size": "digits: images held out for the test split (stratified)",
     "data.split_seed": "digits: seed of the stratified train / test split",
+    "data.split": "digits: how the train / test split is drawn: `stratified` (mgd-jax's own: each class's share of "
+                  "the test images by largest remainder, its members drawn at random) or `sklearn` (scikit-learn's "
+                  "`train_test_split`, the split of workdirs written before this field existed)",
     "data.dir": "an image folder with `train/<class>/` and `val/<class>/` (`None`: tfds `imagenet2012` in "
                 "`data_dir`)",
     "data.flip": "streamed data: random horizontal flip on the host",

@@ -108,6 +108,7 @@ TRAIN_CASES = [
     ([SMOKE, "--config.cpu_devices=-2"], "config.cpu_devices=-2"),
     ([SMOKE, "--config.student.group_size=-1"], "config.student.group_size=-1"),
     ([SMOKE, "--config.data.image_size=12"], "config.data.image_size=12: the digits"),
+    ([SMOKE, "--config.data.split=random"], "config.data.split='random': must be 'stratified' or 'sklearn'"),
     ([SMOKE, "--config.data.train_limit=-5"], "config.data.train_limit=-5"),
     ([SMOKE, "--config.checkpoint.every_steps=-1"], "config.checkpoint.every_steps=-1"),
     ([SMOKE, "--config.checkpoint.keep=0"], "config.checkpoint.keep=0"),

@@ -43,8 +43,8 @@ def _outputs(arch, size=32, batch=4):
     """(plain, preact) Outputs of ``arch`` on a batch of ``size`` x ``size`` images, abstractly."""
     model = get_model(arch, 10)
     x = jnp.zeros((batch, size, size, 3))
-    return tuple(Outputs(*jax.eval_shape(lambda p=p: model.apply(model.init(jax.random.key(0), x), x, preact=p)))
-                 for p in (False, True))
+    shapes = S.output_shapes(model, x)
+    return shapes[False], shapes[True]
 
 
 @pytest.mark.parametrize("pair", [R34_R18, R50_MV1], ids=["r34_r18", "r50_mv1"])

@@ -162,9 +162,9 @@ def test_every_method_on_readme_pair_shapes(pair):
     key = jax.random.key(0)
     outs = {}
     for who, arch in (("s", s_arch), ("t", t_arch)):
-        m = get_model(arch, 100)
+        shapes = S.output_shapes(get_model(arch, 100), x)
         for preact in (False, True):
-            outs[who, preact] = Outputs(*jax.eval_shape(lambda m=m, p=preact: m.apply(m.init(key, x), x, preact=p)))
+            outs[who, preact] = shapes[preact]
     batch = {"index": jnp.arange(4, dtype=jnp.int32), "contrast_idx": jnp.zeros((4, 33), jnp.int32),
              "label": jnp.arange(4, dtype=jnp.int32)}  # the labels a step's batch carries (DKD reads them)
     for name in METHODS:

@@ -26,12 +26,14 @@ def test_architecture_shapes_and_counts(arch):
     ref = STATS[arch]
     model = get_model(arch, 100)
     x = jnp.zeros((2, 32, 32, 3))
-    v = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+
+    def run():  # two traces of the network: the initialization's forward pass, then one with preact=True
+        plain, v = model.init_with_output(jax.random.key(0), x)
+        return v, plain, model.apply(v, x, preact=True)
+
+    v, (logits, feats), (logits_p, feats_p) = jax.eval_shape(run)
     assert _count(v["params"]) == ref["total"]
     assert _count(v["params"][CLASSIFIER.get(arch, "fc")]) == ref["classifier"]
-    (logits, feats), (logits_p, feats_p) = jax.eval_shape(
-        lambda: (model.apply(model.init(jax.random.key(0), x), x), model.apply(model.init(jax.random.key(0), x), x,
-                                                                                 preact=True)))
     assert logits.shape == tuple(ref["out"])
 
     def nchw(s):

@@ -478,8 +478,7 @@ def test_review_and_ofd_refuse_the_pairs_they_cannot_serve():
     x = jnp.zeros((2, 32, 32, 3))
 
     def outs(arch, preact):
-        m = get_model(arch, 100)
-        return Outputs(*jax.eval_shape(lambda: m.apply(m.init(jax.random.key(0), x), x, preact=preact)))
+        return S.output_shapes(get_model(arch, 100), x)[preact]
 
     with pytest.raises(MethodPairError, match=r"^method 'review' cannot pair vgg13 -> resnet20: the teacher has 4 "
                                               r"stage maps but the student 3$"):

@@ -147,6 +147,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     for field in ("data", "augment"):
         if not isinstance(config.get(field, None), ml_collections.ConfigDict):
             raise AnalysisError(f"{path}: not a config.json written by train.py (no {field!r} section)")
+    if config.data.get("name", None) == "digits" and "split" not in config.data:
+        with config.unlocked():  # written before the field existed: scikit-learn's split (checkpoint.ADDED_FIELDS)
+            config.data.split = "sklearn"
     return config
 
 

@@ -28,25 +28,76 @@ class ArrayDataset:
         return self.train_images.shape[1:]
 
 
-def load_digits(image_size: int = 16, test_size: int = 360, split_seed: int = 0) -> ArrayDataset:
+# config ``data.split`` of the digits: 'stratified' (``stratified_split``), or 'sklearn' (scikit-learn's
+# ``train_test_split``, stratified: the split of mgd-jax before it had this field, 2 s more to start a command)
+DIGITS_SPLITS = ("stratified", "sklearn")
+
+
+def load_digits(image_size: int = 16, test_size: int = 360, split_seed: int = 0,
+                split: str = "stratified") -> ArrayDataset:
     """scikit-learn's 1797 8x8 handwritten digits (ships inside scikit-learn: no download).
 
-    Split: stratified, ``test_size`` images held out with ``split_seed`` (default 1437 train / 360 test).
-    Pixels 0..16 are scaled to 0..255 uint8, one channel, nearest-neighbour upsampled to ``image_size``.
+    Split: stratified, ``test_size`` images held out with ``split_seed`` (default 1437 train / 360 test), by
+    ``split`` (``DIGITS_SPLITS``).  Pixels 0..16 are scaled to 0..255 uint8, one channel, nearest-neighbour
+    upsampled to ``image_size``.
     """
-    from sklearn.datasets import load_digits as _load
-    from sklearn.model_selection import train_test_split
-
     if image_size % 8:
         raise ValueError(f"digits image_size must be a multiple of 8, got {image_size}")
-    d = _load()
-    imgs = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    if split not in DIGITS_SPLITS:
+        raise ValueError(f"digits split must be one of {', '.join(DIGITS_SPLITS)}, got {split!r}")
+    pixels, labels = _digits_arrays()
+    imgs = np.clip(np.round(pixels * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     r = image_size // 8
     imgs = imgs.repeat(r, axis=1).repeat(r, axis=2)[..., None]
-    labels = d.target.astype(np.int32)
-    tr, te = train_test_split(np.arange(len(labels)), test_size=test_size, stratify=labels, random_state=split_seed)
-    tr, te = np.sort(tr), np.sort(te)
+    if split == "sklearn":
+        from sklearn.model_selection import train_test_split
+
+        tr, te = train_test_split(np.arange(len(labels)), test_size=test_size, stratify=labels,
+                                  random_state=split_seed)
+        tr, te = np.sort(tr), np.sort(te)
+    else:
+        tr, te = stratified_split(labels, test_size, split_seed)
     return ArrayDataset("digits", imgs[tr], labels[tr], imgs[te], labels[te], 10)
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """-> (pixels float64 [1797, 8, 8] in 0..16, labels int32 [1797]): the digits as scikit-learn's
+    ``load_digits`` gives them, read from the file scikit-learn ships without importing scikit-learn (whose import
+    takes 2 s, most of a command's start); where that file is not found, through ``load_digits``."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz") if spec and spec.origin \
+        else None
+    if path is None or not os.path.isfile(path):
+        from sklearn.datasets import load_digits as _load  # another layout of the package: its own reader
+        d = _load()
+        return d.images, d.target.astype(np.int32)
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",")  # one row per image: 64 pixels, then the label
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int32)
+
+
+def stratified_split(labels: np.ndarray, test_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> (train indices, test indices), each sorted: ``test_size`` of ``len(labels)`` indices held out, each
+    class's share of them its proportion of the data rounded by largest remainder (ties to the smaller label), its
+    members drawn uniformly at random (numpy's default generator seeded with ``seed``, one permutation per class in
+    label order)."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    if not 0 < test_size < n:
+        raise ValueError(f"test_size must be in [1, {n - 1}] for {n} examples, got {test_size}")
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    exact = test_size * counts / n
+    quota = np.floor(exact).astype(np.int64)
+    extra = test_size - int(quota.sum())
+    quota[np.argsort(-(exact - quota), kind="stable")[:extra]] += 1
+    rng = np.random.default_rng(seed)
+    held = [rng.permutation(np.flatnonzero(inverse == k))[:quota[k]] for k in range(len(classes))]
+    test = np.sort(np.concatenate(held))
+    train = np.setdiff1d(np.arange(n), test)
+    return train, test
 
 
 _TFDS = {"cifar100": 100, "cifar10": 10, "stl10": 10}
@@ -214,7 +265,8 @@ def load_dataset(cfg) -> ArrayDataset:
                                        "<class>/*.jpg, FOLDER/val/<class>/*.jpg)")
         return streaming.load_tfds_streaming(cfg)
     if cfg.name == "digits":
-        ds = load_digits(cfg.get("image_size", 16), cfg.get("test_size", 360), cfg.get("split_seed", 0))
+        ds = load_digits(cfg.get("image_size", 16), cfg.get("test_size", 360), cfg.get("split_seed", 0),
+                         cfg.get("split", "stratified"))
     elif cfg.name in SYNTHETIC:
         ds = load_synthetic(cfg.name, cfg.get("train_limit", None), cfg.get("test_limit", None))
     elif cfg.name in _TFDS:

@@ -400,16 +400,24 @@ def spec_meta(config, name: str, num_classes: int) -> dict:
             "config": stage_config(config, "student", name)}
 
 
+def output_shapes(model, x) -> dict:
+    """-> {preact: Outputs} of ``model`` on ``x``, shapes only (``jax.eval_shape``: two traces of the network, the
+    initialization's forward pass giving the post-activation features)."""
+    def both():
+        plain, variables = model.init_with_output(jax.random.key(0), x, preact=False)
+        return plain, model.apply(variables, x, preact=True)
+
+    plain, pre = jax.eval_shape(both)
+    return {False: Outputs(*plain), True: Outputs(*pre)}
+
+
 def check_pairs(config, num_classes: int, image_shape) -> None:
     """Refuse, before anything is trained, a method that cannot work for the configured pair (one line)."""
     x = jnp.zeros((2, *image_shape), jnp.float32)
-    outs = {}
-    for who in ("teacher", "student"):
-        model = get_model(config[who].arch, num_classes)
-        for preact in (False, True):
-            logits, feats = jax.eval_shape(lambda m=model, p=preact: m.apply(m.init(jax.random.key(0), x), x,
-                                                                              preact=p))
-            outs[who, preact] = Outputs(logits, feats)
+    shapes = {arch: output_shapes(get_model(arch, num_classes), x)
+              for arch in dict.fromkeys((config.teacher.arch, config.student.arch))}
+    outs = {(who, preact): shapes[config[who].arch][preact] for who in ("teacher", "student")
+            for preact in (False, True)}
     for scfg in config.students.values():
         m = method_of(scfg)
         m.check_pair(config.student.arch, config.teacher.arch,

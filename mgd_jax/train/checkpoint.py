@@ -396,6 +396,11 @@ def _plain(v):
     return json.loads(json.dumps(v))
 
 
+# Config fields added after configs were stored with checkpoints, whose absence from a stored config means a
+# behaviour other than their default: {field: the value a checkpoint without it was written with}.
+ADDED_FIELDS = {"config.data.split": "sklearn"}  # the digits' split: scikit-learn's before the field existed
+
+
 def check_meta(meta: dict, expected: dict, where: str) -> None:
     """Refuse a checkpoint made for another setup with one line naming the first field that differs.
 
@@ -409,7 +414,7 @@ def check_meta(meta: dict, expected: dict, where: str) -> None:
                       f"schedule or option cannot be detected for it", StageIdentityWarning, stacklevel=2)
     for k, v in expected.items():
         if k == "config" and isinstance(meta.get(k), dict):
-            stored = meta[k]
+            stored = {**{f: old for f, old in ADDED_FIELDS.items() if f in v}, **meta[k]}
             for field in sorted(set(stored) & set(v)):
                 a, b = stored[field], _plain(v[field])
                 if a != b:

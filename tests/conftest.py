@@ -21,6 +21,20 @@ if not any(f.startswith(DEVICE_COUNT_FLAG) for f in _flags):
 os.environ["XLA_FLAGS"] = " ".join(_flags)
 
 
+def one_epoch_cifar100(arg: str):
+    """configs/cifar100.py:``arg`` cut to one epoch per stage, batches of 32, no milestones, no progress bar (for
+    tfds' mock data)."""
+    from configs import cifar100
+
+    c = cifar100.get_config(arg)
+    c.progress = False
+    c.teacher.epochs = c.analyzer.epochs = c.student.epochs = 1
+    for s in (c.teacher, c.analyzer, c.student):
+        s.batch_size = 32
+        s.optimizer.milestones = ()
+    return c
+
+
 def xla_flags(devices: int | None = None) -> str:
     """XLA_FLAGS for a child process of a test: the test process's flags (its compile options), with ``devices``
     CPU devices if given (else train.py's default, one per core)."""

@@ -358,9 +358,12 @@ def _tool_cases(root):
         ("evaluate", [f"--workdir={root / 'unfinished'}", "--stage=teacher"],
          "checkpoints/best does not exist (the stage has not finished its first epoch"),
         # the analysis tools
-        ("cka", [f"--workdir={w}", "--stage=student/x"], typo),
+        ("cka", [f"--workdir={w}", "--stage=student/x"],  # cka lists the stages it takes: not the teacher
+         ["--stage=student/x does not exist in", "(its stages: students/mas_kd); did you mean --stage=students/mas_kd?"]),
         ("cka", [f"--workdir={w}", "--stage=analyzer"], "stage 'analyzer' has no backbone"),
-        ("cka", [f"--workdir={w}", "--stage=teacher/"], "--stage=teacher: CKA compares a student with the teacher"),
+        ("cka", [f"--workdir={w}", "--stage=teacher/"], "--stage=teacher/: CKA compares a student with the teacher"),
+        ("cka", [f"--workdir={w}", "--stage=teachr"],  # a typo of the stage cka refuses is not pointed at it
+         ["--stage=teachr does not exist in", "(its stages: students/mas_kd)"]),
         ("cka", [f"--workdir={w}", "--stage=students/mas_kd", "--examples=1"], "--examples=1: CKA needs at least 2"),
         ("cka", [f"--workdir={w}", "--stage=students/mas_kd", "--examples=abc"], "argument --examples: invalid int"),
         ("cka", [f"--workdir={w}", "--stage=students/mas_kd", f"--out={f}"], "a_file.txt is a file, not a folder"),

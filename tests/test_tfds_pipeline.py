@@ -5,6 +5,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import cifar100, default
+from conftest import one_epoch_cifar100
 from mgd_jax import pipeline
 from mgd_jax.config_validation import validate_config
 from mgd_jax.data import load_tfds
@@ -19,12 +20,7 @@ def test_load_tfds_reads_uint8_arrays():
 
 
 def test_cifar100_config_runs_all_stages_on_mock_data(tmp_path):
-    c = cifar100.get_config("resnet8,resnet8,kd,mag")
-    c.progress = False
-    c.teacher.epochs = c.analyzer.epochs = c.student.epochs = 1
-    for s in (c.teacher, c.analyzer, c.student):
-        s.batch_size = 32
-        s.optimizer.milestones = ()
+    c = one_epoch_cifar100("resnet8,resnet8,kd,mag")
     with tfds.testing.mock_data(num_examples=64):
         summary = pipeline.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:2])
     assert [r["stage"] for r in summary["rows"]] == ["teacher", "analyzer 64d_T2", "analyzer 256d_T8",

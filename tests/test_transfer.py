@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import cifar100
 from configs import transfer as transfer_config
-from conftest import ROOT, once_per_test_run
+from conftest import ROOT, once_per_test_run, one_epoch_cifar100
 from mgd_jax import pipeline
 from mgd_jax import transfer as T
 from mgd_jax.analysis.common import override
@@ -26,12 +25,7 @@ def cifar_workdir(tmp_path_factory, worker_id):
     """A one-epoch CIFAR-100 run on tfds mock data, trained once per test run (conftest.once_per_test_run, shared by
     the xdist workers); each worker reads its own copy (the tests write their transfer results into it)."""
     def train(folder):
-        c = cifar100.get_config("resnet8,vgg8,kd,mas")  # a VGG student: the reference's probe trains nothing there
-        c.progress = False
-        c.teacher.epochs = c.analyzer.epochs = c.student.epochs = 1
-        for s in (c.teacher, c.analyzer, c.student):
-            s.batch_size = 32
-            s.optimizer.milestones = ()
+        c = one_epoch_cifar100("resnet8,vgg8,kd,mas")  # a VGG student: the reference's probe trains nothing there
         with tfds.testing.mock_data(num_examples=64):
             pipeline.train_and_evaluate(c, str(folder), devices=jax.devices()[:1])
 

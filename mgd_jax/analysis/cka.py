@@ -32,9 +32,8 @@ def cka_matrix(workdir: str, student: str, examples: int = 500) -> dict:
     """CKA between every teacher feature and every feature of ``student`` (a stage: students/<name>) on the
     first ``examples`` test images."""
     run = Run(workdir)
-    student = run.check_stage(student)
-    if student == "teacher":
-        raise AnalysisError("--stage=teacher: CKA compares a student with the teacher; give students/<name>")
+    student = run.check_stage(student, refuse={
+        "teacher": "CKA compares a student with the teacher; give students/<name>"})
     if int(examples) < 2:
         raise AnalysisError(f"--examples={examples}: CKA needs at least 2 examples")
     images, _ = run.split("test")

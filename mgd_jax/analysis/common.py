@@ -190,10 +190,11 @@ def _is_backbone_stage(stage: str) -> bool:
 
 
 def check_stage(workdir: str, stage: str, backbone: bool = True, also: tuple[str, ...] = (),
-                purpose: str = "") -> str:
+                purpose: str = "", refuse: dict | None = None) -> str:
     """``stage`` of ``workdir``, normalised (no trailing ``/``); AnalysisError naming the mistake and the stages
     the workdir holds when it is not one of them, or (``backbone``) when it has no backbone (``also``: other
-    stages the tool takes, e.g. ``analyzer``; ``purpose``: what for, e.g. ' to export')."""
+    stages the tool takes, e.g. ``analyzer``; ``purpose``: what for, e.g. ' to export'; ``refuse``: {stage: why}
+    of stages the tool does not take, never suggested for a mistyped one)."""
     import difflib
 
     check_workdir(workdir)
@@ -202,8 +203,12 @@ def check_stage(workdir: str, stage: str, backbone: bool = True, also: tuple[str
     wanted = BACKBONE_STAGES.replace(" | ", " or ") + "".join(f" or {a}" for a in also)
     if not stage:
         raise AnalysisError(f"--stage is empty: use {wanted}")
+    refuse = refuse or {}
+    if stage in refuse:
+        raise AnalysisError(f"--stage={given}: {refuse[stage]}")
     present = stages_of(workdir)
     usable = [st for st in present if _is_backbone_stage(st) or st in also] if backbone else present
+    usable = [st for st in usable if st not in refuse]
     if backbone and stage not in also and _is_other_stage(stage):
         raise AnalysisError(f"stage {stage!r} has no backbone{purpose}; use {wanted} (here: "
                             f"{', '.join(usable) or 'none'})")
@@ -300,9 +305,10 @@ class Run:
     def stage_dir(self, stage: str) -> str:
         return os.path.join(self.workdir, stage)
 
-    def check_stage(self, stage: str, backbone: bool = True, also: tuple[str, ...] = (), purpose: str = "") -> str:
+    def check_stage(self, stage: str, backbone: bool = True, also: tuple[str, ...] = (), purpose: str = "",
+                    refuse: dict | None = None) -> str:
         """``check_stage`` in this run's workdir."""
-        return check_stage(self.workdir, stage, backbone, also, purpose)
+        return check_stage(self.workdir, stage, backbone, also, purpose, refuse)
 
     def restore_best(self, stage: str) -> tuple[Any, dict]:
         return restore_best(self.stage_dir(stage))

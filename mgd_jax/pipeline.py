@@ -26,7 +26,7 @@ from mgd_jax.stages import student as student_stage
 from mgd_jax.stages import teacher as teacher_stage
 from mgd_jax.stages.common import StageRun, result_row, stage_config
 from mgd_jax.train import mesh as mesh_lib
-from mgd_jax.train.checkpoint import StageCheckpoints, check_meta, write_atomic
+from mgd_jax.train.checkpoint import StageCheckpoints, check_meta, with_current_defaults, write_atomic
 from mgd_jax.train.metrics import summary_markdown
 
 
@@ -58,6 +58,7 @@ def _check_workdir(config, workdir):
 
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     """Runs (or resumes) every stage of ``config`` in ``workdir``; returns and writes the summary."""
+    config = with_current_defaults(config)  # stored with every checkpoint and in config.json
     validate_config(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     try:

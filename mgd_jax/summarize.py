@@ -17,6 +17,7 @@ import numpy as np
 
 from mgd_jax.analysis.common import ToolParser, cli
 from mgd_jax.errors import AnalysisError
+from mgd_jax.train.checkpoint import with_old_defaults
 
 # The config sections that change a result (as stages.common.stage_config reads them); the seed is what the
 # runs of one table differ in.
@@ -78,7 +79,7 @@ class Run:
         cpath = os.path.join(workdir, "config.json")
         if not os.path.isfile(cpath):
             raise AnalysisError(f"{cpath} does not exist: without it the runs' configs cannot be compared")
-        self.config = _read_json(cpath, dict, "a config.json written by train.py")
+        self.config = with_old_defaults(_read_json(cpath, dict, "a config.json written by train.py"))
         self.identity = run_identity(self.config)
         self.seed = self.config.get("seed")
 

@@ -114,3 +114,20 @@ def test_robustness_and_cka_tools_on_a_workdir(smoke_workdir):
                            batch_size=48)["results"]["students/mas_kd"]
     assert small["gaussian_noise"]["top1"] == per["gaussian_noise"]["top1"][4:5]
     assert small["salt_pepper"]["top1"] == per["salt_pepper"]["top1"][3:4]
+
+
+def test_a_typo_is_never_pointed_at_a_stage_the_tool_refuses(tmp_path):
+    """cka refuses the teacher: a mistyped --stage is not suggested as it, even where the workdir holds no student
+    (the stages listed are the others)."""
+    from mgd_jax.analysis.common import check_stage
+
+    for stage in ("teacher", "analyzer"):
+        (tmp_path / stage / "checkpoints").mkdir(parents=True)
+    refuse = {"teacher": "CKA compares a student with the teacher"}
+    with pytest.raises(AnalysisError) as e:
+        check_stage(str(tmp_path), "teachr", refuse=refuse)
+    assert "did you mean" not in str(e.value) and "(its stages: analyzer)" in str(e.value), str(e.value)
+    with pytest.raises(AnalysisError, match="^--stage=teacher/: CKA compares"):
+        check_stage(str(tmp_path), "teacher/", refuse=refuse)
+    with pytest.raises(AnalysisError, match="did you mean --stage=teacher"):  # a tool that takes it suggests it
+        check_stage(str(tmp_path), "teachr")

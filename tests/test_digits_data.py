@@ -98,7 +98,9 @@ def test_a_checkpoint_from_before_the_split_field_is_scikit_learns_split():
     old = {"stage": "teacher", "config": {"config.data.name": "digits", "config.seed": 0}}
     want = {"config.data.name": "digits", "config.seed": 0}
     with pytest.raises(StageMismatchError, match="written for config.data.split='sklearn' but the config asks for "
-                                                 "config.data.split='stratified'"):
+                                                 "config.data.split='stratified'; use another --workdir, or delete "
+                                                 "w/teacher .*, or --config.data.split='sklearn' to finish it as it "
+                                                 "was started$"):
         check_meta(old, {"config": {**want, "config.data.split": "stratified"}}, "w/teacher/checkpoints/latest")
     check_meta(old, {"config": {**want, "config.data.split": "sklearn"}}, "w/teacher/checkpoints/latest")
     check_meta({"config": {"config.data.name": "cifar100"}}, {"config": {"config.data.name": "cifar100"}}, "w")
@@ -114,3 +116,70 @@ def test_analysis_tools_read_an_old_digits_workdir_with_scikit_learns_split(tmp_
         (tmp_path / "config.json").write_text(json.dumps({"data": data, "augment": {}}))
         got = load_config(str(tmp_path)).data.get("split", None)
         assert got == (split or ("sklearn" if name == "digits" else None)), (name, split, got)
+
+
+def test_a_digits_config_without_the_field_trains_and_stores_the_stratified_split():
+    """A digits config that does not set ``data.split`` (configs/default.py with data.name='digits', a user's own)
+    trains on the default split, and its checkpoints and config.json say so: resuming it under a config that does
+    set the field is not refused, and the analysis tools read it with the split it trained on."""
+    from configs import default
+    from mgd_jax.stages.common import stage_config
+    from mgd_jax.train.checkpoint import with_current_defaults
+
+    c = default.get_config()
+    c.data.name = "digits"
+    filled = with_current_defaults(c)
+    assert "split" not in c.data and filled.data.split == "stratified"  # a copy: the caller's config is untouched
+    assert stage_config(filled, "teacher")["config.data.split"] == "stratified"
+    cifar = default.get_config()
+    assert with_current_defaults(cifar) is cifar and "split" not in cifar.data
+
+
+def test_summarize_compares_an_old_run_with_a_new_one_on_the_old_split():
+    from mgd_jax.summarize import first_difference, run_identity
+    from mgd_jax.train.checkpoint import with_old_defaults
+
+    old = {"data": {"name": "digits", "test_size": 360}, "seed": 0}
+    new_old_split = {"data": {"name": "digits", "test_size": 360, "split": "sklearn"}, "seed": 1}
+    new = {"data": {"name": "digits", "test_size": 360, "split": "stratified"}, "seed": 2}
+    assert first_difference(run_identity(with_old_defaults(old)), run_identity(new_old_split)) is None
+    assert first_difference(run_identity(with_old_defaults(old)), run_identity(new))[0] == "data.split"
+    cifar = {"data": {"name": "cifar100"}}
+    assert with_old_defaults(cifar) == cifar
+
+
+def test_without_scikit_learn_the_digits_are_one_line(monkeypatch):
+    import importlib.util
+
+    from mgd_jax.errors import DatasetNotFoundError
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import sklearn.datasets raises ImportError
+    with pytest.raises(DatasetNotFoundError, match="^the digits ship with scikit-learn, which is not installed"):
+        sources._digits_arrays()
+
+
+def test_an_old_digits_workdir_is_refused_before_anything_runs(tmp_path):
+    """train_and_evaluate on a workdir whose teacher checkpoint was written before ``data.split`` existed, with a
+    digits config that does not set the field either: refused in one line naming it, before any compilation."""
+    from configs import smoke
+    from mgd_jax import pipeline
+    from mgd_jax.errors import StageMismatchError
+    from mgd_jax.stages.common import stage_config
+    from mgd_jax.train.checkpoint import StageCheckpoints
+
+    c = smoke.get_config()
+    with c.unlocked():
+        del c.data["split"]
+    old = {k: v for k, v in stage_config(c, "teacher").items()}
+    assert "config.data.split" not in old
+    ck = StageCheckpoints(str(tmp_path / "teacher" / "checkpoints"))
+    try:
+        ck.save_latest(1, {"w": np.zeros(2)}, {"stage": "teacher", "arch": c.teacher.arch, "epoch": 0, "best": {},
+                                               "config": old})
+    finally:
+        ck.close()
+    with pytest.raises(StageMismatchError, match="written for config.data.split='sklearn' but the config asks for "
+                                                 "config.data.split='stratified'"):
+        pipeline.train_and_evaluate(c, str(tmp_path))
+    assert not (tmp_path / "config.json").exists()

@@ -18,7 +18,7 @@ from mgd_jax import optim
 from mgd_jax.analyzer import PAPER_GRANULARITIES, GranularityAnalyzer, parse_granularities
 from mgd_jax.config_validation import validate_config
 from mgd_jax.data.contrast import ContrastSampler
-from mgd_jax.methods import MethodPairError, Outputs, get_method, known_methods
+from mgd_jax.methods import MethodPairError, get_method, known_methods
 from mgd_jax.models import get_model
 from mgd_jax.stages import init_stage as I
 from mgd_jax.stages import student as S

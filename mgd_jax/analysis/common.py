@@ -38,7 +38,7 @@ from mgd_jax.errors import USER_ERRORS, AnalysisError, ConfigError, one_line
 from mgd_jax.models import classifier_name, get_model
 from mgd_jax.stages.common import apply_backbone
 from mgd_jax.train import mesh as mesh_lib
-from mgd_jax.train.checkpoint import StageCheckpoints
+from mgd_jax.train.checkpoint import StageCheckpoints, with_old_defaults
 
 __all__ = ["AnalysisError", "BACKBONE_STAGES", "Backbone", "ConfigFile", "Run", "ToolParser", "check_out_folder",
            "check_stage", "check_workdir", "cli", "evaluate_split", "load_config", "load_config_file", "model_of",
@@ -140,16 +140,13 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
                             f"is written once its checks pass)")
     try:
         with open(path) as f:
-            config = ml_collections.ConfigDict(json.load(f))
+            config = ml_collections.ConfigDict(with_old_defaults(json.load(f)))
     except (OSError, ValueError, TypeError, AttributeError) as e:  # unreadable, not JSON, not an object
         raise AnalysisError(f"{path}: not a config.json written by train.py ({type(e).__name__}: "
                             f"{_first_line(e)})") from None
     for field in ("data", "augment"):
         if not isinstance(config.get(field, None), ml_collections.ConfigDict):
             raise AnalysisError(f"{path}: not a config.json written by train.py (no {field!r} section)")
-    if config.data.get("name", None) == "digits" and "split" not in config.data:
-        with config.unlocked():  # written before the field existed: scikit-learn's split (checkpoint.ADDED_FIELDS)
-            config.data.split = "sklearn"
     return config
 
 
@@ -216,10 +213,11 @@ def check_stage(workdir: str, stage: str, backbone: bool = True, also: tuple[str
         if not present:
             raise AnalysisError(f"--stage={given} does not exist: {workdir} holds no trained stage (no "
                                 f"<stage>/checkpoints folder; is it a workdir train.py has trained in?)")
-        close = difflib.get_close_matches(stage, usable or present, n=1, cutoff=0.6)
+        pool = usable or [st for st in present if st not in refuse]
+        close = difflib.get_close_matches(stage, pool, n=1, cutoff=0.6)
         hint = f"; did you mean --stage={close[0]}?" if close else ""
         raise AnalysisError(f"--stage={given} does not exist in {workdir} (its stages: "
-                            f"{', '.join(usable or present)}){hint}")
+                            f"{', '.join(pool) or 'none it takes'}){hint}")
     if backbone and stage not in usable:
         raise AnalysisError(f"stage {stage!r} has no backbone{purpose}; use {wanted} (here: "
                             f"{', '.join(usable) or 'none'})")

@@ -67,11 +67,18 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     import gzip
     import importlib.util
 
-    spec = importlib.util.find_spec("sklearn")
-    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz") if spec and spec.origin \
-        else None
+    try:
+        spec = importlib.util.find_spec("sklearn")
+    except (ImportError, ValueError):  # a module without a spec in sys.modules
+        spec = None
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz") \
+        if spec is not None and spec.origin else None
     if path is None or not os.path.isfile(path):
-        from sklearn.datasets import load_digits as _load  # another layout of the package: its own reader
+        try:
+            from sklearn.datasets import load_digits as _load  # another layout of the package: its own reader
+        except ImportError:
+            raise DatasetNotFoundError("the digits ship with scikit-learn, which is not installed: pip install "
+                                       "scikit-learn") from None
         d = _load()
         return d.images, d.target.astype(np.int32)
     with gzip.open(path, "rt") as f:

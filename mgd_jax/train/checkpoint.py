@@ -397,8 +397,30 @@ def _plain(v):
 
 
 # Config fields added after configs were stored with checkpoints, whose absence from a stored config means a
-# behaviour other than their default: {field: the value a checkpoint without it was written with}.
+# behaviour other than their default: {field: the value a checkpoint without it was written with}.  A run's own
+# config always carries them where they apply (``with_current_defaults``), so only an old stored config lacks one.
 ADDED_FIELDS = {"config.data.split": "sklearn"}  # the digits' split: scikit-learn's before the field existed
+
+
+def with_current_defaults(config):
+    """``config`` (a ConfigDict) with the fields of ``ADDED_FIELDS`` that apply to it and it does not set, at their
+    current defaults (the digits: ``data.split='stratified'``): a copy where any was missing, else ``config``."""
+    data = config.get("data", None)
+    if data is None or data.get("name", None) != "digits" or "split" in data or data.get("dir", None):
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.split = "stratified"
+    return config
+
+
+def with_old_defaults(config: dict) -> dict:
+    """A stored ``config.json`` (a plain dict) with the fields of ``ADDED_FIELDS`` it lacks at the values it was
+    written with (the digits: ``data.split='sklearn'``)."""
+    data = config.get("data")
+    if isinstance(data, dict) and data.get("name") == "digits" and "split" not in data and not data.get("dir"):
+        config = {**config, "data": {**data, "split": "sklearn"}}
+    return config
 
 
 def check_meta(meta: dict, expected: dict, where: str) -> None:
@@ -418,8 +440,10 @@ def check_meta(meta: dict, expected: dict, where: str) -> None:
             for field in sorted(set(stored) & set(v)):
                 a, b = stored[field], _plain(v[field])
                 if a != b:
+                    how = (f", or --{field}={a!r} to finish it as it was started"
+                           if field in ADDED_FIELDS and field not in meta[k] else "")
                     raise StageMismatchError(
-                        f"{where} was written for {field}={a!r} but the config asks for {field}={b!r}; {advice}")
+                        f"{where} was written for {field}={a!r} but the config asks for {field}={b!r}; {advice}{how}")
         elif k != "config" and k in meta and meta[k] != _plain(v):
             raise StageMismatchError(
                 f"{where} was written for {k}={meta[k]!r} but the config asks for {k}={v!r}; {advice}")

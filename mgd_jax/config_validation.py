@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from mgd_jax.analyzer import parse_granularities
-from mgd_jax.data.sources import DATASETS, DIGITS_SPLITS
+from mgd_jax.data.sources import DATASETS, DIGITS_SPLIT, DIGITS_SPLITS
 from mgd_jax.errors import ConfigError  # noqa: F401 - raised here
 from mgd_jax.methods import get_method, known_methods
 from mgd_jax.models import ARCHITECTURES
@@ -151,9 +151,10 @@ def _check_data(data) -> None:
         if size is not None and size % 8:
             _fail("data.image_size", size, "the digits are 8x8 images repeated to the input size: use a multiple "
                                            "of 8 (8, 16, 24, 32, ...)")
-        split = data.get("split", "stratified")
+        split = data.get("split", DIGITS_SPLIT)
         if split not in DIGITS_SPLITS:
-            _fail("data.split", split, "must be 'stratified' or 'sklearn' (scikit-learn's train_test_split)")
+            _fail("data.split", split, f"must be {' or '.join(map(repr, DIGITS_SPLITS))} (the latter: "
+                                       f"scikit-learn's train_test_split)")
         test_size = data.get("test_size", 360)
         if isinstance(test_size, bool) or not isinstance(test_size, int) or not 10 <= test_size <= 1787:
             _fail("data.test_size", test_size, "must be an integer in [10, 1787] (the digits' 1797 images, "

@@ -31,10 +31,11 @@ class ArrayDataset:
 # config ``data.split`` of the digits: 'stratified' (``stratified_split``), or 'sklearn' (scikit-learn's
 # ``train_test_split``, stratified: the split of mgd-jax before it had this field, 2 s more to start a command)
 DIGITS_SPLITS = ("stratified", "sklearn")
+DIGITS_SPLIT, DIGITS_OLD_SPLIT = DIGITS_SPLITS  # the default; what a config without the field was split with
 
 
 def load_digits(image_size: int = 16, test_size: int = 360, split_seed: int = 0,
-                split: str = "stratified") -> ArrayDataset:
+                split: str = DIGITS_SPLIT) -> ArrayDataset:
     """scikit-learn's 1797 8x8 handwritten digits (ships inside scikit-learn: no download).
 
     Split: stratified, ``test_size`` images held out with ``split_seed`` (default 1437 train / 360 test), by
@@ -49,7 +50,7 @@ def load_digits(image_size: int = 16, test_size: int = 360, split_seed: int = 0,
     imgs = np.clip(np.round(pixels * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     r = image_size // 8
     imgs = imgs.repeat(r, axis=1).repeat(r, axis=2)[..., None]
-    if split == "sklearn":
+    if split == DIGITS_OLD_SPLIT:
         from sklearn.model_selection import train_test_split
 
         tr, te = train_test_split(np.arange(len(labels)), test_size=test_size, stratify=labels,
@@ -273,7 +274,7 @@ def load_dataset(cfg) -> ArrayDataset:
         return streaming.load_tfds_streaming(cfg)
     if cfg.name == "digits":
         ds = load_digits(cfg.get("image_size", 16), cfg.get("test_size", 360), cfg.get("split_seed", 0),
-                         cfg.get("split", "stratified"))
+                         cfg.get("split", DIGITS_SPLIT))
     elif cfg.name in SYNTHETIC:
         ds = load_synthetic(cfg.name, cfg.get("train_limit", None), cfg.get("test_limit", None))
     elif cfg.name in _TFDS:

@@ -26,7 +26,8 @@ from mgd_jax.stages import student as student_stage
 from mgd_jax.stages import teacher as teacher_stage
 from mgd_jax.stages.common import StageRun, result_row, stage_config
 from mgd_jax.train import mesh as mesh_lib
-from mgd_jax.train.checkpoint import StageCheckpoints, check_meta, with_current_defaults, write_atomic
+from mgd_jax.data.sources import with_current_defaults
+from mgd_jax.train.checkpoint import StageCheckpoints, check_meta, write_atomic
 from mgd_jax.train.metrics import summary_markdown
 
 

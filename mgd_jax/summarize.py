@@ -17,7 +17,7 @@ import numpy as np
 
 from mgd_jax.analysis.common import ToolParser, cli
 from mgd_jax.errors import AnalysisError
-from mgd_jax.train.checkpoint import with_old_defaults
+from mgd_jax.data.sources import with_old_defaults
 
 # The config sections that change a result (as stages.common.stage_config reads them); the seed is what the
 # runs of one table differ in.

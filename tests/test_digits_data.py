@@ -124,7 +124,7 @@ def test_a_digits_config_without_the_field_trains_and_stores_the_stratified_spli
     set the field is not refused, and the analysis tools read it with the split it trained on."""
     from configs import default
     from mgd_jax.stages.common import stage_config
-    from mgd_jax.train.checkpoint import with_current_defaults
+    from mgd_jax.data.sources import with_current_defaults
 
     c = default.get_config()
     c.data.name = "digits"
@@ -137,7 +137,7 @@ def test_a_digits_config_without_the_field_trains_and_stores_the_stratified_spli
 
 def test_summarize_compares_an_old_run_with_a_new_one_on_the_old_split():
     from mgd_jax.summarize import first_difference, run_identity
-    from mgd_jax.train.checkpoint import with_old_defaults
+    from mgd_jax.data.sources import with_old_defaults
 
     old = {"data": {"name": "digits", "test_size": 360}, "seed": 0}
     new_old_split = {"data": {"name": "digits", "test_size": 360, "split": "sklearn"}, "seed": 1}
@@ -183,3 +183,10 @@ def test_an_old_digits_workdir_is_refused_before_anything_runs(tmp_path):
                                                  "config.data.split='stratified'"):
         pipeline.train_and_evaluate(c, str(tmp_path))
     assert not (tmp_path / "config.json").exists()
+
+
+def test_the_checkpoint_identity_and_the_loader_agree_on_the_old_split():
+    from mgd_jax.train.checkpoint import ADDED_FIELDS
+
+    assert ADDED_FIELDS["config.data.split"] == sources.DIGITS_OLD_SPLIT
+    assert sources.with_old_defaults({"data": {"name": "digits"}})["data"]["split"] == sources.DIGITS_OLD_SPLIT

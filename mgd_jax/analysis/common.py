@@ -34,11 +34,12 @@ import orbax.checkpoint as ocp
 
 from mgd_jax import precision
 from mgd_jax.data import load_dataset
+from mgd_jax.data.sources import with_old_defaults
 from mgd_jax.errors import USER_ERRORS, AnalysisError, ConfigError, one_line
 from mgd_jax.models import classifier_name, get_model
 from mgd_jax.stages.common import apply_backbone
 from mgd_jax.train import mesh as mesh_lib
-from mgd_jax.train.checkpoint import StageCheckpoints, with_old_defaults
+from mgd_jax.train.checkpoint import StageCheckpoints
 
 __all__ = ["AnalysisError", "BACKBONE_STAGES", "Backbone", "ConfigFile", "Run", "ToolParser", "check_out_folder",
            "check_stage", "check_workdir", "cli", "evaluate_split", "load_config", "load_config_file", "model_of",

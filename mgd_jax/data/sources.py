@@ -34,6 +34,30 @@ DIGITS_SPLITS = ("stratified", "sklearn")
 DIGITS_SPLIT, DIGITS_OLD_SPLIT = DIGITS_SPLITS  # the default; what a config without the field was split with
 
 
+def _digits_without_split(data) -> bool:
+    return data is not None and data.get("name") == "digits" and "split" not in data and not data.get("dir")
+
+
+def with_current_defaults(config):
+    """``config`` (a ConfigDict) with ``data.split`` at its default where it is a digits config without it (so
+    its checkpoints and config.json carry it; ``train.checkpoint.ADDED_FIELDS``): a copy then, else ``config``."""
+    if not _digits_without_split(config.get("data", None)):
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.split = DIGITS_SPLIT
+    return config
+
+
+def with_old_defaults(config: dict) -> dict:
+    """A stored ``config.json`` (a plain dict) of the digits without ``data.split``: written before the field
+    existed, so with the split it was made with."""
+    data = config.get("data")
+    if isinstance(data, dict) and _digits_without_split(data):
+        config = {**config, "data": {**data, "split": DIGITS_OLD_SPLIT}}
+    return config
+
+
 def load_digits(image_size: int = 16, test_size: int = 360, split_seed: int = 0,
                 split: str = DIGITS_SPLIT) -> ArrayDataset:
     """scikit-learn's 1797 8x8 handwritten digits (ships inside scikit-learn: no download).

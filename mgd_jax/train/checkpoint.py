@@ -29,7 +29,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mgd_jax.data.sources import DIGITS_OLD_SPLIT, DIGITS_SPLIT
 from mgd_jax.errors import DiskFullError, StageMismatchError  # noqa: F401 - raised here
 from mgd_jax.train import faults, supervisor
 
@@ -399,32 +398,9 @@ def _plain(v):
 
 # Config fields added after configs were stored with checkpoints, whose absence from a stored config means a
 # behaviour other than their default: {field: the value a checkpoint without it was written with}.  A run's own
-# config always carries them where they apply (``with_current_defaults``), so only an old stored config lacks one.
-ADDED_FIELDS = {"config.data.split": DIGITS_OLD_SPLIT}  # the digits' split before the field existed
-
-
-def _digits_without_split(data) -> bool:
-    return data is not None and data.get("name") == "digits" and "split" not in data and not data.get("dir")
-
-
-def with_current_defaults(config):
-    """``config`` (a ConfigDict) with the fields of ``ADDED_FIELDS`` that apply to it and it does not set, at their
-    current defaults (the digits' ``data.split``): a copy where any was missing, else ``config``."""
-    if not _digits_without_split(config.get("data", None)):
-        return config
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.data.split = DIGITS_SPLIT
-    return config
-
-
-def with_old_defaults(config: dict) -> dict:
-    """A stored ``config.json`` (a plain dict) with the fields of ``ADDED_FIELDS`` it lacks at the values it was
-    written with (the digits' ``data.split``)."""
-    data = config.get("data")
-    if isinstance(data, dict) and _digits_without_split(data):
-        config = {**config, "data": {**data, "split": ADDED_FIELDS["config.data.split"]}}
-    return config
+# config always carries them where they apply (``data.sources.with_current_defaults``), so only an old stored
+# config lacks one.
+ADDED_FIELDS = {"config.data.split": "sklearn"}  # the digits' split before the field existed (DIGITS_OLD_SPLIT)
 
 
 def check_meta(meta: dict, expected: dict, where: str) -> None:

@@ -1,8 +1,10 @@
-"""configs/imagenet.py end to end on a small image folder: teacher, analyzer and a MAS+CRD student (ResNet-18s at
-16x16; CRD's sampler and memory read the rows' indices), streamed from the files; interrupted in the middle of each
-stage's epoch and resumed, the run is bitwise the uninterrupted one.  One epoch of three steps each: what is checked
-is that every stage runs on the streamed data and updates its parameters, not that it learns (its accuracy stays at
-chance; the methods' learning is tested on the in-memory datasets)."""
+"""configs/imagenet.py end to end on a small image folder: teacher, analyzer and a MAS+CRD student (CRD's sampler and
+memory read the rows' indices), streamed from the files; interrupted in the middle of each stage's epoch and resumed,
+the run is bitwise the uninterrupted one.  One epoch of three steps each: what is checked is that every stage runs on
+the streamed data and updates its parameters, not that it learns (its accuracy stays at chance; the methods' learning
+is tested on the in-memory datasets).  The data path is the ImageNet config's (streamed folder, RandomResizedCrop,
+resize + centre crop); the models are CIFAR resnet8s at 16 x 16 to keep the test short, as in
+tests/test_imagenet_multihost.py (the ImageNet models' steps: tests/test_imagenet_methods.py)."""
 import json
 import os
 
@@ -32,6 +34,7 @@ def _config(folder):
     c.data.image_size = 16
     c.data.workers = 2
     c.precision = "float32"
+    c.teacher.arch = c.student.arch = "resnet8"
     c.progress = False
     c.compilation_cache = False
     c.eval_batch_size = 12

@@ -111,6 +111,21 @@ def smoke_workdir(tmp_path_factory, worker_id):
     return str(work), pickle.loads((shared.parent / "summary.pickle").read_bytes())
 
 
+# Environment variables by which a launcher (SLURM, Open MPI, PMIx, a Cloud TPU or GKE slice, jax.distributed's own)
+# starts processes: a test of one process's behaviour removes them (CI may itself run inside SLURM).
+LAUNCHER_VARS = ("SLURM_", "OMPI_", "PMIX_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JOB_COMPLETION_INDEX",
+                 "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_PORT")
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
+    """This test process's own environment without any launcher's variables (CI may run inside SLURM)."""
+    for k in list(os.environ):
+        if k.startswith(LAUNCHER_VARS):
+            monkeypatch.delenv(k)
+    return monkeypatch
+
+
 # The longest tests (child processes training the smoke config several times) start first, so that with
 # `pytest -n 2` they do not end up alone at the end of the run.
 _SLOW_FIRST = ("test_reliability.py::test_kill_at_each_save_boundary", "test_multihost.py::",

@@ -73,9 +73,9 @@ def test_two_processes_with_two_devices_each_equal_one_device(smoke_workdir, tmp
     chex.assert_trees_all_close(ref, _final(two, like=ref), atol=1e-5, rtol=1e-5)
 
 
-def test_distributed_settings_from_config_and_environment(monkeypatch):
-    import pytest
-
+def test_distributed_settings_from_config_and_environment(no_launcher):
+    """(Without the launcher variables of the environment the tests run in: CI may run inside SLURM.)"""
+    monkeypatch = no_launcher
     from mgd_jax.config_validation import ConfigError
     from mgd_jax.train import distributed
 

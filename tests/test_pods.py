@@ -22,22 +22,11 @@ from mgd_jax.train import checkpoint as ckpt_lib
 from mgd_jax.train import cpu, distributed, faults, loop, preemption
 from mgd_jax.train import mesh as mesh_lib
 from test_multihost import STAGES
+from conftest import LAUNCHER_VARS  # noqa: F401 - also the peer-loss tests'
 import test_reliability
 from test_reliability import _cmd
 
 reference_run = test_reliability.reference_run  # the uninterrupted run, a session fixture shared with that module
-
-LAUNCHER_VARS = ("SLURM_", "OMPI_", "PMIX_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JOB_COMPLETION_INDEX",
-                 "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_PORT")
-
-
-@pytest.fixture
-def no_launcher(monkeypatch):
-    """This test process's own environment without any launcher's variables (CI may run inside SLURM)."""
-    for k in list(os.environ):
-        if k.startswith(LAUNCHER_VARS):
-            monkeypatch.delenv(k)
-    return monkeypatch
 
 
 def _slurm(ntasks=2, procid=1, **extra):

@@ -69,23 +69,14 @@ def _peak_device_bytes():
 
 def time_step(step, state, args, batches, steps) -> dict:
     """Compile (timed), warm up, run ``steps`` steps; FLOPs from the cost analysis of the global step."""
-    lowered = step.lower(state, *args(batches[0]))
-    flops = (lowered.cost_analysis() or {}).get("flops")
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    mem_mb = None if mem is None else \
-        (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2 ** 20
-    state, m = compiled(state, *args(batches[0]))  # warm-up
-    jax.block_until_ready((state, m))
+    compiled, state, info = _compiled(step, state, args, batches)
     t0 = time.perf_counter()
     for i in range(steps):
         state, m = compiled(state, *args(batches[i % len(batches)]))
     jax.block_until_ready((state, m))
     dt = (time.perf_counter() - t0) / steps
     peak = _peak_device_bytes()
-    return {"ms": 1000 * dt, "compile_s": compile_s, "flops": flops, "xla_memory_mib": mem_mb,
+    return {"ms": 1000 * dt, **{k: info[k] for k in ("compile_s", "flops", "xla_memory_mib")},
             "device_peak_mib": None if peak is None else peak / 2 ** 20}
 
 
@@ -143,7 +134,7 @@ class Bench:
 
 
 def _compiled(step, state, args, batches) -> tuple:
-    """-> (compiled step, state after one warm-up step, {compile_s, flops, xla_memory_mib})."""
+    """-> (compiled step, state after one warm-up step, {compile_s, flops, xla_memory_mib, convolutions})."""
     lowered = step.lower(state, *args(batches[0]))
     flops = (lowered.cost_analysis() or {}).get("flops")
     t0 = time.perf_counter()

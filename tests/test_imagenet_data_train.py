@@ -4,7 +4,8 @@ the run is bitwise the uninterrupted one.  One epoch of three steps each: what i
 the streamed data and updates its parameters, not that it learns (its accuracy stays at chance; the methods' learning
 is tested on the in-memory datasets).  The data path is the ImageNet config's (streamed folder, RandomResizedCrop,
 resize + centre crop); the models are CIFAR resnet8s at 16 x 16 to keep the test short, as in
-tests/test_imagenet_multihost.py (the ImageNet models' steps: tests/test_imagenet_methods.py)."""
+tests/test_imagenet_multihost.py (the ImageNet models' steps: traced in every mode, and a ResNet-18 teacher's and
+a MobileNet student's run, in tests/test_imagenet_methods.py)."""
 import json
 import os
 

@@ -6,7 +6,8 @@ traces with every objective term.
 Abstract evaluation (``jax.eval_shape``) on 32x32 / 16x16 inputs: initialising and compiling these networks on a
 CPU costs seconds per kernel shape, and what is new here is the feature lists' shapes; the numerics of every
 method and of the step are tested on the CIFAR zoo (test_methods_train.py, test_baselines_reference.py) and the
-ImageNet models' outputs against torchvision (test_imagenet_torch.py)."""
+ImageNet models' outputs against torchvision (test_imagenet_torch.py).  One test compiles and runs real steps: a
+ResNet-18 teacher's and a MobileNet student's (the backward pass through these networks)."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -182,3 +183,48 @@ def test_analyzer_granularities_on_the_penultimate_feature(arch, feature_dim):
     student = GranularityAnalyzer(grans, 1000, with_decoders=False)
     s_params = jax.eval_shape(lambda: student.init(jax.random.key(0), jnp.zeros((1, d))))["params"]
     assert sum(a.size for a in jax.tree.leaves(s_params)) == sum(d * d + d + d * g.dim + g.dim for g in grans)
+
+
+@pytest.mark.timeout(300)
+def test_imagenet_models_take_real_training_steps():
+    """The one test here that compiles and runs: the teacher's step on ResNet-18 (cross-entropy) and a MAS+KD student
+    step of MobileNet (V1) against that teacher and its tubes, 2 steps each on 8 images of 16x16.  Every loss term
+    and the gradient norm are finite, the gradient is not zero, and every parameter array of both networks moves (the
+    backward pass through the ImageNet stems, bottlenecks and depthwise blocks, not only their shapes)."""
+    from mgd_jax.stages import teacher as T
+
+    key, x = jax.random.key(0), jnp.zeros((2, 16, 16, 3))
+    rng = np.random.default_rng(0)
+    batches = [{"image": rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8),
+                "label": rng.integers(0, 10, 8).astype(np.int32)} for _ in range(2)]
+    tx = optim.sgd(OPT, 2)
+
+    def trained(step, state, *args):
+        before = jax.device_get(state.params)
+        for b in batches:
+            state, m = step(state, *args[:-1], b, args[-1])
+            m = jax.device_get(m)
+            assert all(np.isfinite(v) for k, v in m.items() if k.startswith("loss") or k == "grad_norm"), m
+            assert m["grad_norm"] > 0, m
+        moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params))]
+        assert moved and all(moved), np.mean(moved)
+        return state, m
+
+    # initialised as one compiled program each (op by op, these networks' initialisers cost more than their steps)
+    t_model = get_model(R34_R18[1], 10)
+    t_state, _ = trained(jax.jit(T.make_train_step(t_model, tx, AUG)),
+                         jax.jit(lambda k: T.init_state(t_model, tx, k, x))(key), key)
+    analyzer = GranularityAnalyzer(GRANS, 10)
+    feature_dim = jax.eval_shape(lambda: t_model.init_with_output(key, x)[0][1][-1]).shape[-1]
+    teacher = {"backbone": {"params": t_state.params, "batch_stats": t_state.batch_stats},
+               "analyzer": jax.jit(analyzer.init)(key, jnp.zeros((1, feature_dim)))["params"]}
+    run = default.student_run("kd", "mas", student_arch=R50_MV1[1])
+    s_mods = S.StudentModules(get_model(R50_MV1[1], 10), GranularityAnalyzer(GRANS, 10, False), get_method("kd"))
+    t_mods = S.TeacherModules(t_model, analyzer)
+    w = run.weights
+    obj = S.Objective("mas", GRANS, temperature=run.temperature, w_ce=w.ce, w_logit_kd=w.logit_kd,
+                      w_method=w.method, w_granularity=w.granularity)
+    state = jax.jit(lambda t, k: S.init_state(s_mods, t_mods, t, tx, k, x, {"num_train": 16}))(teacher, key)
+    _, m = trained(jax.jit(S.make_train_step(s_mods, t_mods, obj, tx, AUG)), state, teacher, key)
+    assert {k for k in m if k.startswith("loss/")} == {
+        "loss/ce", "loss/stable_excitation", "loss/granularity/16d_T2", "loss/granularity/32d_T8"}

@@ -1,7 +1,8 @@
 """configs/imagenet.py from an image folder on 2 processes x 1 CPU device (127.0.0.1) == 1 process x 2 devices, bitwise:
 every stage, each process decoding only its own rows of every training and evaluation batch.  The data path is the
 ImageNet config's (streamed folder, RandomResizedCrop, resize + centre crop); the models are CIFAR resnet8s at
-16 x 16 to keep the test short (the ImageNet models' multi-device steps are the same code: tests/test_imagenet_*)."""
+16 x 16 to keep the test short (the steps are the same code for every model; the ImageNet models' steps are traced
+in every mode, and run once, in tests/test_imagenet_methods.py)."""
 import re
 import subprocess
 import sys

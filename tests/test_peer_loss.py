@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from conftest import ROOT, xla_flags
+from conftest import LAUNCHER_VARS, ROOT, xla_flags
 from mgd_jax.train import checkpoint as ckpt_lib
 from mgd_jax.train import cpu, faults, preemption, supervisor
-from test_pods import LAUNCHER_VARS, _assert_same_run, _slurm_port
+from test_pods import _assert_same_run, _slurm_port
 import test_reliability
 from test_reliability import _cmd, _committed
 

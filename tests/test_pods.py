@@ -16,13 +16,12 @@ import orbax.checkpoint as ocp
 import numpy as np
 import pytest
 
-from conftest import ROOT, xla_flags
+from conftest import LAUNCHER_VARS, ROOT, xla_flags
 from mgd_jax.errors import ConfigError
 from mgd_jax.train import checkpoint as ckpt_lib
 from mgd_jax.train import cpu, distributed, faults, loop, preemption
 from mgd_jax.train import mesh as mesh_lib
 from test_multihost import STAGES
-from conftest import LAUNCHER_VARS  # noqa: F401 - also the peer-loss tests'
 import test_reliability
 from test_reliability import _cmd
 

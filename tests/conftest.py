@@ -42,6 +42,13 @@ def xla_flags(devices: int | None = None) -> str:
 
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Environment variables by which a launcher (SLURM, Open MPI, PMIx, a Cloud TPU or GKE slice, jax.distributed's own)
+# starts processes.  The suite is hermetic: the variables of a launcher it runs under (a CI job inside a SLURM
+# allocation, say) are removed for it and the processes it starts; the tests of several processes set their own.
+LAUNCHER_VARS = ("SLURM_", "OMPI_", "PMIX_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JOB_COMPLETION_INDEX",
+                 "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_PORT")
+for _name in [k for k in os.environ if k.startswith(LAUNCHER_VARS)]:
+    del os.environ[_name]
 # One persistent XLA compilation cache for the whole suite: the xdist workers and the train.py processes the tests
 # start inherit it (the controller loads this file first, and removes the folder at the end).  The random-SIGKILL
 # test drops it from its children's environment (a process killed at any moment may be writing an entry; the
@@ -111,15 +118,10 @@ def smoke_workdir(tmp_path_factory, worker_id):
     return str(work), pickle.loads((shared.parent / "summary.pickle").read_bytes())
 
 
-# Environment variables by which a launcher (SLURM, Open MPI, PMIx, a Cloud TPU or GKE slice, jax.distributed's own)
-# starts processes: a test of one process's behaviour removes them (CI may itself run inside SLURM).
-LAUNCHER_VARS = ("SLURM_", "OMPI_", "PMIX_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JOB_COMPLETION_INDEX",
-                 "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_PORT")
-
-
 @pytest.fixture
 def no_launcher(monkeypatch):
-    """This test process's own environment without any launcher's variables (CI may run inside SLURM)."""
+    """This test process's own environment without any launcher's variables (removed for the whole suite above; a
+    test that relies on it says so, and what it sets is undone after it)."""
     for k in list(os.environ):
         if k.startswith(LAUNCHER_VARS):
             monkeypatch.delenv(k)

@@ -164,7 +164,8 @@ _SLOW = (
     "test_imagenet_data.py::test_grain_worker_processes", "test_analysis.py::test_corruptions",
     "test_cli_mistakes.py::test_train_py_from_outside_the_checkout", "test_cli_mistakes.py::test_tfds_default_location",
     "test_imagenet_methods.py::test_every_method_on_imagenet_pairs",
-    "test_imagenet_methods.py::test_imagenet_models_take_real_training_steps", "test_imagenet_methods.py::test_student_step_traces",
+    "test_imagenet_methods.py::test_imagenet_models_take_real_training_steps",
+    "test_imagenet_methods.py::test_student_step_traces",
     "test_bad_inputs.py::test_train_py_one_line_errors", "test_bad_inputs.py::test_missing_cifar_message",
     "test_baselines_reference.py::test_kdsvd_canonical_sign",
 )

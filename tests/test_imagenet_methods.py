@@ -190,14 +190,15 @@ def test_imagenet_models_take_real_training_steps():
     """The one test here that compiles and runs: the teacher's step on ResNet-18 (cross-entropy) and a MAS+KD student
     step of MobileNet (V1) against that teacher and its tubes, 2 steps each on 8 images of 16x16.  Every loss term
     and the gradient norm are finite, the gradient is not zero, and every parameter array of both networks moves (the
-    backward pass through the ImageNet stems, bottlenecks and depthwise blocks, not only their shapes)."""
+    backward pass through the ImageNet stems, basic blocks and depthwise blocks, not only their shapes).  Without
+    weight decay, so that an array moves only if its gradient reaches it."""
     from mgd_jax.stages import teacher as T
 
     key, x = jax.random.key(0), jnp.zeros((2, 16, 16, 3))
     rng = np.random.default_rng(0)
     batches = [{"image": rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8),
                 "label": rng.integers(0, 10, 8).astype(np.int32)} for _ in range(2)]
-    tx = optim.sgd(OPT, 2)
+    tx = optim.sgd(ml_collections.ConfigDict({**OPT.to_dict(), "weight_decay": 0.0}), 2)
 
     def trained(step, state, *args):
         before = jax.device_get(state.params)

@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 
+import chex
 import jax
 import ml_collections
 import numpy as np
@@ -88,3 +89,38 @@ def test_crd_and_init_stage_methods_through_the_pipeline_with_accelerator_defaul
     again = pipeline.train_and_evaluate(c, workdir, devices=jax.devices()[:2])
     assert again["rows"] == summary["rows"]
     assert not os.path.exists(os.path.join(workdir, "students/abound_mas/init"))
+
+
+def test_a_rerun_initialises_no_stage_that_it_resumes_or_reuses(smoke_workdir, tmp_path, monkeypatch, capsys):
+    """The smoke run with its student's newest checkpoint removed (the student resumes mid-epoch 2), run again: the
+    finished teacher and analyzer and the resumed student are not initialised (``loop.Fresh``: a resumed stage is
+    restored onto its shapes), and the student ends bitwise as the uninterrupted run."""
+    from mgd_jax.stages import analyzer as analyzer_stage
+    from mgd_jax.stages import student as student_stage
+    from mgd_jax.stages import teacher as teacher_stage
+
+    src, _ = smoke_workdir
+    work = str(tmp_path / "w")
+    shutil.copytree(src, work)
+    latest = os.path.join(work, "students", "mas_kd", "checkpoints", "latest")
+    steps = sorted(int(n) for n in os.listdir(latest) if n.isdigit())
+    shutil.rmtree(os.path.join(latest, str(steps[-1])))
+
+    def traced_only(init):  # run for its shapes (jax.eval_shape: tracers), never for values
+        def wrapped(*args, **kwargs):
+            out = init(*args, **kwargs)
+            assert all(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(out)), \
+                f"{init.__module__}.{init.__name__}: a stage that resumes or is finished was initialised"
+            return out
+        return wrapped
+
+    for module, name in ((teacher_stage, "init_state"), (analyzer_stage, "init_states"),
+                         (student_stage, "init_state")):
+        monkeypatch.setattr(module, name, traced_only(getattr(module, name)))
+    c = smoke.get_config()
+    pipeline.train_and_evaluate(c, work, devices=jax.devices()[:1])
+    out = capsys.readouterr().out
+    assert "[teacher] finished earlier (2 epochs)" in out and "[analyzer] finished earlier (2 epochs)" in out, out
+    assert f"[student/mas_kd] resuming at epoch 2, pass 1, batch {steps[-2] - 3}" in out, (steps, out)
+    want, got = _final(src, c), _final(work, c)
+    chex.assert_trees_all_equal(want, got)

@@ -25,7 +25,7 @@ from mgd_jax.errors import NonFiniteLossError
 from mgd_jax.stages.common import StageRun, TrainState, apply_backbone, best_per_member, stage_config, step_key
 from mgd_jax.stages.teacher import Teacher
 from mgd_jax.train import mesh as mesh_lib
-from mgd_jax.train.loop import StageSpec, fit
+from mgd_jax.train.loop import Fresh, StageSpec, fit
 from mgd_jax.train.metrics import read_jsonl
 
 # A teacher below this test top-1 is named as the likely cause of a non-finite analyzer loss (undertrained).
@@ -104,7 +104,8 @@ def run(run: StageRun, teacher: Teacher) -> tuple[Teacher, dict]:
     sample = run.sample_images(1)
     feature_dim = jax.eval_shape(teacher.backbone.apply, teacher.variables, sample)[1][-1].shape[-1]
     seed = run.seed("analyzer")
-    states = mesh_lib.replicate(init_states(analyzer, tx, jax.random.key(seed), feature_dim), run.mesh)
+    states = Fresh(lambda: init_states(analyzer, tx, jax.random.key(seed), feature_dim),
+                   lambda shapes: {nm: shapes[nm].params for nm in names})
     groups = [names] if cfg.shared_pass else [(nm,) for nm in names]
     passes = [("+".join(group), jax.jit(make_train_step(teacher.backbone, analyzer, tx, config.augment, group),
                                         donate_argnums=0))
@@ -116,9 +117,8 @@ def run(run: StageRun, teacher: Teacher) -> tuple[Teacher, dict]:
         seed=seed, meta=spec_meta(config, run.data.num_classes), passes=passes,
         evaluate=lambda s: run.evaluate(lambda b: eval_step(teacher.variables, {nm: s[nm].params for nm in names}, b)),
         improve=improve, export=export, **run.loop_options(cfg.optimizer))
-    like = jax.device_get({nm: states[nm].params for nm in names})
     try:
-        _, tubes, result = fit(spec, states, teacher.variables, run.data, run.mesh, like)
+        _, tubes, result = fit(spec, states, teacher.variables, run.data, run.mesh)
     except NonFiniteLossError as e:
         raise NonFiniteLossError(f"{e}; {nonfinite_hint(run.directory('teacher'), config, run.data.num_classes)}"
                                  ) from None

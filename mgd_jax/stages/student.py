@@ -27,8 +27,7 @@ from mgd_jax.models import get_model
 from mgd_jax.stages.common import (StageRun, TrainState, apply_backbone, best_by, classification_counts,
                                    stage_config, step_key, train_metrics)
 from mgd_jax.stages.teacher import Teacher
-from mgd_jax.train import mesh as mesh_lib
-from mgd_jax.train.loop import StageSpec, fit, fit_group, lockstep_groups
+from mgd_jax.train.loop import Fresh, StageSpec, fit, fit_group, lockstep_groups
 
 GRANULARITY_MODES = ("none", "mag", "mas")
 
@@ -432,7 +431,7 @@ class _Student:
     modules: StudentModules
     objective: Objective
     tx: object
-    state: TrainState
+    state: Fresh  # made only if the student starts from scratch
     spec: StageSpec
 
 
@@ -448,10 +447,15 @@ def _build(run: StageRun, name: str, teacher: Teacher) -> _Student:
     tx = run.sgd(cfg.optimizer, cfg.batch_size)
     seed = run.seed("student")
     ctx = {"num_train": len(run.data.train_labels)}
-    state = init_state(modules, t_modules, t_inputs, tx, jax.random.key(seed), run.sample_images(), ctx)
+    def make():
+        return init_state(modules, t_modules, t_inputs, tx, jax.random.key(seed), run.sample_images(), ctx)
+
     meta = spec_meta(config, name, run.data.num_classes)
     if method.has_init_stage:  # AB / FT / FSP: SPEC_BASELINES §3
-        state = init_stage.run(run, name, modules, teacher, state, tx, meta)
+        after_init = init_stage.run(run, name, modules, teacher, make(), tx, meta)
+
+        def make():
+            return after_init
     extras = None
     if method.needs_contrast:
         from mgd_jax.data.contrast import ContrastSampler
@@ -466,15 +470,14 @@ def _build(run: StageRun, name: str, teacher: Teacher) -> _Student:
         evaluate=lambda s: run.evaluate(lambda b: eval_step(export_variables(s), b)),
         improve=best_by("test/acc1"), export=lambda s, prev, improved: export_variables(s),
         **run.loop_options(cfg.optimizer), batch_extras=extras)
-    return _Student(name, modules, objective, tx, mesh_lib.replicate(state, run.mesh), spec)
+    return _Student(name, modules, objective, tx, Fresh(make, export_variables), spec)
 
 
 def run(run: StageRun, name: str, teacher: Teacher) -> tuple[dict, dict]:
     """Train (or resume, or reuse) the student ``config.students[name]`` alone against the frozen ``teacher`` (its
     init stage first for AB / FT / FSP); -> (its best-epoch variables, {'best', 'last'})."""
     st = _build(run, name, teacher)
-    _, export, result = fit(st.spec, st.state, teacher_inputs(teacher), run.data, run.mesh,
-                            jax.device_get(export_variables(st.state)))
+    _, export, result = fit(st.spec, st.state, teacher_inputs(teacher), run.data, run.mesh)
     return export, result
 
 
@@ -508,8 +511,7 @@ def run_all(run: StageRun, teacher: Teacher) -> dict:
         for group, step_from in groups:
             if len(group) == 1:
                 st = group[0]
-                _, export, result = fit(st.spec, st.state, t_inputs, run.data, run.mesh,
-                                        jax.device_get(export_variables(st.state)))
+                _, export, result = fit(st.spec, st.state, t_inputs, run.data, run.mesh)
                 out[st.name] = (export, result)
                 continue
             # one optimizer object: every student's is run.sgd of the same config.student.optimizer (a vmapped
@@ -517,9 +519,8 @@ def run_all(run: StageRun, teacher: Teacher) -> dict:
             members = {st.spec.name: (st.modules, st.objective, group[0].tx) for st in group}
             step = jax.jit(make_group_train_step(members, t_modules, run.config.augment, vmap), donate_argnums=0)
             states = {st.spec.name: st.state for st in group}
-            likes = {st.spec.name: jax.device_get(export_variables(st.state)) for st in group}
             _, exports, results = fit_group([st.spec for st in group], [("students", step)], states, t_inputs,
-                                            run.data, run.mesh, likes, _group_extras(group), step_from)
+                                            run.data, run.mesh, None, _group_extras(group), step_from)
             for st in group:
                 out[st.name] = (exports[st.spec.name], results[st.spec.name])
     return {name: out[name] for name in names}

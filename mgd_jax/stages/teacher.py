@@ -10,7 +10,7 @@ from mgd_jax.data import augment
 from mgd_jax.stages.common import (StageRun, TrainState, apply_backbone, backbone_variables, best_by,
                                    classification_counts, stage_config, step_key, train_metrics)
 from mgd_jax.train import mesh as mesh_lib
-from mgd_jax.train.loop import StageSpec, fit
+from mgd_jax.train.loop import Fresh, StageSpec, fit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +67,7 @@ def run(run: StageRun) -> tuple[Teacher, dict]:
     model = run.backbone(cfg.arch)
     tx = run.sgd(cfg.optimizer, cfg.batch_size)
     seed = run.seed("teacher")
-    state = mesh_lib.replicate(init_state(model, tx, jax.random.key(seed), run.sample_images()), run.mesh)
+    state = Fresh(lambda: init_state(model, tx, jax.random.key(seed), run.sample_images()), backbone_variables)
     step = jax.jit(make_train_step(model, tx, config.augment), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(model, config.augment))
 
@@ -80,5 +80,5 @@ def run(run: StageRun) -> tuple[Teacher, dict]:
         evaluate=lambda s: run.evaluate(lambda b: eval_step(backbone_variables(s), b)),
         improve=best_by("test/acc1"), export=lambda s, prev, improved: backbone_variables(s),
         **run.loop_options(cfg.optimizer))
-    _, export, result = fit(spec, state, None, run.data, run.mesh, jax.device_get(backbone_variables(state)))
+    _, export, result = fit(spec, state, None, run.data, run.mesh)
     return Teacher(model, mesh_lib.replicate(export, run.mesh)), result

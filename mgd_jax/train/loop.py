@@ -1,7 +1,9 @@
 """The epoch loop shared by all stages: shuffled passes, jitted steps, evaluation, metrics, checkpoints, resume.
 
 A stage hands the loop:
-* ``state`` (a pytree that the steps update) and ``frozen`` (arrays the steps read, e.g. the teacher);
+* ``state`` (a pytree that the steps update), or ``Fresh(make)``: the state made only if the stage starts from
+  scratch (a resumed stage is restored onto its shapes, a finished one needs none); ``frozen`` (arrays the steps
+  read, e.g. the teacher);
 * ``passes``: ``[(label, jitted_step)]``, each one full shuffled pass over the training data per epoch
   (``step(state, frozen, batch, key) -> (state, metrics)``);
 * ``evaluate(state) -> metrics`` and ``improve(best, metrics) -> (best, improved_keys)``;
@@ -37,6 +39,23 @@ from mgd_jax.train import preemption
 from mgd_jax.train.checkpoint import StageCheckpoints
 from mgd_jax.train.metrics import MetricWriter, NonFiniteLossError, check_finite
 from mgd_jax.train.progress import Progress, epoch_lines
+
+
+class Fresh:
+    """A stage's initial state, made (``make()``, host values the loop replicates over the mesh) only when the stage
+    starts from scratch.  A resumed stage is restored onto its shapes (``jax.eval_shape``: traced, not run) and a
+    finished one reads only its best export, so a rerun never initialises a model it then overwrites (eager
+    initialisation runs a small program per parameter: 1-2 s for a small CIFAR ResNet in a new process).
+    ``export_like(shapes)``: the structure of the stage's export, from the state's shapes."""
+
+    def __init__(self, make: Callable[[], Any], export_like: Callable[[Any], Any]):
+        self.make, self.export_like = make, export_like
+        self._shapes = None
+
+    def shapes(self):
+        if self._shapes is None:
+            self._shapes = jax.eval_shape(self.make)
+        return self._shapes
 
 
 @dataclasses.dataclass
@@ -145,8 +164,9 @@ class _Accumulator:
         return {k: v / self.count for k, v in self.sums.items()} if self.count else {}
 
 
-def fit(spec: StageSpec, state, frozen, dataset, mesh, export_like) -> tuple[Any, Any, dict]:
-    """Train (or resume, or skip if finished) one stage. Returns (state, export, {'best', 'last'})."""
+def fit(spec: StageSpec, state, frozen, dataset, mesh, export_like=None) -> tuple[Any, Any, dict]:
+    """Train (or resume, or skip if finished) one stage. Returns (state, export, {'best', 'last'}); ``state``: the
+    initial state, or ``Fresh`` (then ``export_like`` comes from it; a finished stage returns it unmade)."""
     name = spec.name
 
     def one(step):
@@ -207,6 +227,9 @@ class _Member:
         self.done_passes, self.acc = {}, _Accumulator()
         self.evaluated = False  # its evaluation has compiled in this run
 
+    def restore_like(self):
+        return self.export_like() if callable(self.export_like) else self.export_like
+
     def close(self, quietly: bool = False):
         """Close the metric writer and checkpoints; ``quietly`` (an error is on its way up already): a failure to
         close (a full disk flushing TensorBoard events) must not replace that error."""
@@ -238,6 +261,7 @@ def fit_group(specs: list, passes: list, states: dict, frozen, dataset, mesh, ex
     member keeps its own checkpoints, metrics, best epoch and export, as if it ran alone; all must share the data
     order, epochs and checkpoint cadence (``_SHARED_FIELDS``) and stand at the same point, or resume together
     from ``resume_step`` (``lockstep_groups``; 0: from the start).
+    ``states[name]`` may be ``Fresh`` (then ``export_likes`` need not name it).
     -> ({name: state}, {name: export}, {name: {'best', 'last'}})."""
     lead = specs[0]
     for spec in specs[1:]:
@@ -247,7 +271,7 @@ def fit_group(specs: list, passes: list, states: dict, frozen, dataset, mesh, ex
     members = {}
     try:
         for spec in specs:
-            members[spec.name] = _Member(spec, export_likes[spec.name])
+            members[spec.name] = _Member(spec, _export_like(states[spec.name], (export_likes or {}).get(spec.name)))
         out = _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extras, resume_step)
     except BaseException:
         for m in members.values():
@@ -258,6 +282,13 @@ def fit_group(specs: list, passes: list, states: dict, frozen, dataset, mesh, ex
     return out
 
 
+def _export_like(state, given):
+    """The structure a member's best export is restored onto: ``given``, or (``Fresh``) one made when needed."""
+    if given is not None or not isinstance(state, Fresh):
+        return given
+    return lambda: state.export_like(state.shapes())
+
+
 def _resume(m: _Member, state, mesh, step=None):
     """-> (state, position or None, finished) of member ``m`` from its checkpoints (a fresh member as given), from
     its newest latest step or ``step`` (0: from the start)."""
@@ -266,17 +297,18 @@ def _resume(m: _Member, state, mesh, step=None):
     spec, ckpt = m.spec, m.ckpt
     meta = None if step == 0 else ckpt.latest_meta(step)
     if meta is None:
-        return state, (0, 0, 0), False
+        return (mesh_lib.replicate(state.make(), mesh) if isinstance(state, Fresh) else state), (0, 0, 0), False
     check_meta(meta, spec.meta, f"{spec.directory}/checkpoints/latest")
     m.best, m.last = dict(meta["best"]), dict(meta.get("last", {}))
     if meta.get("imported") or (int(meta["epoch"]) >= spec.num_epochs and not meta.get("position")):
         if ckpt.best_meta() is None:
             raise FileNotFoundError(f"{spec.directory}/checkpoints/best is missing for a finished stage")
-        m.export, _ = ckpt.restore_best(m.export_like, spec.legacy_layout)
+        m.export, _ = ckpt.restore_best(m.restore_like(), spec.legacy_layout)
         how = "imported" if meta.get("imported") else f"finished earlier ({meta['epoch']} epochs)"
         print(f"[{spec.name}] {how}: using {spec.directory}/checkpoints/best", flush=True)
         return state, None, True
-    restored, meta = ckpt.restore_latest(jax.device_get(state), spec.legacy_layout, step)
+    like = state.shapes() if isinstance(state, Fresh) else jax.device_get(state)
+    restored, meta = ckpt.restore_latest(like, spec.legacy_layout, step)
     state = mesh_lib.replicate(restored, mesh)
     start = (int(meta["epoch"]), 0, 0)
     pos = meta.get("position")
@@ -285,7 +317,7 @@ def _resume(m: _Member, state, mesh, step=None):
         m.done_passes = dict(pos["done_passes"])
         m.acc = _Accumulator(pos["sums"], pos["count"])
     if ckpt.best_meta() is not None:
-        m.export, _ = ckpt.restore_best(m.export_like, spec.legacy_layout)
+        m.export, _ = ckpt.restore_best(m.restore_like(), spec.legacy_layout)
     where = f"at epoch {start[0] + 1}, pass {start[1] + 1}, batch {start[2]}" if pos else \
         f"after epoch {start[0]}/{spec.num_epochs}"
     print(f"[{spec.name}] resuming {where}", flush=True)

@@ -77,6 +77,22 @@ def test_non_finite_parameters_are_never_checkpointed(tmp_path):
     assert _latest_w(tmp_path)[0] is None
 
 
+def test_the_host_check_of_an_export_finds_any_non_finite_float():
+    """An export is a host copy, checked with numpy (no program compiled for it): any inf / NaN in a float leaf
+    (bfloat16 included) fails it, integer leaves are not floats."""
+    import ml_dtypes
+
+    from mgd_jax.train.loop import _host_finite
+
+    tree = {"w": np.ones((2, 3), np.float32), "bn": {"mean": np.zeros(3, ml_dtypes.bfloat16)},
+            "count": np.array([7], np.int32)}
+    assert _host_finite(tree)
+    for leaf, bad in (("w", np.inf), ("w", np.nan), ("bn", -np.inf)):
+        t = jax.tree.map(np.array, tree)
+        (t[leaf] if leaf == "w" else t[leaf]["mean"])[-1] = bad
+        assert not _host_finite(t), (leaf, bad)
+
+
 # --- a full disk (item 5) -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("error", [
     ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/w/d/0.zarr\": [OS error 28: No space left on device]"),

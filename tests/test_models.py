@@ -91,19 +91,20 @@ def test_batchnorm_matches_pytorch_semantics():
 
 
 def test_family_initialisations():
+    """(Each init jitted: one program per model compiles faster than its ops one by one, 12 s instead of 20 s.)"""
     x = jnp.zeros((1, 32, 32, 3))
-    wrn = get_model("wrn_16_2", 100).init(jax.random.key(0), x)["params"]
+    wrn = jax.jit(get_model("wrn_16_2", 100).init)(jax.random.key(0), x)["params"]
     np.testing.assert_array_equal(wrn["fc"]["bias"], 0.0)  # WRN: fc bias 0
     k = wrn["block3"]["layer_1"]["conv2"]["kernel"]
     assert abs(float(jnp.std(k)) / np.sqrt(2 / (9 * 128)) - 1) < 0.03
-    vgg = get_model("vgg8", 100).init(jax.random.key(0), x)["params"]
+    vgg = jax.jit(get_model("vgg8", 100).init)(jax.random.key(0), x)["params"]
     assert abs(float(jnp.std(vgg["classifier"]["kernel"])) / 0.01 - 1) < 0.05  # Linear N(0, 0.01)
     np.testing.assert_array_equal(vgg["block2_0"]["bias"], 0.0)  # conv bias 0
-    shuf = get_model("ShuffleV2", 100).init(jax.random.key(0), x)["params"]
+    shuf = jax.jit(get_model("ShuffleV2", 100).init)(jax.random.key(0), x)["params"]
     k = shuf["layer2_1"]["conv1"]["kernel"]  # default torch conv init: U(+-1/sqrt(fan_in)), fan_in = 116
     bound = 1 / np.sqrt(116)
     assert float(jnp.max(jnp.abs(k))) <= bound and float(jnp.max(jnp.abs(k))) > 0.95 * bound
-    mob = get_model("MobileNetV2", 100).init(jax.random.key(0), x)["params"]
+    mob = jax.jit(get_model("MobileNetV2", 100).init)(jax.random.key(0), x)["params"]
     k = mob["blocks_3_0"]["conv_3"]["kernel"]  # depthwise 3x3 of 96 channels: N(0, sqrt(2 / (9 * 96)))
     assert k.shape == (3, 3, 1, 96) and abs(float(jnp.std(k)) / np.sqrt(2 / (9 * 96)) - 1) < 0.1
 

@@ -77,20 +77,24 @@ def test_non_finite_parameters_are_never_checkpointed(tmp_path):
     assert _latest_w(tmp_path)[0] is None
 
 
-def test_the_host_check_of_an_export_finds_any_non_finite_float():
-    """An export is a host copy, checked with numpy (no program compiled for it): any inf / NaN in a float leaf
-    (bfloat16 included) fails it, integer leaves are not floats."""
+def test_the_finite_checks_find_any_non_finite_float():
+    """The checks before a save: an export (a host copy) with numpy; a state on the mesh with numpy on the CPU
+    backend (its arrays are in host memory) and with the jitted reduction on an accelerator (run here too).  Any
+    inf / NaN in a float leaf (bfloat16 included) fails each; integer and PRNG-key leaves are not floats."""
     import ml_dtypes
 
-    from mgd_jax.train.loop import _host_finite
+    from mgd_jax.train import mesh as mesh_lib
+    from mgd_jax.train.loop import _all_finite, _host_finite, _state_finite
 
     tree = {"w": np.ones((2, 3), np.float32), "bn": {"mean": np.zeros(3, ml_dtypes.bfloat16)},
             "count": np.array([7], np.int32)}
-    assert _host_finite(tree)
-    for leaf, bad in (("w", np.inf), ("w", np.nan), ("bn", -np.inf)):
+    mesh = mesh_lib.make_mesh(jax.devices()[:2])
+    for leaf, bad in ((None, None), ("w", np.inf), ("w", np.nan), ("bn", -np.inf)):
         t = jax.tree.map(np.array, tree)
-        (t[leaf] if leaf == "w" else t[leaf]["mean"])[-1] = bad
-        assert not _host_finite(t), (leaf, bad)
+        if leaf:
+            (t[leaf] if leaf == "w" else t[leaf]["mean"])[-1] = bad
+        on_mesh = {**mesh_lib.replicate(t, mesh), "key": jax.random.key(0)}
+        assert _host_finite(t) is _state_finite(on_mesh) is bool(_all_finite(on_mesh)) is (leaf is None), (leaf, bad)
 
 
 # --- a full disk (item 5) -----------------------------------------------------------------------------------------

@@ -141,8 +141,20 @@ def _first_nonfinite(pending: list[tuple[int, int, dict]]):
 
 
 def _host_finite(tree) -> bool:
-    """Every float in ``tree`` (host arrays) is finite: checked with numpy, no program to compile or transfer."""
-    return all(np.isfinite(x).all() for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact))
+    """Every float in ``tree`` is finite, checked with numpy (no program compiled for the tree's structure): host
+    arrays, or arrays in host memory (the CPU backend's; one replica of each)."""
+    for x in jax.tree.leaves(tree):
+        if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact):
+            if not np.isfinite(np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)).all():
+                return False
+    return True
+
+
+def _state_finite(tree) -> bool:
+    """Every float in ``tree`` (a state on the mesh, replicated) is finite.  On an accelerator a jitted reduction
+    (``_all_finite``) reads it where it lives; on the CPU the arrays are in host memory already, so numpy reads one
+    replica of each, with no program compiled for the state's structure (~0.3 s for a CIFAR ResNet's state)."""
+    return bool(_all_finite(tree)) if jax.default_backend() != "cpu" else _host_finite(tree)
 
 
 @jax.jit
@@ -406,7 +418,7 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
         """Every member's parameters / statistics are finite, checked before any member saves (never a NaN 'last
         good' state, and the members of a group stop at the same point)."""
         for name, m in members.items():
-            if not bool(_all_finite(states[name])):
+            if not _state_finite(states[name]):
                 raise NonFiniteLossError(
                     f"{m.spec.name}: the trained state became non-finite by step {gstep} (epoch {epoch + 1}) although "
                     f"every logged loss and gradient norm was finite; stopped, the last good checkpoint stays the "

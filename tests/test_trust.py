@@ -79,8 +79,9 @@ def test_non_finite_parameters_are_never_checkpointed(tmp_path):
 
 def test_the_finite_checks_find_any_non_finite_float():
     """The checks before a save: an export (a host copy) with numpy; a state on the mesh with numpy on the CPU
-    backend (its arrays are in host memory) and with the jitted reduction on an accelerator (run here too).  Any
-    inf / NaN in a float leaf (bfloat16 included) fails each; integer and PRNG-key leaves are not floats."""
+    backend (its arrays are in host memory) unless a leaf is sharded, and with the jitted reduction on an
+    accelerator (run here too).  Any inf / NaN in a float leaf (bfloat16 included) fails each; integer and PRNG-key
+    leaves are not floats."""
     import ml_dtypes
 
     from mgd_jax.train import mesh as mesh_lib
@@ -95,6 +96,11 @@ def test_the_finite_checks_find_any_non_finite_float():
             (t[leaf] if leaf == "w" else t[leaf]["mean"])[-1] = bad
         on_mesh = {**mesh_lib.replicate(t, mesh), "key": jax.random.key(0)}
         assert _host_finite(t) is _state_finite(on_mesh) is bool(_all_finite(on_mesh)) is (leaf is None), (leaf, bad)
+    # a leaf split over the devices: its non-finite value on the second device only is found (not one replica read)
+    halves = np.array([1.0, np.inf], np.float32)
+    sharded = jax.device_put(halves, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.DATA)))
+    assert not sharded.is_fully_replicated and not _state_finite({"w": sharded})
+    assert _state_finite({"w": jax.device_put(np.ones(2, np.float32), sharded.sharding)})
 
 
 # --- a full disk (item 5) -----------------------------------------------------------------------------------------

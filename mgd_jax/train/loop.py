@@ -42,9 +42,9 @@ from mgd_jax.train.progress import Progress, epoch_lines
 
 
 class Fresh:
-    """A stage's initial state, made (``make()``, host values the loop replicates over the mesh) only when the stage
-    starts from scratch.  A resumed stage is restored onto its shapes (``jax.eval_shape``: traced, not run) and a
-    finished one reads only its best export, so a rerun never initialises a model it then overwrites (eager
+    """A stage's initial state, made (``make()``; the loop replicates it over the mesh) only when the stage starts
+    from scratch.  A resumed stage is restored onto its shapes (``jax.eval_shape``: traced, not run) and a
+    finished one reads only its best export, so a rerun does not initialise a model it then overwrites (eager
     initialisation runs a small program per parameter: 1-2 s for a small CIFAR ResNet in a new process).
     ``export_like(shapes)``: the structure of the stage's export, from the state's shapes."""
 
@@ -151,10 +151,12 @@ def _host_finite(tree) -> bool:
 
 
 def _state_finite(tree) -> bool:
-    """Every float in ``tree`` (a state on the mesh, replicated) is finite.  On an accelerator a jitted reduction
-    (``_all_finite``) reads it where it lives; on the CPU the arrays are in host memory already, so numpy reads one
-    replica of each, with no program compiled for the state's structure (~0.3 s for a CIFAR ResNet's state)."""
-    return bool(_all_finite(tree)) if jax.default_backend() != "cpu" else _host_finite(tree)
+    """Every float in ``tree`` (a state on the mesh) is finite.  On an accelerator a jitted reduction (``_all_finite``)
+    reads it where it lives; on the CPU, where the arrays are in host memory already, numpy reads one replica of
+    each, with no program compiled for the state's structure (~0.3 s for a CIFAR ResNet's state), unless a leaf is
+    sharded (the jitted reduction then sees every shard, and every process gets the same answer)."""
+    replicated = all(x.is_fully_replicated for x in jax.tree.leaves(tree) if isinstance(x, jax.Array))
+    return _host_finite(tree) if jax.default_backend() == "cpu" and replicated else bool(_all_finite(tree))
 
 
 @jax.jit
@@ -245,6 +247,8 @@ class _Member:
         self.evaluated = False  # its evaluation has compiled in this run
 
     def restore_like(self):
+        if self.export_like is None:
+            raise TypeError(f"{self.spec.name}: restoring its best export needs export_like (or a loop.Fresh state)")
         return self.export_like() if callable(self.export_like) else self.export_like
 
     def close(self, quietly: bool = False):

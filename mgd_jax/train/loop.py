@@ -238,8 +238,8 @@ def lockstep_groups(specs: list) -> list[tuple[list, int | None]]:
 class _Member:
     """One stage of a group: its checkpoints, metric writer, best epoch, export and running sums."""
 
-    def __init__(self, spec: StageSpec, export_like):
-        self.spec, self.export_like = spec, export_like
+    def __init__(self, spec: StageSpec, export_like, state):
+        self.spec, self.export_like, self.initial = spec, export_like, state
         self.ckpt = StageCheckpoints(f"{spec.directory}/checkpoints", keep=spec.keep_checkpoints, name=spec.name)
         self.writer = None
         self.best, self.last, self.export = {}, {}, None
@@ -247,9 +247,12 @@ class _Member:
         self.evaluated = False  # its evaluation has compiled in this run
 
     def restore_like(self):
-        if self.export_like is None:
-            raise TypeError(f"{self.spec.name}: restoring its best export needs export_like (or a loop.Fresh state)")
-        return self.export_like() if callable(self.export_like) else self.export_like
+        """The structure its best export is restored onto: the one given, or a ``Fresh`` state's."""
+        if self.export_like is not None:
+            return self.export_like
+        if isinstance(self.initial, Fresh):
+            return self.initial.export_like(self.initial.shapes())
+        raise TypeError(f"{self.spec.name}: restoring its best export needs export_like (or a loop.Fresh state)")
 
     def close(self, quietly: bool = False):
         """Close the metric writer and checkpoints; ``quietly`` (an error is on its way up already): a failure to
@@ -292,7 +295,7 @@ def fit_group(specs: list, passes: list, states: dict, frozen, dataset, mesh, ex
     members = {}
     try:
         for spec in specs:
-            members[spec.name] = _Member(spec, _export_like(states[spec.name], (export_likes or {}).get(spec.name)))
+            members[spec.name] = _Member(spec, (export_likes or {}).get(spec.name), states[spec.name])
         out = _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extras, resume_step)
     except BaseException:
         for m in members.values():
@@ -301,13 +304,6 @@ def fit_group(specs: list, passes: list, states: dict, frozen, dataset, mesh, ex
     for m in members.values():
         m.close()
     return out
-
-
-def _export_like(state, given):
-    """The structure a member's best export is restored onto: ``given``, or (``Fresh``) one made when needed."""
-    if given is not None or not isinstance(state, Fresh):
-        return given
-    return lambda: state.export_like(state.shapes())
 
 
 def _resume(m: _Member, state, mesh, step=None):

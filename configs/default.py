@@ -3,6 +3,8 @@
 Every number of the paper lives here once (a baseline method's own numbers, its loss weight, options and init
 stage, in its file under mgd_jax/methods/); other configs import and override.
 """
+import copy
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -61,6 +63,9 @@ def student_lr(arch: str) -> float:
     return LOW_LR if arch in LOW_LR_STUDENTS else STUDENT_LR
 
 
+RUN_SEED = -1  # students.<name>.seed: the run's seed (config.seed); an int field, so --config.students.x.seed=N works
+
+
 def student_run(method: str, mode: str, temperature: float = 4.0, student_arch: str = "", teacher_arch: str = ""):
     """One student of the table: method x mode (``STUDENT_MODES``: baseline | none | mag | mas), with the method's
     weights under the mode's protocol and its options.  A method with an init stage needs ``student_arch`` (its
@@ -78,7 +83,10 @@ def student_run(method: str, mode: str, temperature: float = 4.0, student_arch: 
         w = {**w, "method": m.pair_beta(*pair)}
     run = dict(method=method, granularity=granularity, protocol=protocol, temperature=temperature,
                weights=dict(ce=w["ce"], logit_kd=w["logit_kd"], method=w["method"], granularity=1.0),
-               method_options=m.options())
+               method_options=m.options(),
+               # this student's own seed (its initialisation, data order and augmentation; -1: the run's seed).
+               # Students of one method differing only in seed still train as one vmapped program in a fused group.
+               seed=RUN_SEED)
     if m.has_init_stage:
         if not student_arch:
             raise ValueError(f"student_run({method!r}): the init stage's lr depends on the student; pass student_arch")
@@ -102,6 +110,22 @@ def set_students(c, method: str, mode: str):
     c.students = ml_collections.ConfigDict({f"{method}_{m}": student_run(method, m, student_arch=c.student.arch,
                                                                          teacher_arch=c.teacher.arch)
                                             for m in modes})
+
+
+def seeded_students(c, seeds):
+    """Every student of ``c.students`` once per seed of ``seeds``, named ``<name>_seed<k>`` with ``seed`` k (its
+    own initialisation, data order and augmentation; the teacher and analyzer keep the run's ``seed``).  Fused, the
+    seeds and modes of one method train as one vmapped program where ``student.vmap`` is on."""
+    seeds = tuple(seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(k, int) and k >= 0 for k in seeds):
+        raise ValueError(f"seeded_students: seeds must be distinct integers >= 0, got {seeds!r}")
+    students = {}
+    for name, run in c.students.items():
+        for k in seeds:
+            students[f"{name}_seed{k}"] = copy.deepcopy(run)
+            students[f"{name}_seed{k}"].seed = k
+    c.students = ml_collections.ConfigDict(students)
+    return c
 
 
 def apply_run_argument(c, arg: str, schedule: bool = True):

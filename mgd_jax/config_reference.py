@@ -138,6 +138,9 @@ DESCRIPTIONS: dict[str, str] = {
     STUDENT + ".protocol": "weight protocol: `mg` (the authors' scripts) or `repdistiller` (the paper's baseline "
                            "numbers); set by the config argument's mode",
     STUDENT + ".temperature": "temperature of the logit-KD term",
+    STUDENT + ".seed": "the student's own seed (its initialisation, data order and augmentation; `-1`: the run's "
+                       "`seed`): students differing only in seed train fused, one vmapped program where "
+                       "`student.vmap` is on, each with its own batches",
     STUDENT + ".weights.ce": "weight of the cross-entropy term",
     STUDENT + ".weights.logit_kd": "weight of the logit-KD term (MAS: against the stable-excitation target)",
     STUDENT + ".weights.method": "weight of the method's own loss (its beta)",

@@ -269,6 +269,9 @@ def _validate(config) -> None:
             _fail(f"{p}.granularity", s.granularity, f"unknown granularity mode; known: {', '.join(GRANULARITY_MODES)}")
         if not s.temperature > 0:
             _fail(f"{p}.temperature", s.temperature, "temperature must be > 0")
+        seed = s.get("seed", None)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < -1):
+            _fail(f"{p}.seed", seed, "must be an integer >= 0, or -1 for the run's seed")
         for k in ("ce", "logit_kd", "method", "granularity"):
             if not s.weights[k] >= 0:
                 _fail(f"{p}.weights.{k}", s.weights[k], "weights must be >= 0")

@@ -107,6 +107,7 @@ TRAIN_CASES = [
     ([SMOKE, "--config.eval_batch_size=0"], "config.eval_batch_size=0: must be >= 1"),
     ([SMOKE, "--config.cpu_devices=-2"], "config.cpu_devices=-2"),
     ([SMOKE, "--config.student.group_size=-1"], "config.student.group_size=-1"),
+    ([SMOKE, "--config.students.mas_kd.seed=-3"], "config.students.mas_kd.seed=-3: must be an integer >= 0, or -1 for"),
     ([SMOKE, "--config.data.image_size=12"], "config.data.image_size=12: the digits"),
     ([SMOKE, "--config.data.split=random"], "config.data.split='random': must be 'stratified' or 'sklearn'"),
     ([SMOKE, "--config.data.train_limit=-5"], "config.data.train_limit=-5"),

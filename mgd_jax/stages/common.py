@@ -166,8 +166,14 @@ class StageRun:
     data: Any  # data.ArrayDataset
     mesh: Any  # jax.sharding.Mesh
 
-    def seed(self, stage: str) -> int:
-        return self.config.seed * 1000 + SEED_OFFSETS[stage]
+    def seed(self, stage: str, student: str | None = None) -> int:
+        """The seed of ``stage`` (its initialisation, data order and augmentation); a student's: its own
+        ``students.<name>.seed`` where set (>= 0), else the run's ``seed``."""
+        seed = self.config.seed
+        own = None if student is None else self.config.students[student].get("seed", None)
+        if own is not None and own >= 0:  # None / -1: the run's seed
+            seed = own
+        return int(seed) * 1000 + SEED_OFFSETS[stage]
 
     def directory(self, *parts: str) -> str:
         return os.path.join(self.workdir, *parts)

@@ -139,7 +139,7 @@ def run(run: StageRun, name: str, modules: StudentModules, teacher: Teacher, stu
     batch_size = run.config.student.batch_size
     t_modules, t_inputs = TeacherModules.of(teacher), teacher_inputs(teacher)
     tx = run.sgd(cfg.optimizer, batch_size)
-    seed = run.seed("student")
+    seed = run.seed("student", name)
     state = init_stage_state(modules, t_modules, t_inputs, student, tx, jax.random.key(seed), run.sample_images(),
                              {"num_train": len(run.data.train_labels)})
     if _main_stage_started(run.directory("students", name)):

@@ -27,7 +27,8 @@ from mgd_jax.models import get_model
 from mgd_jax.stages.common import (StageRun, TrainState, apply_backbone, best_by, classification_counts,
                                    stage_config, step_key, train_metrics)
 from mgd_jax.stages.teacher import Teacher
-from mgd_jax.train.loop import Fresh, StageSpec, fit, fit_group, lockstep_groups
+from mgd_jax.train import mesh as mesh_lib
+from mgd_jax.train.loop import Fresh, StageSpec, data_orders, fit, fit_group, lockstep_groups
 
 GRANULARITY_MODES = ("none", "mag", "mas")
 
@@ -253,11 +254,14 @@ def _crop_like(tree, like):
 _TERM_WEIGHTS = ("ce", "kd", "method", "granularity")
 
 
-def _vmapped_update(entries: list, states: dict, x, t_out: Outputs, batch):
+def _vmapped_update(entries: list, states: dict, inputs: list):
     """One optimizer step of the compatible students ``entries`` ([(name, StudentModules, Objective, tx)]) as one
     vmapped program: their states stacked (a mode-'none' student's padded with zero encoders at granularity weight
     0, its padding dropped after), each term's weight and the distillation target (MAS: stable excitation, else the
-    teacher's logits) per-member data.  -> ({name: state}, {name: metrics}), each member's metrics named as alone."""
+    teacher's logits) per-member data.  ``inputs``: each member's ``(x, t_out, batch)`` (its data order's augmented
+    images, the teacher's outputs on them, its labels), one shared object where the members share their data
+    order (then not stacked), else per-member data too.
+    -> ({name: state}, {name: metrics}), each member's metrics named as alone."""
     full = next((e for e in entries if e[1].analyzer is not None), entries[0])
     s, tx, ref = full[1], full[3], states[full[0]]
     method, objective = s.method, full[2]
@@ -265,12 +269,16 @@ def _vmapped_update(entries: list, states: dict, x, t_out: Outputs, batch):
     rows = [[o.w_ce, o.w_logit_kd, o.w_method, o.w_granularity if o.mode != "none" else 0.0] for o in objs]
     use = {k: any(r[i] for r in rows) for i, k in enumerate(_TERM_WEIGHTS)}
     weights = jnp.asarray(rows, jnp.float32)
-    if any(o.mode == "mas" for o in objs):
-        mas = losses.stable_excitation_target(t_out.logits, list(t_out.decodings.values()))
-    targets = jnp.stack([mas if o.mode == "mas" else t_out.logits for o in objs])
+    mas = {}  # id(t_out) -> its stable-excitation target, computed once per data order
+    for o, (_, t_out, _) in zip(objs, inputs):
+        if o.mode == "mas" and id(t_out) not in mas:
+            mas[id(t_out)] = losses.stable_excitation_target(t_out.logits, list(t_out.decodings.values()))
+    targets = jnp.stack([mas[id(t)] if o.mode == "mas" else t.logits for o, (_, t, _) in zip(objs, inputs)])
+    shared = all(i is inputs[0] for i in inputs)
+    data = inputs[0] if shared else jax.tree.map(lambda *a: jnp.stack(a), *inputs)
 
-    def update(state, w, target):
-        b = batch
+    def update(state, w, target, data):
+        x, t_out, b = data
         if objective.steps_per_epoch:
             b = {**b, "epoch": (state.step // objective.steps_per_epoch + 1).astype(jnp.float32)}
 
@@ -304,9 +312,11 @@ def _vmapped_update(entries: list, states: dict, x, t_out: Outputs, batch):
         return new, (loss, terms, logits, grads)
 
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *[_pad_like(states[n], ref) for n, _, _, _ in entries])
-    new, (loss, terms, logits, grads) = jax.vmap(update)(stacked, weights, targets)
+    new, (loss, terms, logits, grads) = jax.vmap(update, in_axes=(0, 0, 0, None if shared else 0))(
+        stacked, weights, targets, data)
     out_states, out_metrics = {}, {}
     for i, (name, _, o, _) in enumerate(entries):
+        labels = inputs[i][2]["label"]
         own = states[name]
         out_states[name] = _crop_like(jax.tree.map(lambda a: a[i], new), own)
         kd = "stable_excitation" if o.mode == "mas" else "logit_kd"
@@ -317,38 +327,61 @@ def _vmapped_update(entries: list, states: dict, x, t_out: Outputs, batch):
             mine = names.get(k, k if o.mode != "none" and o.w_granularity else None)
             if mine is not None:
                 values[mine] = v[i]
-        out_metrics[name] = train_metrics(loss[i], values, logits[i], batch["label"],
+        out_metrics[name] = train_metrics(loss[i], values, logits[i], labels,
                                           _crop_like(jax.tree.map(lambda a: a[i], grads), own.params))
     return out_states, out_metrics
 
 
-def make_group_train_step(members: dict, t: TeacherModules, aug_cfg, vmap: bool = False):
+def make_group_train_step(members: dict, t: TeacherModules, aug_cfg, vmap: bool = False,
+                          orders: dict | None = None, devices: int = 1):
     """One step of several students on one batch: the teacher (backbone + tubes) runs once per batch (twice when
     some student reads its pre-activation features, as AB), then every student takes its own step.
     ``members``: {name: (StudentModules, Objective, tx)}; the state is {name: TrainState}, in lockstep.  ``vmap``:
     the students that can share one program (``vmap_subgroups``: same method and options, any mode) take their steps
-    as one vmapped program, each convolution one batched kernel; else one after another."""
+    as one vmapped program, each convolution one batched kernel; else one after another.
+    ``orders``: {name: its data order's index} where members differ in seed (``loop.data_orders``): the batch then
+    holds one batch per order (``mesh.interleave`` over the mesh's ``devices``) and the key one key per order; each
+    order is augmented with its own key, the teacher runs once on all of them, every student steps on its own."""
     decode = any(objective.mode == "mas" for _, objective, _ in members.values())
     preacts = sorted({s.method.teacher_preact for s, _, _ in members.values()})
     first = next(iter(members))
     subgroups = vmap_subgroups(members) if vmap else [[name] for name in members]
+    orders = orders or {name: 0 for name in members}
+    count = max(orders.values()) + 1
 
     def group_step(states, teacher, batch, base_key):
-        x = augment.train_transform(batch["image"], step_key(base_key, states[first].step), aug_cfg)
-        t_outs = {p: teacher_forward(t, teacher, x, decode=decode, preact=p) for p in preacts}
         shared = {k: v for k, v in batch.items() if GROUP_SEP not in k}
+        step = states[first].step
+        if count == 1:
+            x = augment.train_transform(batch["image"], step_key(base_key, step), aug_cfg)
+            t_outs = {p: teacher_forward(t, teacher, x, decode=decode, preact=p) for p in preacts}
+            inputs = [{p: (x, t_outs[p], shared) for p in preacts}]
+        else:  # one batch per data order: augmented each with its key, the teacher once on all of them
+            split = {k: mesh_lib.deinterleave(v, count, devices) for k, v in shared.items()}
+            xs = [augment.train_transform(split["image"][o], step_key(base_key[o], step), aug_cfg)
+                  for o in range(count)]
+            x_all = jnp.concatenate(xs)
+            inputs = [{} for _ in range(count)]
+            for p in preacts:
+                t_all = teacher_forward(t, teacher, x_all, decode=decode, preact=p)
+                for o in range(count):
+                    rows = slice(o * len(xs[0]), (o + 1) * len(xs[0]))
+                    inputs[o][p] = (xs[o], jax.tree.map(lambda a: a[rows], t_all),
+                                    {k: v[o] for k, v in split.items() if k != "image"})
         new, metrics = {}, {}
         for names in subgroups:
-            t_out = t_outs[members[names[0]][0].method.teacher_preact]
+            preact = members[names[0]][0].method.teacher_preact
             if len(names) > 1:  # compatible members never carry batch extras (no contrastive method)
-                n, m = _vmapped_update([(k, *members[k]) for k in names], states, x, t_out, shared)
+                n, m = _vmapped_update([(k, *members[k]) for k in names], states,
+                                       [inputs[orders[k]][preact] for k in names])
                 new.update(n)
                 metrics.update(m)
                 continue
             name = names[0]
             s, objective, tx = members[name]
+            x, t_out, mine = inputs[orders[name]][preact]
             own = {k.split(GROUP_SEP, 1)[1]: v for k, v in batch.items() if k.startswith(name + GROUP_SEP)}
-            new[name], metrics[name] = _update(s, objective, tx, states[name], x, t_out, {**shared, **own})
+            new[name], metrics[name] = _update(s, objective, tx, states[name], x, t_out, {**mine, **own})
         return {k: new[k] for k in members}, {k: metrics[k] for k in members}
 
     return group_step
@@ -445,7 +478,7 @@ def _build(run: StageRun, name: str, teacher: Teacher) -> _Student:
     modules = StudentModules(run.backbone(cfg.arch), analyzer, method)
     t_modules, t_inputs = TeacherModules.of(teacher), teacher_inputs(teacher)
     tx = run.sgd(cfg.optimizer, cfg.batch_size)
-    seed = run.seed("student")
+    seed = run.seed("student", name)
     ctx = {"num_train": len(run.data.train_labels)}
     def make():
         return init_state(modules, t_modules, t_inputs, tx, jax.random.key(seed), run.sample_images(), ctx)
@@ -482,13 +515,14 @@ def run(run: StageRun, name: str, teacher: Teacher) -> tuple[dict, dict]:
 
 
 def _group_extras(students: list):
-    samplers = {st.spec.name: st.spec.batch_extras for st in students if st.spec.batch_extras is not None}
+    samplers = {st.spec.name: (st.spec.seed, st.spec.batch_extras) for st in students
+                if st.spec.batch_extras is not None}
     if not samplers:
         return None
 
-    def extras(idx, epoch, pass_id, i):
-        return {f"{name}{GROUP_SEP}{k}": v for name, sampler in samplers.items()
-                for k, v in sampler(idx, epoch, pass_id, i).items()}
+    def extras(idx_of, epoch, pass_id, i):  # each sampler reads its own student's rows (its seed's data order)
+        return {f"{name}{GROUP_SEP}{k}": v for name, (seed, sampler) in samplers.items()
+                for k, v in sampler(idx_of[seed], epoch, pass_id, i).items()}
     return extras
 
 
@@ -517,7 +551,10 @@ def run_all(run: StageRun, teacher: Teacher) -> dict:
             # one optimizer object: every student's is run.sgd of the same config.student.optimizer (a vmapped
             # subgroup shares its members' optimizer)
             members = {st.spec.name: (st.modules, st.objective, group[0].tx) for st in group}
-            step = jax.jit(make_group_train_step(members, t_modules, run.config.augment, vmap), donate_argnums=0)
+            seeds = data_orders([st.spec for st in group])
+            orders = {st.spec.name: seeds.index(st.spec.seed) for st in group}
+            step = jax.jit(make_group_train_step(members, t_modules, run.config.augment, vmap, orders,
+                                                 run.mesh.devices.size), donate_argnums=0)
             states = {st.spec.name: st.state for st in group}
             _, exports, results = fit_group([st.spec for st in group], [("students", step)], states, t_inputs,
                                             run.data, run.mesh, None, _group_extras(group), step_from)

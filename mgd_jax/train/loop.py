@@ -30,6 +30,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mgd_jax.errors import ConfigError
@@ -195,8 +196,10 @@ def fit(spec: StageSpec, state, frozen, dataset, mesh, export_like=None) -> tupl
         return group_step
 
     passes = [(label, one(step)) for label, step in spec.passes]
+    extras = None if spec.batch_extras is None else \
+        (lambda idx_of, *where: spec.batch_extras(idx_of[spec.seed], *where))
     states, exports, results = fit_group([spec], passes, {name: state}, frozen, dataset, mesh, {name: export_like},
-                                         spec.batch_extras)
+                                         extras)
     return states[name], exports[name], results[name]
 
 
@@ -275,7 +278,14 @@ class _Member:
                     raise
 
 
-_SHARED_FIELDS = ("num_epochs", "batch_size", "seed", "drop_remainder", "checkpoint_every_steps", "on_device")
+_SHARED_FIELDS = ("num_epochs", "batch_size", "drop_remainder", "checkpoint_every_steps", "on_device")
+
+
+def data_orders(specs: list) -> list[int]:
+    """The distinct seeds of a group's members, in member order: one data order (and augmentation key) each.  A
+    group step receives each batch as ``mesh.interleave`` of one batch per seed, in this order, and its key as one
+    key per seed (a single key where all members share one seed)."""
+    return list(dict.fromkeys(spec.seed for spec in specs))
 
 
 def fit_group(specs: list, passes: list, states: dict, frozen, dataset, mesh, export_likes: dict,
@@ -283,8 +293,10 @@ def fit_group(specs: list, passes: list, states: dict, frozen, dataset, mesh, ex
     """Train several stages in lockstep on the same batches: ``passes`` are ``[(label, step)]`` with
     ``step(states, frozen, batch, key) -> (states, {name: metrics})`` over ``states = {spec.name: state}``.  Each
     member keeps its own checkpoints, metrics, best epoch and export, as if it ran alone; all must share the data
-    order, epochs and checkpoint cadence (``_SHARED_FIELDS``) and stand at the same point, or resume together
-    from ``resume_step`` (``lockstep_groups``; 0: from the start).
+    epochs and checkpoint cadence (``_SHARED_FIELDS``) and stand at the same point, or resume together from
+    ``resume_step`` (``lockstep_groups``; 0: from the start).  Members may differ in seed: each seed is one data
+    order, and the step receives one batch of every order (``data_orders``; the per-member rows and key are the
+    same as alone).  ``batch_extras(idx_of, epoch, pass, step)``: ``idx_of`` maps each seed to its rows.
     ``states[name]`` may be ``Fresh`` (then ``export_likes`` need not name it).
     -> ({name: state}, {name: export}, {name: {'best', 'last'}})."""
     lead = specs[0]
@@ -341,6 +353,20 @@ def _resume(m: _Member, state, mesh, step=None):
     return state, start, False
 
 
+def _interleaved(streams: list, groups: int):
+    """Streamed batches of several data orders (this process's rows of each) -> this process's rows of their
+    ``mesh.interleave``d batches (``groups``: its devices); closing it closes every stream."""
+    try:
+        if len(streams) == 1:
+            yield from streams[0]
+        else:
+            for parts in zip(*streams):
+                yield mesh_lib.interleave(parts, groups)
+    finally:
+        for stream in streams:
+            stream.close()
+
+
 def _evaluate(m: _Member, state, progress: Progress) -> dict:
     """``m``'s evaluation of ``state``; its first in this run compiles: said, with the seconds of its compiling
     batches (``evaluate_dataset``'s first batch, waited for once; the whole evaluation if it has none)."""
@@ -389,7 +415,8 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
         f"fused step of {len(members)} {lead.name.split('/')[0]}s ({', '.join(members)})"
     progress = Progress(label, total, done, bar=lead.progress and sys.stdout.isatty())  # prints on process 0 only
     compiled = set()  # (pass, batch size) of the steps compiled in this run (the epoch's last batch may be smaller)
-    stage_key = jax.random.key(lead.seed)
+    seeds = data_orders([m.spec for m in members.values()])
+    stage_keys = [jax.random.key(seed) for seed in seeds]
     every = int(lead.checkpoint_every_steps or 0)
     streaming = bool(getattr(dataset, "streaming", False))
     if lead.on_device and not streaming:
@@ -435,23 +462,31 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
             t0 = time.time()
             for p in range(start_pass if epoch == start_epoch else 0, npass):
                 _, step = passes[p]
-                base_key = mesh_lib.replicate(jax.random.fold_in(stage_key, p), mesh)
-                batches = mesh_lib.epoch_batches(n, lead.batch_size, lead.seed, epoch, p, ndev, lead.drop_remainder)
+                keys = [jax.random.fold_in(key, p) for key in stage_keys]
+                base_key = mesh_lib.replicate(keys[0] if len(keys) == 1 else jnp.stack(keys), mesh)
+                orders = [mesh_lib.epoch_batches(n, lead.batch_size, seed, epoch, p, ndev, lead.drop_remainder)
+                          for seed in seeds]
+                batches = [mesh_lib.interleave(parts, ndev) for parts in zip(*orders)]
                 first = start_batch if (epoch == start_epoch and p == start_pass) else 0
                 pending = []
-                streamed = dataset.train_batches(batches[first:], lead.seed, epoch, p, jax.process_index(),
-                                                 jax.process_count()) if streaming else None
+                if streaming:
+                    streamed = _interleaved([dataset.train_batches(order[first:], seed, epoch, p, jax.process_index(),
+                                                                   jax.process_count())
+                                             for seed, order in zip(seeds, orders)],
+                                            ndev // jax.process_count())
                 for i in range(first, len(batches)):
-                    idx = batches[i]
+                    idx, rows_each = batches[i], len(batches[i]) // len(seeds)
                     if streaming:
                         rows = {"label": dataset.train_labels[idx]}
                     elif data is None:
                         rows = {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}
                     else:
                         rows = {ROWS: idx.astype(np.int32)}
-                    if batch_extras is not None:
-                        rows.update(batch_extras(idx, epoch, p, i))
                     batch = mesh_lib.shard_batch(rows, mesh)
+                    if batch_extras is not None:  # each member's own rows (sharded as its order's)
+                        extras = batch_extras({seed: order[i] for seed, order in zip(seeds, orders)}, epoch, p, i)
+                        if extras:
+                            batch.update(mesh_lib.shard_batch(extras, mesh))
                     if streaming:  # this process's rows of the global batch
                         batch["image"] = jax.make_array_from_process_local_data(
                             mesh_lib.batch_sharding(mesh), next(streamed), (len(idx), *dataset.image_shape))
@@ -461,12 +496,12 @@ def _fit_group(lead, members, passes, states, frozen, dataset, mesh, batch_extra
                     else:  # a pass's first step of a batch size compiles: said, and timed by waiting for it once
                         again = any(q == p for q, _ in compiled)
                         with progress.compiling(what + (f" ({passes[p][0]})" if npass > 1 else "") +
-                                                (f" for a batch of {len(idx)}" if again else "")):
+                                                (f" for a batch of {rows_each}" if again else "")):
                             states, metrics = step(*args) if data is None else step(*args, data)
                             jax.block_until_ready((states, metrics))
                         compiled.add((p, len(idx)))
                     gstep = (epoch * npass + p) * steps + i + 1
-                    pending.append((gstep, len(idx), metrics))
+                    pending.append((gstep, rows_each, metrics))
                     progress.advance()
                     for m in members.values():
                         faults.hold(m.spec.name, gstep)

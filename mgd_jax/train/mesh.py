@@ -100,5 +100,28 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int, pas
     return batches
 
 
+def interleave(parts: Sequence[np.ndarray], groups: int) -> np.ndarray:
+    """Batches of several data orders (``parts``: S arrays of the same length, a multiple of ``groups``) as one
+    batch laid out for ``groups`` devices (or processes): each group's contiguous rows hold its share of every part,
+    part after part.  Sharded along the leading axis, every device holds its own rows of each part, so
+    ``deinterleave`` inside a jitted step moves no data between devices.  One part: returned as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    size = len(parts[0])
+    if any(len(p) != size for p in parts) or size % groups:
+        raise ValueError(f"interleave: parts of {[len(p) for p in parts]} rows over {groups} groups")
+    rest = parts[0].shape[1:]
+    return np.stack([np.asarray(p).reshape(groups, size // groups, *rest) for p in parts], axis=1).reshape(
+        len(parts) * size, *rest)
+
+
+def deinterleave(x, parts: int, groups: int):
+    """The inverse of ``interleave`` on a (jax or numpy) array: ``[groups * parts * b, ...]`` -> ``[parts, groups *
+    b, ...]``, part ``k`` in its original row order."""
+    rest = x.shape[1:]
+    b = x.shape[0] // (parts * groups)
+    return x.reshape(groups, parts, b, *rest).swapaxes(0, 1).reshape(parts, groups * b, *rest)
+
+
 def steps_per_epoch(num_examples: int, batch_size: int, multiple_of: int, drop_remainder: bool = False) -> int:
     return len(epoch_batches(num_examples, batch_size, 0, 0, 0, multiple_of, drop_remainder))

@@ -13,6 +13,7 @@ from mgd_jax.analyzer import PAPER_GRANULARITIES
 from mgd_jax.methods import get_method, known_methods
 # Students whose backbone the reference trains with 0.01 instead of 0.05 (student.py).
 from mgd_jax.models import LOW_LR_ARCHITECTURES as LOW_LR_STUDENTS
+from mgd_jax.stages.common import RUN_SEED
 
 STUDENT_LR = 0.05
 LOW_LR = 0.01
@@ -61,9 +62,6 @@ def sgd(lr, milestones):
 
 def student_lr(arch: str) -> float:
     return LOW_LR if arch in LOW_LR_STUDENTS else STUDENT_LR
-
-
-RUN_SEED = -1  # students.<name>.seed: the run's seed (config.seed); an int field, so --config.students.x.seed=N works
 
 
 def student_run(method: str, mode: str, temperature: float = 4.0, student_arch: str = "", teacher_arch: str = ""):

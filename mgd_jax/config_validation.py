@@ -10,6 +10,7 @@ from mgd_jax.errors import ConfigError  # noqa: F401 - raised here
 from mgd_jax.methods import get_method, known_methods
 from mgd_jax.models import ARCHITECTURES
 from mgd_jax.precision import DTYPES
+from mgd_jax.stages.common import RUN_SEED
 from mgd_jax.stages.student import GRANULARITY_MODES
 
 
@@ -270,8 +271,8 @@ def _validate(config) -> None:
         if not s.temperature > 0:
             _fail(f"{p}.temperature", s.temperature, "temperature must be > 0")
         seed = s.get("seed", None)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < -1):
-            _fail(f"{p}.seed", seed, "must be an integer >= 0, or -1 for the run's seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or (seed < 0 and seed != RUN_SEED)):
+            _fail(f"{p}.seed", seed, f"must be an integer >= 0, or {RUN_SEED} for the run's seed")
         for k in ("ce", "logit_kd", "method", "granularity"):
             if not s.weights[k] >= 0:
                 _fail(f"{p}.weights.{k}", s.weights[k], "weights must be >= 0")

@@ -43,12 +43,15 @@ def _flatten(prefix: str, value, out: dict) -> dict:
 
 def run_identity(config: dict) -> dict:
     """``config.json`` -> ``{field: value}`` of every field that changes a result, the seed left out."""
-    from mgd_jax.stages.common import _NOT_RESULT_FIELDS
+    from mgd_jax.stages.common import _NOT_RESULT_FIELDS, RUN_SEED
 
     flat = {}
     for section in RESULT_SECTIONS:
         if section in config:
             _flatten(section, config[section], flat)
+    for name, student in (config.get("students") or {}).items():  # written before students had seeds: the run's
+        if isinstance(student, dict):
+            flat.setdefault(f"students.{name}.seed", RUN_SEED)
     return {k: json.dumps(v, sort_keys=True) for k, v in flat.items() if k not in _NOT_RESULT_FIELDS}
 
 

@@ -558,6 +558,19 @@ def test_summarize_refuses_different_configs_unless_grouped(tmp_path, capsys):
     assert "| student y | resnet8 | 80.00 ± 0.00 |" in second and "student x" not in second
 
 
+def test_summarize_reads_a_student_at_the_runs_seed_as_a_run_from_before_student_seeds():
+    """``students.<name>.seed`` at -1 (the default: the run's seed) is the same identity as a config.json written
+    before the field existed; a student's own seed is a difference, named."""
+    from mgd_jax.summarize import first_difference, run_identity
+
+    old = {"seed": 0, "students": {"kd_mas": {"method": "kd", "granularity": "mas"}}}
+    new = {"seed": 1, "students": {"kd_mas": {"method": "kd", "granularity": "mas", "seed": -1}}}
+    own = {"seed": 1, "students": {"kd_mas": {"method": "kd", "granularity": "mas", "seed": 3}}}
+    assert first_difference(run_identity(old), run_identity(new)) is None
+    assert first_difference(run_identity(new), run_identity(own)) == ("students.kd_mas.seed", "-1", "3")
+    assert first_difference(run_identity(old), run_identity(own))[0] == "students.kd_mas.seed"
+
+
 def test_summarize_keeps_every_row(tmp_path):
     """A row only some runs have is shown with its own n, never dropped."""
     from mgd_jax import summarize

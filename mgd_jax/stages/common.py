@@ -122,6 +122,7 @@ def step_key(base_key: jax.Array, step: jax.Array) -> jax.Array:
 
 # --- what a stage's runner needs from the run ----------------------------------------------------------------------
 SEED_OFFSETS = {"teacher": 0, "analyzer": 1, "student": 2, "mutual": 2}
+RUN_SEED = -1  # ``students.<name>.seed`` of a student that takes the run's seed (an int, so a flag can set it)
 
 # Config fields that do not change a stage's numbers (where the data lives, how it reaches the devices, how many
 # students train fused).
@@ -171,7 +172,7 @@ class StageRun:
         ``students.<name>.seed`` where set (>= 0), else the run's ``seed``."""
         seed = self.config.seed
         own = None if student is None else self.config.students[student].get("seed", None)
-        if own is not None and own >= 0:  # None / -1: the run's seed
+        if own is not None and own != RUN_SEED:
             seed = own
         return int(seed) * 1000 + SEED_OFFSETS[stage]
 

@@ -290,7 +290,7 @@ def data_orders(specs: list) -> list[int]:
 
 def fit_group(specs: list, passes: list, states: dict, frozen, dataset, mesh, export_likes: dict,
               batch_extras: Callable | None = None, resume_step: int | None = None) -> tuple[dict, dict, dict]:
-    """Train several stages in lockstep on the same batches: ``passes`` are ``[(label, step)]`` with
+    """Train several stages in lockstep, step for step: ``passes`` are ``[(label, step)]`` with
     ``step(states, frozen, batch, key) -> (states, {name: metrics})`` over ``states = {spec.name: state}``.  Each
     member keeps its own checkpoints, metrics, best epoch and export, as if it ran alone; all must share the data
     epochs and checkpoint cadence (``_SHARED_FIELDS``) and stand at the same point, or resume together from

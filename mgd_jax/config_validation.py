@@ -10,7 +10,7 @@ from mgd_jax.errors import ConfigError  # noqa: F401 - raised here
 from mgd_jax.methods import get_method, known_methods
 from mgd_jax.models import ARCHITECTURES
 from mgd_jax.precision import DTYPES
-from mgd_jax.stages.common import RUN_SEED
+from mgd_jax.stages.common import MAX_SEED, RUN_SEED
 from mgd_jax.stages.student import GRANULARITY_MODES
 
 
@@ -198,8 +198,14 @@ def validate_config(config) -> None:
                           f"(train.py --print_config) with docs/config.md") from None
 
 
+def _is_seed(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SEED
+
+
 def _validate(config) -> None:
     _check_types(config)
+    if not _is_seed(config.get("seed", 0)):
+        _fail("seed", config.seed, f"must be an integer from 0 to {MAX_SEED}")
     if config.data.name not in DATASETS:
         _fail("data.name", config.data.name, f"unknown dataset; known: {', '.join(DATASETS)}")
     for who in ("teacher", "student"):
@@ -271,8 +277,8 @@ def _validate(config) -> None:
         if not s.temperature > 0:
             _fail(f"{p}.temperature", s.temperature, "temperature must be > 0")
         seed = s.get("seed", None)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or (seed < 0 and seed != RUN_SEED)):
-            _fail(f"{p}.seed", seed, f"must be an integer >= 0, or {RUN_SEED} for the run's seed")
+        if seed is not None and seed != RUN_SEED and not _is_seed(seed):
+            _fail(f"{p}.seed", seed, f"must be an integer from 0 to {MAX_SEED}, or {RUN_SEED} for the run's seed")
         for k in ("ce", "logit_kd", "method", "granularity"):
             if not s.weights[k] >= 0:
                 _fail(f"{p}.weights.{k}", s.weights[k], "weights must be >= 0")

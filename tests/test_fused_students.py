@@ -295,12 +295,13 @@ def test_a_vmapped_group_step_holds_one_students_convolutions_and_equals_the_loo
 
 
 def test_students_of_different_seeds_share_one_step_and_each_steps_as_alone():
-    """Members differing in seed (data order) in one group: the batch holds one batch per order
-    (``mesh.interleave`` over 2 devices' rows), the key one key per order.  Vmapped, the step still holds one
+    """Members differing in seed (data order) in one group, on 2 devices: the batch holds one batch per order
+    (``mesh.interleave`` of each device's rows), the key one key per order.  Vmapped, the step still holds one
     student's convolutions (the teacher runs once, on both orders' images; the members' convolutions one batched
-    kernel), and after 3 steps each member's state and metrics equal that member trained alone on
-    its own order's batches and key (float32 noise: the teacher's batch and the kernels' batching differ).  Unrolled
-    with several orders: ``test_fused_students_equal_their_separate_runs``."""
+    kernel) and moves no rows between devices (no all-to-all or collective-permute); after 3 steps each member's
+    state and metrics equal that member trained alone on its own order's batches and key (float32 noise).  The
+    members of one order as a group of their own (one order: the step as before seeds) equal their runs alone to
+    1e-6.  Unrolled with several orders: ``test_fused_students_equal_their_separate_runs``."""
     import jax.numpy as jnp
 
     from mgd_jax.train import mesh as mesh_lib
@@ -310,27 +311,62 @@ def test_students_of_different_seeds_share_one_step_and_each_steps_as_alone():
     rng = np.random.default_rng(1)
     other = [{"image": rng.integers(0, 256, (8, 8, 8, 1), dtype=np.uint8),
               "label": rng.integers(0, 10, 8).astype(np.int32)} for _ in range(3)]
+    assert not np.array_equal(batches[0]["image"], other[0]["image"])  # the orders' batches differ
     by_order, keys = [batches, other], [jax.random.key(2), jax.random.key(5)]
     fused_batches = [{k: mesh_lib.interleave([b0[k], b1[k]], 2) for k in b0} for b0, b1 in zip(batches, other)]
     assert not np.array_equal(fused_batches[0]["image"][:8], batches[0]["image"])  # the layout is not concatenation
+    mesh = mesh_lib.make_mesh(jax.devices()[:2])
 
-    def train(group, step_batches, key, vmap=False, orders=None):
+    def train(group, step_batches, key, vmap=False, orders=None, sharded=False):
         step = jax.jit(student_stage.make_group_train_step(group, t_mods, aug, vmap, orders, 2))
-        state, history = {k: states[k] for k in group}, []
-        convs = step.lower(state, teacher, step_batches[0], key).compile().as_text().count("convolution(")
+        state, frozen = {k: states[k] for k in group}, teacher
+        if sharded:
+            state, frozen, key = mesh_lib.replicate((state, frozen, key), mesh)
+            step_batches = [mesh_lib.shard_batch(b, mesh) for b in step_batches]
+        hlo = step.lower(state, frozen, step_batches[0], key).compile().as_text()
+        history = []
         for b in step_batches:
-            state, metrics = step(state, teacher, b, key)
+            state, metrics = step(state, frozen, b, key)
             history.append(jax.device_get(metrics))
-        return jax.device_get(state), history, convs
+        return jax.device_get(state), history, hlo
 
     alone = {name: train({name: members[name]}, by_order[orders[name]], keys[orders[name]]) for name in members}
-    state, history, convs = train(members, fused_batches, jnp.stack(keys), True, orders)
-    assert convs == alone["dkd_mas"][2], (convs, alone["dkd_mas"][2])
+    state, history, hlo = train(members, fused_batches, jnp.stack(keys), True, orders, sharded=True)
+    assert hlo.count("convolution(") == alone["dkd_mas"][2].count("convolution("), hlo.count("convolution(")
+    assert "all-to-all" not in hlo and "collective-permute" not in hlo
     for name in members:
         chex.assert_trees_all_close(state[name], alone[name][0][name], rtol=1e-5, atol=2e-6)
         for a, b in zip(history, alone[name][1]):
             chex.assert_trees_all_close(a[name], b[name], rtol=1e-5, atol=1e-5)
-    assert not np.array_equal(batches[0]["image"], other[0]["image"])  # the orders' batches differ
+    one_order = {k: members[k] for k in ("dkd_mag", "dkd_mas")}
+    state, history, _ = train(one_order, other, keys[1])
+    for name in one_order:
+        chex.assert_trees_all_close(state[name], alone[name][0][name], rtol=1e-6, atol=1e-7)
+        chex.assert_trees_all_close(history[-1][name], alone[name][1][-1][name], rtol=1e-6, atol=1e-7)
+
+
+def test_a_checkpoint_from_before_student_seeds_resumes_only_at_the_runs_seed():
+    """A stored config without ``students.<name>.seed`` (written before students had seeds) was trained at the
+    run's seed: resuming it at the run's seed goes on; with a seed of the student's own it is refused in one line
+    that names the field and how to finish the run as it was started."""
+    from mgd_jax.errors import StageMismatchError
+    from mgd_jax.stages.common import RUN_SEED
+    from mgd_jax.train.checkpoint import ADDED_FIELDS, check_meta
+
+    assert ADDED_FIELDS["config.students.*.seed"] == RUN_SEED
+    old = {"stage": "student", "config": {"config.seed": 0, "config.students.kd_mas.method": "kd"}}
+
+    def expected(seed):
+        return {"stage": "student", "config": {"config.seed": 0, "config.students.kd_mas.method": "kd",
+                                               "config.students.kd_mas.seed": seed}}
+
+    check_meta(old, expected(RUN_SEED), "w/students/kd_mas/checkpoints/latest")
+    with pytest.raises(StageMismatchError) as e:
+        check_meta(old, expected(3), "w/students/kd_mas/checkpoints/latest")
+    assert str(e.value) == ("w/students/kd_mas/checkpoints/latest was written for config.students.kd_mas.seed=-1 but "
+                            "the config asks for config.students.kd_mas.seed=3; use another --workdir, or delete "
+                            "w/students/kd_mas (and the stages trained after it), or "
+                            "--config.students.kd_mas.seed=-1 to finish it as it was started")
 
 
 def test_interleaved_batches_split_on_a_sharded_mesh_without_mixing_orders():
@@ -359,8 +395,8 @@ def test_interleaved_batches_split_on_a_sharded_mesh_without_mixing_orders():
 def test_the_loop_feeds_each_seeds_rows_and_key_on_every_data_path(tmp_path, path):
     """A group of three stages, two of one seed and one of another, on 2 devices: every step of the one group step
     receives each seed's own shuffled rows (labels and images, on the host path, gathered on the devices, and
-    decoded by a streaming dataset with its seed) in ``mesh.interleave``'s layout, and one key per seed; each
-    member's checkpoint and export are its own."""
+    decoded by a streaming dataset with its seed) in ``mesh.interleave``'s layout, the epoch's last, smaller batch
+    included, and one key per seed; each member's checkpoint and export are its own."""
     import jax.numpy as jnp
 
     from mgd_jax.stages.common import best_by
@@ -368,8 +404,8 @@ def test_the_loop_feeds_each_seeds_rows_and_key_on_every_data_path(tmp_path, pat
     from mgd_jax.train.loop import StageSpec, data_orders, fit_group
 
     mesh = mesh_lib.make_mesh(jax.devices()[:2])
-    n, bs, epochs = 20, 4, 2
-    steps = n // bs * epochs
+    n, bs, epochs = 22, 4, 2  # 5 batches of 4 and one of 2 per epoch
+    steps = 6 * epochs
     images = np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1)  # each image is its row's number
     labels = (np.arange(n) % 3).astype(np.int32)
     streamed_seeds = []
@@ -398,8 +434,10 @@ def test_the_loop_feeds_each_seeds_rows_and_key_on_every_data_path(tmp_path, pat
         for name, st in states.items():
             o = seeds.index(specs[int(name[1])].seed)
             kd = jax.random.key_data(key[o])
-            new[name] = {"step": st["step"] + 1, "rows": st["rows"].at[st["step"]].set(rows[o]),
-                         "labels": st["labels"].at[st["step"]].set(labs[o]),
+            size = rows.shape[1]  # the last batch: its rows, the rest of the record -1
+            new[name] = {"step": st["step"] + 1,
+                         "rows": st["rows"].at[st["step"]].set(jnp.full(bs, -1).at[:size].set(rows[o])),
+                         "labels": st["labels"].at[st["step"]].set(jnp.full(bs, -1).at[:size].set(labs[o])),
                          "keys": st["keys"].at[st["step"]].set(kd.reshape(-1))}
         return new, {k: {"loss": jnp.float32(0.0)} for k in states}
 
@@ -414,12 +452,14 @@ def test_the_loop_feeds_each_seeds_rows_and_key_on_every_data_path(tmp_path, pat
         assert streamed_seeds == [11, 12] * epochs
     for spec in specs:
         got = jax.device_get(out[spec.name])
-        want = np.concatenate([np.stack(mesh_lib.epoch_batches(n, bs, spec.seed, e, 0, 2)) for e in range(epochs)])
+        want = np.stack([np.pad(b, (0, bs - len(b)), constant_values=-1) for e in range(epochs)
+                         for b in mesh_lib.epoch_batches(n, bs, spec.seed, e, 0, 2)])
+        assert want.shape == (steps, bs) and (want[5] == -1).sum() == 2
         np.testing.assert_array_equal(got["rows"], want)
-        np.testing.assert_array_equal(got["labels"], labels[want])
+        np.testing.assert_array_equal(got["labels"], np.where(want >= 0, labels[want], -1))
         key_data = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(spec.seed), 0))).reshape(-1)
         np.testing.assert_array_equal(got["keys"], np.broadcast_to(key_data, (steps, key_data.size)))
-        np.testing.assert_array_equal(exports[spec.name]["rows"][:n // bs], want[:n // bs])  # best: epoch 1
+        np.testing.assert_array_equal(exports[spec.name]["rows"][:6], want[:6])  # best: epoch 1
     assert not np.array_equal(jax.device_get(out["m0"]["rows"]), jax.device_get(out["m1"]["rows"]))
 
 

@@ -123,6 +123,8 @@ def step_key(base_key: jax.Array, step: jax.Array) -> jax.Array:
 # --- what a stage's runner needs from the run ----------------------------------------------------------------------
 SEED_OFFSETS = {"teacher": 0, "analyzer": 1, "student": 2, "mutual": 2}
 RUN_SEED = -1  # ``students.<name>.seed`` of a student that takes the run's seed (an int, so a flag can set it)
+# The largest seed: a stage's seed is seed * 1000 + its offset, and JAX's keys take 32 bits of it.
+MAX_SEED = (2 ** 32 - 1) // 1000 - 1
 
 # Config fields that do not change a stage's numbers (where the data lives, how it reaches the devices, how many
 # students train fused).

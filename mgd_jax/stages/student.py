@@ -356,17 +356,18 @@ def make_group_train_step(members: dict, t: TeacherModules, aug_cfg, vmap: bool 
             x = augment.train_transform(batch["image"], step_key(base_key, step), aug_cfg)
             t_outs = {p: teacher_forward(t, teacher, x, decode=decode, preact=p) for p in preacts}
             inputs = [{p: (x, t_outs[p], shared) for p in preacts}]
-        else:  # one batch per data order: augmented each with its key, the teacher once on all of them
+        else:  # one batch per data order: augmented each with its key, the teacher once on all of them (in the
+            # batch's interleaved layout, so that no rows move between devices)
             split = {k: mesh_lib.deinterleave(v, count, devices) for k, v in shared.items()}
             xs = [augment.train_transform(split["image"][o], step_key(base_key[o], step), aug_cfg)
                   for o in range(count)]
-            x_all = jnp.concatenate(xs)
+            x_all = mesh_lib.reinterleave(jnp.stack(xs), devices)
             inputs = [{} for _ in range(count)]
             for p in preacts:
-                t_all = teacher_forward(t, teacher, x_all, decode=decode, preact=p)
+                t_all = jax.tree.map(lambda a: mesh_lib.deinterleave(a, count, devices),
+                                     teacher_forward(t, teacher, x_all, decode=decode, preact=p))
                 for o in range(count):
-                    rows = slice(o * len(xs[0]), (o + 1) * len(xs[0]))
-                    inputs[o][p] = (xs[o], jax.tree.map(lambda a: a[rows], t_all),
+                    inputs[o][p] = (xs[o], jax.tree.map(lambda a: a[o], t_all),
                                     {k: v[o] for k, v in split.items() if k != "image"})
         new, metrics = {}, {}
         for names in subgroups:

@@ -17,6 +17,7 @@ half-written step is removed on the next start, which resumes from the last comp
 from __future__ import annotations
 
 import errno
+import fnmatch
 import hashlib
 import json
 import os
@@ -399,8 +400,22 @@ def _plain(v):
 # Config fields added after configs were stored with checkpoints, whose absence from a stored config means a
 # behaviour other than their default: {field: the value a checkpoint without it was written with}.  A run's own
 # config always carries them where they apply (``data.sources.with_current_defaults``), so only an old stored
-# config lacks one.
-ADDED_FIELDS = {"config.data.split": "sklearn"}  # the digits' split before the field existed (DIGITS_OLD_SPLIT)
+# config lacks one.  A key may be an fnmatch pattern ('*': one student's name).
+ADDED_FIELDS = {
+    "config.data.split": "sklearn",  # the digits' split before the field existed (DIGITS_OLD_SPLIT)
+    "config.students.*.seed": -1,  # a student at the run's seed, before students had seeds (stages.common.RUN_SEED)
+}
+
+
+def added_fields(fields) -> dict:
+    """{field: the value a checkpoint written before it existed was written with} for those of ``fields`` that
+    ``ADDED_FIELDS`` names."""
+    out = {}
+    for field in fields:
+        for pattern, old in ADDED_FIELDS.items():
+            if fnmatch.fnmatchcase(field, pattern):
+                out[field] = old
+    return out
 
 
 def check_meta(meta: dict, expected: dict, where: str) -> None:
@@ -416,12 +431,12 @@ def check_meta(meta: dict, expected: dict, where: str) -> None:
                       f"schedule or option cannot be detected for it", StageIdentityWarning, stacklevel=2)
     for k, v in expected.items():
         if k == "config" and isinstance(meta.get(k), dict):
-            stored = {**{f: old for f, old in ADDED_FIELDS.items() if f in v}, **meta[k]}
+            stored = {**added_fields(v), **meta[k]}
             for field in sorted(set(stored) & set(v)):
                 a, b = stored[field], _plain(v[field])
                 if a != b:
                     how = (f", or --{field}={a!r} to finish it as it was started"
-                           if field in ADDED_FIELDS and field not in meta[k] else "")
+                           if field in added_fields([field]) and field not in meta[k] else "")
                     raise StageMismatchError(
                         f"{where} was written for {field}={a!r} but the config asks for {field}={b!r}; {advice}{how}")
         elif k != "config" and k in meta and meta[k] != _plain(v):

@@ -123,5 +123,14 @@ def deinterleave(x, parts: int, groups: int):
     return x.reshape(groups, parts, b, *rest).swapaxes(0, 1).reshape(parts, groups * b, *rest)
 
 
+def reinterleave(x, groups: int):
+    """``interleave`` of stacked parts on a (jax or numpy) array, inside a step: ``[parts, groups * b, ...]`` ->
+    ``[groups * parts * b, ...]`` (the inverse of ``deinterleave``; sharded as the batch, it moves no rows between
+    devices either)."""
+    parts, rows, rest = x.shape[0], x.shape[1], x.shape[2:]
+    b = rows // groups
+    return x.reshape(parts, groups, b, *rest).swapaxes(0, 1).reshape(groups * parts * b, *rest)
+
+
 def steps_per_epoch(num_examples: int, batch_size: int, multiple_of: int, drop_remainder: bool = False) -> int:
     return len(epoch_batches(num_examples, batch_size, 0, 0, 0, multiple_of, drop_remainder))

@@ -55,7 +55,8 @@ _OPT = {  # the SGD block every stage has (configs/default.py: sgd)
 # Meanings of the training configs' fields (train.py --config=...).  Keys are dotted field names; a key with '*'
 # matches any prefix (fnmatch).
 DESCRIPTIONS: dict[str, str] = {
-    "seed": "seed of the initialisations, the data order and the augmentation (a run is a function of it)",
+    "seed": "seed of the initialisations, the data order and the augmentation (a run is a function of it; 0 to "
+            "4294966)",
     "data.name": "dataset: `digits` (scikit-learn's, bundled), `cifar100`, `cifar10`, `stl10` (tfds), "
                  "`imagenet2012` (tfds, streamed), `image_folder` (streamed from `data.dir`) or `synthetic_cifar` "
                  "(random images of CIFAR-100's shapes made in memory, for timing: nothing to learn)",

@@ -91,6 +91,8 @@ def _check_stage(prefix, cfg):
 
 def validate_transfer_config(cfg) -> None:
     """The transfer recipe (``configs/transfer.py``, after the tool's overrides)."""
+    if not _is_seed(cfg.get("seed", 0)):
+        _fail("seed", cfg.seed, f"must be an integer from 0 to {MAX_SEED}")
     if cfg.data.name not in DATASETS:
         _fail("data.name", cfg.data.name, f"unknown dataset; known: {', '.join(DATASETS)}")
     _check_stage("", cfg)

@@ -3,10 +3,10 @@
     python -m mgd_jax.summarize runs/seed0 runs/seed1 runs/seed2 [--out table.md]
     python -m mgd_jax.summarize runs/* --group_by=config      # one table per config
 
-The runs of one table must share their config except for the seed (and the fields that do not change a result:
-data folders, loaders, ``student.group_size``, progress, checkpoint and device settings): runs of different
-configs are refused, naming the first differing field, unless ``--group_by=config`` asks for one table per
-config.  Every row of every run is kept: a row that only some runs have shows its own ``n``.
+The runs of one table must share their config except for the run's ``seed`` and the fields that do not change a
+result (data folders, loaders, ``student.group_size``, progress, checkpoint and device settings); a student's own
+seed (``students.<name>.seed``) is part of the config.  Runs of different configs are refused, naming the first
+differing field, unless ``--group_by=config`` asks for one table per config.  Every row of every run is kept: a row that only some runs have shows its own ``n``.
 """
 from __future__ import annotations
 

@@ -398,6 +398,8 @@ def _tool_cases(root):
         ("transfer", [f"--workdir={w}", "--stage=student/x"], typo),
         ("transfer", [f"--workdir={w}", "--stage=teacher", "--dataset=mnist"], "unknown transfer dataset 'mnist'"),
         ("transfer", [f"--workdir={w}", "--stage=teacher", "--epochs=-1"], "config.epochs=-1: must be an integer"),
+        ("transfer", [f"--workdir={w}", "--stage=teacher", "--config.seed=99999999999999999999"],
+         "config.seed=99999999999999999999: must be an integer from 0 to"),
         ("transfer", [f"--workdir={w}", "--stage=teacher", "--epochs=abc"], "argument --epochs: invalid int value"),
         ("transfer", [f"--workdir={w}", "--stage=teacher", "--config.epochz=3"], "the config has no field 'epochz'"),
         ("transfer", [f"--workdir={w}", "--stage=teacher", "--config=configs/none.py"], "configs/none.py does not"),
